@@ -1,0 +1,34 @@
+"""Pseudo tokens -> nearest vocabulary words, to show what the network "said" about an image."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .tokens import EOT_ID, SOT_ID, vocabulary_word
+
+
+@dataclass(frozen=True)
+class Word:
+    word: str
+    score: float  # cosine similarity to the pseudo token
+
+
+def decode(backbone, tokens: torch.Tensor, k: int = 3) -> list[list[Word]]:
+    """Top-k vocabulary words by cosine similarity to each pseudo token. tokens: [N, token_dim] -> N lists."""
+    table = backbone.clip.token_embedding.weight
+    sims = F.normalize(tokens.detach().to(table.dtype), dim=-1) @ F.normalize(table, dim=-1).T
+    sims[:, [SOT_ID, EOT_ID]] = -2.0  # special tokens are not words
+    scores, ids = sims.topk(k, dim=-1)
+    return [[Word(vocabulary_word(i), s) for i, s in zip(row_ids.tolist(), row_scores.tolist())]
+            for row_ids, row_scores in zip(ids, scores)]
+
+
+def decoded_sentence(backbone, subject: torch.Tensor, attributes: torch.Tensor, text: str = "") -> str:
+    """'a photo of [dress] with [floral, red, sleeveless] but {text}' from one image's subject token [token_dim]
+    and its kept attribute tokens [r, token_dim]."""
+    words = decode(backbone, torch.cat([subject.unsqueeze(0), attributes]), k=1)
+    subject_word, attribute_words = words[0][0].word, [w[0].word for w in words[1:]]
+    sentence = f"a photo of [{subject_word}] with [{', '.join(attribute_words)}]"
+    return f"{sentence} but {text}" if text else sentence

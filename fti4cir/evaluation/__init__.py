@@ -1,0 +1,1 @@
+"""Benchmark readers, official metrics and test-server submission files for FashionIQ, CIRR and CIRCO."""

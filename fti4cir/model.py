@@ -1,0 +1,61 @@
+"""CIRModel = frozen CLIP backbone + inversion network + image transform; the factory `create_model`."""
+from __future__ import annotations
+
+import os
+
+import PIL.Image
+import torch
+from torch import nn
+
+from .backbone import DEFAULT_MODEL, DEFAULT_PRETRAINED, Backbone, VisualFeatures, load_backbone
+from .inversion import InversionConfig, InversionNetwork, PseudoTokens
+from .preprocess import make_transform, preprocess_batch
+
+
+class CIRModel(nn.Module):
+    def __init__(self, backbone: Backbone, inversion: InversionNetwork, preprocess: str = "targetpad"):
+        super().__init__()
+        self.backbone = backbone
+        self.inversion = inversion.to(backbone.device)
+        self.preprocess_kind = preprocess
+        self.transform = make_transform(preprocess, backbone.image_size)
+
+    @property
+    def device(self) -> torch.device:
+        return self.backbone.device
+
+    def preprocess(self, images: list[PIL.Image.Image]) -> torch.Tensor:
+        return preprocess_batch(images, self.transform).to(self.device)
+
+    def invert(self, visual: VisualFeatures | torch.Tensor, return_attention: bool = False) -> PseudoTokens:
+        if isinstance(visual, torch.Tensor):
+            visual = self.backbone.encode_visual(visual)
+        return self.inversion(visual.global_features.float(), visual.patch_tokens.float(), return_attention)
+
+    def identity(self) -> dict:
+        """Backbone + preprocessing: what gallery / feature caches are keyed by (weights add their own hash)."""
+        return {**self.backbone.identity(), "preprocess": self.preprocess_kind}
+
+
+def create_model(
+    backbone: str = DEFAULT_MODEL,
+    pretrained: str | os.PathLike | None = DEFAULT_PRETRAINED,
+    weights: str | os.PathLike | None = None,
+    *,
+    device: str | torch.device | None = None,
+    preprocess: str = "targetpad",
+    seed: int | None = 0,
+) -> CIRModel:
+    """Build a ready model. `weights`: our .safetensors, an official release .pth (converted on the fly, safely), a
+    Hugging Face hub id ("org/repo" or "org/repo/file.safetensors"), or None for a randomly initialised inversion
+    network (seeded; for tests, training from scratch and offline demos)."""
+    from .weights import load_weights
+
+    bb = load_backbone(backbone, pretrained, device)
+    if weights is None:
+        if seed is not None:
+            torch.manual_seed(seed)
+        net = InversionNetwork(InversionConfig.for_backbone(bb))
+    else:
+        net = load_weights(weights, expect_backbone=bb)
+    return CIRModel(bb, net.eval(), preprocess)

@@ -1,0 +1,1 @@
+"""Training pipeline stages: captions, caption split, feature cache, losses, trainer."""

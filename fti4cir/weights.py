@@ -1,0 +1,146 @@
+"""Inversion-network weights: safetensors + a JSON config (ours), official release files, hub ids."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .atomic import atomic_path, write_json_atomic
+from .errors import UserError
+from .inversion import InversionConfig, InversionNetwork
+
+CONFIG_KEY = "fti4cir_config"
+OFFICIAL_SUFFIXES = (".pth", ".pt", ".bin")
+
+
+def config_path(weights_path: str | os.PathLike) -> Path:
+    return Path(weights_path).with_suffix(".json")
+
+
+def save_weights(net: InversionNetwork, path: str | os.PathLike) -> Path:
+    """Write `path` (.safetensors, config also in its metadata) and the config beside it as `<stem>.json`."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise UserError(f"Weights are saved as .safetensors, got {path.name}")
+    config = net.config.to_dict()
+    tensors = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={CONFIG_KEY: json.dumps(config)})
+    write_json_atomic(config_path(path), config)
+    return path
+
+
+def _read_config(path: Path) -> InversionConfig:
+    side = config_path(path)
+    try:
+        if side.exists():
+            return InversionConfig.from_dict(json.loads(side.read_text()))
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        if CONFIG_KEY not in meta:
+            raise UserError(f"{path.name} has no FTI4CIR config (no {side.name} beside it, none in its metadata)")
+        return InversionConfig.from_dict(json.loads(meta[CONFIG_KEY]))
+    except (ValueError, TypeError, SafetensorError) as e:
+        raise UserError(f"Weights config of {path.name} is unreadable: {e}") from e
+
+
+def check_state_dict(net: InversionNetwork, state: dict[str, torch.Tensor], source: str) -> None:
+    """Raise a UserError that names every missing, unexpected and mis-shaped tensor."""
+    expected = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in state.items()}
+    problems = [f"missing {k} {s}" for k, s in expected.items() if k not in got]
+    problems += [f"unexpected {k} {s}" for k, s in got.items() if k not in expected]
+    problems += [f"{k}: file has {got[k]}, model needs {s}" for k, s in expected.items() if k in got and got[k] != s]
+    if problems:
+        shown = "; ".join(problems[:8]) + (f"; ... ({len(problems)} in all)" if len(problems) > 8 else "")
+        raise UserError(f"Weights {source} do not fit the network: {shown}")
+
+
+def load_safetensors_weights(path: str | os.PathLike) -> InversionNetwork:
+    path = Path(path)
+    config = _read_config(path)
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"Weights file {path.name} is corrupted or truncated ({e})") from e
+    net = InversionNetwork(config)
+    check_state_dict(net, state, path.name)
+    net.load_state_dict(state)
+    return net
+
+
+def _looks_like_hub_id(source: str) -> bool:
+    """'org/repo' or 'org/repo/file'; a missing local-looking path ('./x', '/x', 'dir/x.safetensors') is not one."""
+    parts = source.split("/")
+    return not source.startswith((".", "/")) and len(parts) >= 2 and \
+        (len(parts) > 2 or Path(source).suffix not in OFFICIAL_SUFFIXES + (".safetensors",))
+
+
+def _hub_download(spec: str) -> Path:
+    """'org/repo' (file fti4cir.safetensors) or 'org/repo/path/in/repo.safetensors'; cache first, then network."""
+    from huggingface_hub import hf_hub_download
+
+    from .backbone import _hub_offline, _online
+
+    parts = spec.split("/")
+    repo, filename = "/".join(parts[:2]), "/".join(parts[2:]) or "fti4cir.safetensors"
+
+    def fetch() -> Path:
+        weights = hf_hub_download(repo, filename)
+        if filename.endswith(".safetensors"):
+            hf_hub_download(repo, str(Path(filename).with_suffix(".json")))
+        return Path(weights)
+
+    errors = []
+    try:
+        with _hub_offline():
+            return fetch()
+    except Exception as e:  # noqa: BLE001 - any hub failure becomes the same actionable message
+        errors.append(f"cache: {type(e).__name__}")
+    if _online():
+        try:
+            return fetch()
+        except Exception as e:  # noqa: BLE001
+            errors.append(f"download: {e}")
+    else:
+        errors.append("download: hub unreachable (offline)")
+    raise UserError(f"Weights '{spec}' are not a local file and could not be fetched from hub repo '{repo}', file "
+                    f"'{filename}' ({'; '.join(errors)}). Download them elsewhere and pass the local path, e.g. "
+                    f"--weights weights/fti4cir_vit-l-14.safetensors")
+
+
+def load_weights(source: str | os.PathLike, *, expect_backbone=None) -> InversionNetwork:
+    """Our .safetensors (+ .json), an official release .pth (read safely, see `fti4cir.convert`), or a hub id."""
+    path = Path(source)
+    if not path.exists():
+        if not _looks_like_hub_id(str(source)):
+            raise UserError(f"Weights file not found: {source}")
+        path = _hub_download(str(source))
+    if path.suffix in OFFICIAL_SUFFIXES:
+        from .convert import read_official
+
+        net = read_official(path, backbone=expect_backbone)
+    else:
+        net = load_safetensors_weights(path)
+    if expect_backbone is not None:
+        c, b = net.config, expect_backbone
+        if (c.embed_dim, c.token_dim, c.patch_dim) != (b.embed_dim, b.token_dim, b.patch_dim):
+            raise UserError(f"Weights {path.name} were made for backbone '{c.backbone}' (embed {c.embed_dim}, token "
+                            f"{c.token_dim}, patch {c.patch_dim}) but '{b.name}' is loaded (embed {b.embed_dim}, "
+                            f"token {b.token_dim}, patch {b.patch_dim}); pass the matching --backbone")
+    return net
+
+
+def file_digest(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
