@@ -6,13 +6,12 @@ targetpad transform) feeding `Backbone.encode_visual`, on the shared photos, wit
 """
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
 import torch
 
-from bench.common import markdown_table, write_results_section
+from bench.common import bench_main, markdown_table
 from fti4cir import create_model
 from fti4cir.features import image_loader
 from fti4cir.imagefiles import list_images
@@ -48,14 +47,7 @@ def run(quick: bool = False) -> str:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args(argv)
-    md = run(args.quick)
-    print(md)
-    if not args.quick:
-        write_results_section(Path(__file__).parent / "RESULTS.md", "Indexing throughput", md)
-
+    bench_main(run, "Indexing throughput", __doc__, argv)
 
 if __name__ == "__main__":
     main()

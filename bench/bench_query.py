@@ -10,12 +10,10 @@ Preprocessing (decode + resize) is the same for all paths and left out. Timing d
 """
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
 
 import torch
 
-from bench.common import machine_info, markdown_table, percentile, time_calls, write_results_section
+from bench.common import bench_main, machine_info, markdown_table, percentile, time_calls
 from fti4cir import compose, create_model
 from fti4cir.official import OfficialIMG2TEXT, official_compose
 from fti4cir.tokens import tokenize_plain
@@ -76,14 +74,7 @@ def run(quick: bool = False) -> str:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args(argv)
-    md = run(args.quick)
-    print(md)
-    if not args.quick:
-        write_results_section(Path(__file__).parent / "RESULTS.md", "Query latency", md)
-
+    bench_main(run, "Query latency", __doc__, argv)
 
 if __name__ == "__main__":
     main()

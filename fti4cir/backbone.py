@@ -16,11 +16,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import UserError
+from .tokens import EOT_ID, PLACEHOLDER_ID, SOT_ID
 
 TINY_MODEL = "fti4cir-tiny"
 DEFAULT_MODEL = "ViT-L-14"
 DEFAULT_PRETRAINED = "openai"
-PLACEHOLDER = "*"
 
 open_clip.add_model_config(Path(__file__).parent / "model_configs")
 
@@ -50,10 +50,8 @@ class Backbone(nn.Module):
         self.name = name
         self.pretrained = pretrained
         self.preprocess_cfg = preprocess_cfg
-        self.tokenizer = open_clip.tokenizer.SimpleTokenizer()
-        self.placeholder_id = self.tokenizer.encode(PLACEHOLDER)[0]  # 265 in CLIP's BPE
-        self.sot_id = self.tokenizer.sot_token_id
-        self.eot_id = self.tokenizer.eot_token_id
+        self.placeholder_id, self.sot_id, self.eot_id = PLACEHOLDER_ID, SOT_ID, EOT_ID
+        self._identity: dict | None = None
 
     # ---- dimensions -------------------------------------------------------------------------------------------
     @property
@@ -90,8 +88,15 @@ class Backbone(nn.Module):
         return self.clip.token_embedding.weight.dtype
 
     def identity(self) -> dict:
-        """What makes features from this backbone comparable: used as a cache / gallery key."""
-        return {"backbone": self.name, "pretrained": str(self.pretrained), "embed_dim": self.embed_dim}
+        """What makes features from this backbone comparable: used as a cache / gallery key. A random-weight
+        backbone is named by a digest of its values (no tag names them)."""
+        if self._identity is None:
+            from .weights import parameter_digest
+
+            self._identity = {"backbone": self.name, "pretrained": str(self.pretrained), "embed_dim": self.embed_dim}
+            if self.pretrained is None:
+                self._identity["backbone_digest"] = parameter_digest(self.clip)
+        return dict(self._identity)
 
     def train(self, mode: bool = True):  # the towers stay frozen and in eval mode
         return super().train(False)

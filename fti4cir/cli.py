@@ -25,6 +25,8 @@ def add_model_args(parser: argparse.ArgumentParser, weights: bool = True) -> Non
                                  "(default: random init)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
     parser.add_argument("--preprocess", default="targetpad", choices=["targetpad", "clip"])
+    parser.add_argument("--seed", type=int, default=0, help="seed of random initialisations (random backbone with "
+                        "--pretrained none, inversion network without --weights)")
 
 
 def model_from_args(args):
@@ -33,7 +35,7 @@ def model_from_args(args):
     if args.pretrained == "openai" and args.backbone == "fti4cir-tiny":
         args.pretrained = None  # the tiny model has no pretrained weights anywhere
     return create_model(args.backbone, args.pretrained, getattr(args, "weights", None), device=args.device,
-                        preprocess=args.preprocess)
+                        preprocess=args.preprocess, seed=args.seed)
 
 
 def _convert(args) -> int:
@@ -91,7 +93,8 @@ def _stage_modules():
     """Pipeline stages that bring their own subcommands."""
     import importlib
 
-    names = ["fti4cir.training.captions", "fti4cir.training.caption_split"]
+    names = ["fti4cir.training.captions", "fti4cir.training.caption_split", "fti4cir.features", "fti4cir.gallery",
+             "fti4cir.evaluation.run", "fti4cir.m2c.triplets", "fti4cir.m2c.train"]
     return [importlib.import_module(n) for n in names]
 
 

@@ -60,7 +60,7 @@ def _select_tokens(tokens: PseudoTokens, keep_attributes, keep_subject, backbone
     return subject, attributes, num_kept
 
 
-def _split_texts(texts: Sequence[Text]) -> tuple[list[str], int]:
+def split_text_variants(texts: Sequence[Text]) -> tuple[list[str], int]:
     """Flatten text ensembles (tuples: every variant is encoded and the normalised features averaged)."""
     variants = {len(t) if isinstance(t, tuple) else 1 for t in texts}
     if len(variants) > 1:
@@ -70,7 +70,7 @@ def _split_texts(texts: Sequence[Text]) -> tuple[list[str], int]:
     return flat, n
 
 
-def _average_variants(features: torch.Tensor, n: int) -> torch.Tensor:
+def average_text_variants(features: torch.Tensor, n: int) -> torch.Tensor:
     features = F.normalize(features.float(), dim=-1)
     if n > 1:
         features = F.normalize(features.view(-1, n, features.shape[-1]).mean(dim=1), dim=-1)
@@ -97,10 +97,10 @@ def compose(
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    flat, n = _split_texts(texts)
+    flat, n = split_text_variants(texts)
     backbone = model.backbone
     if method == "text-only":
-        return _average_variants(backbone.encode_tokens(tokenize_plain(backbone, flat)), n)
+        return average_text_variants(backbone.encode_tokens(tokenize_plain(backbone, flat)), n)
 
     if method in ("image-only", "image+text") and not isinstance(references, PseudoTokens):
         if not isinstance(references, (torch.Tensor, VisualFeatures)):
@@ -112,7 +112,7 @@ def compose(
     if method == "image-only":
         return F.normalize(image.float(), dim=-1)
     if method == "image+text":
-        text = _average_variants(backbone.encode_tokens(tokenize_plain(backbone, flat)), n)
+        text = average_text_variants(backbone.encode_tokens(tokenize_plain(backbone, flat)), n)
         return F.normalize(F.normalize(image.float(), dim=-1) + text, dim=-1)
 
     tokens = reference_tokens(model, references)
@@ -124,4 +124,4 @@ def compose(
     repeat = lambda t: t.repeat_interleave(n, dim=0) if n > 1 and t is not None else t  # noqa: E731
     features = encode_with_pseudo_tokens(backbone, template, repeat(pseudo), repeat(num_kept),
                                          [{"text": t} for t in flat])
-    return _average_variants(features, n)
+    return average_text_variants(features, n)

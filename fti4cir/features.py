@@ -17,6 +17,7 @@ import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,19 +26,18 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .atomic import write_json_atomic
+from .atomic import atomic_path, write_json_atomic
 from .backbone import VisualFeatures
 from .errors import UserError
+from .inversion import PseudoTokens
+from .weights import file_digest
 
 HASH_CHARS = 40  # sha1 hex
 
 
-def content_hash(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha1()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+def content_hash(path: str | os.PathLike) -> str:
+    """The key of a file's rows: sha1 of its bytes."""
+    return file_digest(path, "sha1")
 
 
 def hash_files(paths: list[Path], threads: int = 8) -> list[str | None]:
@@ -50,6 +50,49 @@ def hash_files(paths: list[Path], threads: int = 8) -> list[str | None]:
 
     with ThreadPoolExecutor(threads) as pool:
         return list(pool.map(one, paths))
+
+
+class FileHashes:
+    """Content hashes remembered by (absolute path, size, mtime_ns), so a rerun stats files instead of reading them.
+
+    A file rewritten with the same size within one mtime tick would keep its old hash; touch it to force a rehash.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        try:
+            self._entries: dict[str, list] = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):  # absent or damaged: start over, it is only a shortcut
+            self._entries = {}
+        self._changed = False
+
+    @staticmethod
+    def _signature(path: Path) -> list[int] | None:
+        try:
+            status = os.stat(path)
+        except OSError:
+            return None
+        return [status.st_size, status.st_mtime_ns]
+
+    def known(self, paths: Sequence[Path]) -> list[str | None]:
+        hashes = []
+        for path in paths:
+            entry = self._entries.get(os.path.abspath(path))
+            fresh = entry is not None and entry[:2] == self._signature(path)
+            hashes.append(entry[2] if fresh else None)
+        return hashes
+
+    def record(self, paths: Sequence[Path], hashes: Sequence[str | None]) -> None:
+        for path, content_hash in zip(paths, hashes):
+            signature = self._signature(path)
+            if content_hash is not None and signature is not None:
+                self._entries[os.path.abspath(path)] = [*signature, content_hash]
+                self._changed = True
+
+    def save(self) -> None:
+        if self._changed:
+            write_json_atomic(self.path, self._entries, indent=None)
+            self._changed = False
 
 
 class FeatureStore:
@@ -132,6 +175,9 @@ class FeatureStore:
         return len(self._hashes)
 
     # ---- API --------------------------------------------------------------------------------------------------
+    def hash_of(self, row: int) -> str:
+        return self._hashes[row]
+
     def lookup(self, hashes: list[str | None]) -> np.ndarray:
         return np.array([self._row_of.get(h, -1) if h else -1 for h in hashes], dtype=np.int64)
 
@@ -177,6 +223,47 @@ class FeatureStore:
             _, tokens, width = self.dims
             patches = torch.from_numpy(np.asarray(self._memmap(self._patch_file, (tokens, width))[rows], np.float32))
         return VisualFeatures(self.global_features(rows), patches)
+
+
+class TokenCache:
+    """Pseudo tokens per content hash for one set of inversion weights, in one safetensors file (rewritten
+    atomically when rows are added)."""
+
+    FIELDS = ("subject", "attributes", "num_kept", "image_features")
+
+    def __init__(self, path: str | os.PathLike):
+        from safetensors import safe_open
+
+        self.path = Path(path)
+        self._tensors: dict[str, torch.Tensor] = {}
+        self._row_of: dict[str, int] = {}
+        if self.path.exists():
+            try:
+                with safe_open(str(self.path), framework="pt") as f:
+                    hashes = json.loads(f.metadata()["hashes"])
+                    self._tensors = {k: f.get_tensor(k) for k in self.FIELDS}
+                self._row_of = {h: i for i, h in enumerate(hashes)}
+            except Exception:  # noqa: BLE001 - a damaged cache is only a lost shortcut: start over
+                self._tensors, self._row_of = {}, {}
+
+    def __contains__(self, content_hash: str) -> bool:
+        return content_hash in self._row_of
+
+    def add(self, hashes: list[str], tokens: PseudoTokens) -> None:
+        from safetensors.torch import save_file
+
+        new = {k: getattr(tokens, k).detach().cpu() for k in self.FIELDS}
+        self._tensors = {k: torch.cat([self._tensors[k], v]) if self._tensors else v for k, v in new.items()}
+        for h in hashes:
+            self._row_of[h] = len(self._row_of)
+        ordered = sorted(self._row_of, key=self._row_of.get)
+        with atomic_path(self.path) as tmp:
+            save_file({k: v.contiguous() for k, v in self._tensors.items()}, str(tmp),
+                      metadata={"hashes": json.dumps(ordered)})
+
+    def get(self, hashes: list[str]) -> PseudoTokens:
+        index = torch.tensor([self._row_of[h] for h in hashes], dtype=torch.long)
+        return PseudoTokens(*(self._tensors[k][index] for k in self.FIELDS))
 
 
 class _ImageFiles(Dataset):

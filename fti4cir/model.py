@@ -48,13 +48,13 @@ def create_model(
 ) -> CIRModel:
     """Build a ready model. `weights`: our .safetensors, an official release .pth (converted on the fly, safely), a
     Hugging Face hub id ("org/repo" or "org/repo/file.safetensors"), or None for a randomly initialised inversion
-    network (seeded; for tests, training from scratch and offline demos)."""
+    network (for tests, training from scratch and offline demos). `seed` seeds every random initialisation."""
     from .weights import load_weights
 
+    if seed is not None:  # makes random backbones (pretrained=None) and random inversion networks reproducible
+        torch.manual_seed(seed)
     bb = load_backbone(backbone, pretrained, device)
     if weights is None:
-        if seed is not None:
-            torch.manual_seed(seed)
         net = InversionNetwork(InversionConfig.for_backbone(bb))
     else:
         net = load_weights(weights, expect_backbone=bb)

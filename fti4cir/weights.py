@@ -22,33 +22,49 @@ def config_path(weights_path: str | os.PathLike) -> Path:
     return Path(weights_path).with_suffix(".json")
 
 
-def save_weights(net: InversionNetwork, path: str | os.PathLike) -> Path:
-    """Write `path` (.safetensors, config also in its metadata) and the config beside it as `<stem>.json`."""
+def save_weights(net: torch.nn.Module, path: str | os.PathLike, config_key: str = CONFIG_KEY) -> Path:
+    """Write `path` (.safetensors, the config also in its metadata under `config_key`) and the config beside it as
+    `<stem>.json`. `net.config.to_dict()` is the config (any of our networks)."""
     path = Path(path)
     if path.suffix != ".safetensors":
         raise UserError(f"Weights are saved as .safetensors, got {path.name}")
     config = net.config.to_dict()
     tensors = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={CONFIG_KEY: json.dumps(config)})
+        save_file(tensors, str(tmp), metadata={config_key: json.dumps(config)})
     write_json_atomic(config_path(path), config)
     return path
 
 
-def _read_config(path: Path) -> InversionConfig:
+def read_config(path: Path, config_key: str = CONFIG_KEY, what: str = "FTI4CIR") -> dict:
+    """The config dict of a weights file: `<stem>.json` beside it, else its safetensors metadata."""
     side = config_path(path)
     try:
         if side.exists():
-            return InversionConfig.from_dict(json.loads(side.read_text()))
+            return json.loads(side.read_text())
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-        if CONFIG_KEY not in meta:
-            raise UserError(f"{path.name} has no FTI4CIR config (no {side.name} beside it, none in its metadata)")
-        return InversionConfig.from_dict(json.loads(meta[CONFIG_KEY]))
+        if config_key not in meta:
+            raise UserError(f"{path.name} has no {what} config (no {side.name} beside it, none in its metadata)")
+        return json.loads(meta[config_key])
     except (ValueError, TypeError, SafetensorError) as e:
-        raise UserError(f"Weights config of {path.name} is unreadable: {e}") from e
+        raise UserError(f"{what} weights config of {path.name} is unreadable: {e}") from e
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"Weights file {path.name} is corrupted or truncated ({e})") from e
+
+
+def _read_config(path: Path) -> InversionConfig:
+    try:
+        return InversionConfig.from_dict(read_config(path))
+    except (ValueError, TypeError) as e:
+        raise UserError(f"FTI4CIR weights config of {path.name} is unreadable: {e}") from e
 
 
 def check_state_dict(net: InversionNetwork, state: dict[str, torch.Tensor], source: str) -> None:
@@ -66,10 +82,7 @@ def check_state_dict(net: InversionNetwork, state: dict[str, torch.Tensor], sour
 def load_safetensors_weights(path: str | os.PathLike) -> InversionNetwork:
     path = Path(path)
     config = _read_config(path)
-    try:
-        state = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise UserError(f"Weights file {path.name} is corrupted or truncated ({e})") from e
+    state = read_tensors(path)
     net = InversionNetwork(config)
     check_state_dict(net, state, path.name)
     net.load_state_dict(state)
@@ -138,8 +151,18 @@ def load_weights(source: str | os.PathLike, *, expect_backbone=None) -> Inversio
     return net
 
 
-def file_digest(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+def parameter_digest(module: torch.nn.Module) -> str:
+    """sha256 over a module's state (names, dtypes, shapes, values): equal digests = identical weights."""
     h = hashlib.sha256()
+    for key, value in sorted(module.state_dict().items()):
+        value = value.detach().cpu().contiguous().reshape(-1)
+        h.update(f"{key}|{value.dtype}|{tuple(value.shape)}\n".encode())
+        h.update(value.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def file_digest(path: str | os.PathLike, algorithm: str = "sha256", chunk: int = 1 << 20) -> str:
+    h = hashlib.new(algorithm)
     with open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)

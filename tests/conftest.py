@@ -2,10 +2,15 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
-import pytest
-import torch
+# Tiny models run faster on one thread, and parallel test subprocesses (app, indexer, Ray workers) then do not
+# oversubscribe the cores; set before torch loads so child processes inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

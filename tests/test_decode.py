@@ -1,4 +1,3 @@
-import torch
 
 from fti4cir import decode, decoded_sentence
 from fti4cir.tokens import bpe

@@ -1,0 +1,1 @@
+"""Benchmarks of fti4cir (see bench/RESULTS.md)."""

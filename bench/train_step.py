@@ -1,0 +1,192 @@
+"""Training step: our trainer's step vs a straightforward implementation of the official step, same batch and weights.
+
+- ours: `fti4cir.training.trainer.train_step` on a batch read from the on-disk feature cache (fp16 memory map: global
+  features + patch tokens, so the visual tower never runs), text passes truncated to the batch's longest sentence,
+  frozen caption targets precomputed once per pair (a second row encodes them in every step instead);
+- official: the official `getLoss` re-stated with `fti4cir.official` (visual tower twice per image and step,
+  per-sample selection and token splicing, every text pass over the full 77-token context), CLIP frozen. A second row
+  runs it as the released `train.py` does, where CLIP's parameters keep requires_grad=True so every step also
+  computes text-tower weight gradients.
+Both: forward + backward + AdamW step, CPU, fp32, one thread, dropout off (eval mode) so that the losses compare exactly.
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import open_clip
+import torch
+from torch import nn
+
+from bench.common import markdown_table, percentile, time_calls, write_results_section
+from fti4cir import create_model
+from fti4cir.convert import official_to_ours
+from fti4cir.features import FeatureStore
+from fti4cir.official import OfficialIMG2TEXT, official_patch_tokens, official_replace_and_encode
+from fti4cir.training.data import TrainingData
+from fti4cir.training.losses import fti4cir_loss
+from fti4cir.training.trainer import train_step
+
+THREADS = ("Timed as CPU time of one thread: on a shared machine wall time swings with other processes' load (both "
+           "are shown), and both paths do the same kind of large-matrix work, so one thread compares them fairly.")
+
+# BLIP-like caption splits (subject up to the first noun, attribute the rest), cycled over the batch
+SUBJECTS = ["a dog", "a small brown bird", "a man", "a red car", "two women", "a plate", "a wooden boat",
+            "a cat"]
+ATTRIBUTES = ["sitting on the grass", "perched on a branch in the rain", "riding a bike down the street",
+              "parked in front of a house", "standing next to each other", "of food on a table",
+              "on the water near a dock", "laying on a bed with a blanket"]
+
+
+def official_net(model) -> OfficialIMG2TEXT:
+    c = model.inversion.config
+    net = OfficialIMG2TEXT(c.embed_dim, c.token_dim, c.patch_dim, c.num_k, c.topk, c.epsilon, c.tf_layers,
+                           c.tf_heads, c.reg_weight, c.temperature).eval()
+    ours = model.inversion.state_dict()
+    net.load_state_dict({k: ours[official_to_ours(k)] for k in net.state_dict()})
+    return net
+
+
+def official_loss(clip, net: OfficialIMG2TEXT, images, subjects, attributes) -> torch.Tensor:
+    """The official getLoss: two visual passes, per-sample selection, 77-token text passes with per-sample splicing."""
+    with torch.no_grad():
+        global_feat = clip.encode_image(images)
+        patches = official_patch_tokens(clip, images)
+    local, counts = net.select(global_feat, patches)
+    subj, attr = net.phi_s(global_feat), net.phi_a(local)
+    templates = open_clip.tokenize([f"a photo of * with {'* ' * r}" for r in counts])
+    whole = official_replace_and_encode(clip, templates, subj, attr, counts, 0)
+    v1, v2 = nn.functional.normalize(global_feat, dim=1), nn.functional.normalize(whole, dim=1)
+    numerator = torch.exp(torch.diag(torch.inner(v1, v2)) / net.temperature).repeat(2)
+    joint = torch.cat((v1, v2))
+    pairs = torch.exp(joint @ joint.t() / net.temperature)
+    contrastive = -torch.mean(torch.log(numerator / (pairs - pairs * torch.eye(joint.shape[0])).sum(0)))
+    cos = local @ local.transpose(1, 2)
+    orthogonal = net.ortho_loss(cos, torch.eye(local.shape[1]).expand_as(cos))
+    with torch.no_grad():
+        both = clip.encode_text(open_clip.tokenize([f"a photo of {s} with {a}" for s, a in zip(subjects, attributes)]))
+    subject_wise = official_replace_and_encode(clip, open_clip.tokenize([f"a photo of * with {a}" for a in attributes]),
+                                               subj, attr, counts, 1)
+    attribute_wise = official_replace_and_encode(
+        clip, open_clip.tokenize([f"a photo of {s} with {'* ' * r}" for s, r in zip(subjects, counts)]), subj, attr,
+        counts, 2)
+    target = torch.ones(len(subjects))
+    reg = sum(net.cosine_criterion(both, f, target) for f in (subject_wise, attribute_wise, whole))
+    return contrastive + orthogonal + net.hy_regLoss * reg
+
+
+def measure(backbone: str, batch: int, repeat: int) -> tuple[list[dict], dict]:
+    torch.manual_seed(0)
+    model = create_model(backbone, None, device="cpu").eval()
+    net = official_net(model)
+    clip = model.backbone.clip
+    size = model.backbone.image_size
+    images = torch.randn(batch, 3, size, size)
+    subjects = [SUBJECTS[i % len(SUBJECTS)] for i in range(batch)]
+    attributes = [ATTRIBUTES[(3 * i + 1) % len(ATTRIBUTES)] for i in range(batch)]
+    visual = model.backbone.encode_visual(images)
+
+    with tempfile.TemporaryDirectory() as cache:
+        store = FeatureStore.for_model(cache, model, with_patches=True)
+        rows = store.add([f"{i:040x}" for i in range(batch)], visual)
+        data = TrainingData(store, rows, subjects, attributes, [f"{i}.jpg" for i in range(batch)])
+        with torch.no_grad():  # same weights, same batch, before any step changes them
+            ours_exact = float(fti4cir_loss(model, visual, subjects, attributes).total)
+            ours_cached = float(fti4cir_loss(model, data.batch(range(batch)).visual, subjects, attributes).total)
+            official = float(official_loss(clip, net, images, subjects, attributes))
+        check = {"ours (fp32 features)": ours_exact, "ours (fp16 feature cache)": ours_cached, "official": official,
+                 "relative difference": abs(ours_exact - official) / abs(official),
+                 "relative difference (fp16 cache)": abs(ours_cached - official) / abs(official)}
+
+        ours_optimizer = torch.optim.AdamW(model.inversion.parameters(), lr=1e-6)
+        scaler = torch.amp.GradScaler("cpu", enabled=False)
+        uncached = TrainingData(store, rows, subjects, attributes, data.images)
+        data.compute_targets(model.backbone, progress=False)
+        official_optimizer = torch.optim.AdamW(net.parameters(), lr=1e-6)
+
+        def official_step():
+            official_optimizer.zero_grad(set_to_none=True)
+            official_loss(clip, net, images, subjects, attributes).backward()
+            official_optimizer.step()
+
+        def released_step():
+            clip.requires_grad_(True)  # as the released train.py leaves CLIP
+            try:
+                official_step()
+            finally:
+                clip.requires_grad_(False)
+                clip.zero_grad(set_to_none=True)
+
+        steps = {
+            "ours: cached features + cached caption targets": lambda: train_step(
+                model, ours_optimizer, scaler, data.batch(range(batch)), False),
+            "ours: cached features, caption targets encoded each step": lambda: train_step(
+                model, ours_optimizer, scaler, uncached.batch(range(batch)), False),
+            "official step (CLIP frozen)": official_step,
+            "official step as released (CLIP weight grads too)": released_step,
+        }
+        wall, cpu = {name: [] for name in steps}, {name: [] for name in steps}
+        for fn in steps.values():  # warm-up
+            fn()
+        for _ in range(repeat):  # round robin, so that a change of machine load hits every path alike
+            for name, fn in steps.items():
+                start_cpu = time.process_time()
+                wall[name] += time_calls(fn, repeat=1, warmup=0)
+                cpu[name].append(time.process_time() - start_cpu)
+
+    p50 = {name: percentile(t, 50) for name, t in cpu.items()}
+    official = p50["official step (CLIP frozen)"]
+    rows = [{"backbone": backbone, "batch": batch, "step": name, "CPU s (p50)": f"{p50[name]:.3f}",
+             "wall s (p50)": f"{percentile(wall[name], 50):.3f}", "wall s (min)": f"{min(wall[name]):.3f}",
+             "official / this (CPU)": f"{official / p50[name]:.2f}x"} for name in steps]
+    ours = p50["ours: cached features + cached caption targets"]
+    check["speed-up (official frozen / ours)"] = official / ours
+    check["speed-up (official as released / ours)"] = p50["official step as released (CLIP weight grads too)"] / ours
+    check["speed-up, wall (official frozen / ours)"] = (percentile(wall["official step (CLIP frozen)"], 50)
+                                                       / percentile(wall["ours: cached features + cached caption "
+                                                                         "targets"], 50))
+    return rows, check
+
+
+def run(quick: bool = False) -> str:
+    backbone, batch, repeat = ("fti4cir-tiny", 4, 1) if quick else ("ViT-B-32", 32, 3)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # see THREADS
+    try:
+        rows, check = measure(backbone, batch, repeat)
+    finally:
+        torch.set_num_threads(threads)
+    speedup = check["speed-up (official frozen / ours)"]
+    lines = [
+        f"{backbone} (random weights), batch {batch}, CPU fp32, 1 torch thread, {repeat} timed steps each (round "
+        f"robin) after one warm-up; forward + backward + AdamW step. {THREADS}",
+        "",
+        markdown_table(rows),
+        f"**Speed-up, official step / ours: {speedup:.2f}x** in CPU time (goal >= 5x; in wall time "
+        f"{check['speed-up, wall (official frozen / ours)']:.2f}x); against the step as released (CLIP left "
+        f"trainable): {check['speed-up (official as released / ours)']:.2f}x.",
+        "",
+        f"Loss on the same weights and batch before any step: ours {check['ours (fp32 features)']:.6f}, official "
+        f"{check['official']:.6f}, relative difference {check['relative difference']:.1e} (goal <= 1e-4); from the "
+        f"fp16 feature cache {check['ours (fp16 feature cache)']:.6f} "
+        f"({check['relative difference (fp16 cache)']:.1e}).",
+    ]
+    if check["relative difference"] > 1e-4:
+        raise AssertionError(f"losses disagree: {check}")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="tiny model smoke run; RESULTS.md untouched")
+    args = parser.parse_args(argv)
+    md = run(args.quick)
+    print(md)
+    if not args.quick:
+        write_results_section(Path(__file__).parent / "RESULTS.md", "Training step", md)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,22 @@
+"""M2C, "From Mapping to Composing" (arXiv 2504.17990): a second zero-shot CIR method on the shared backbone.
+
+Stage I maps an image to one pseudo-word token with visual semantic injection (`model`), stage II adds composing
+adapters to the text tower; `m2c_compose` is its query path (methods "m2c" and "m2c+compose"). Training: `train`,
+losses: `losses`, triplet data: `triplets`. See docs/m2c.md.
+"""
+from .model import (
+    MAPPING_PROMPT,
+    PROMPTS,
+    M2CConfig,
+    M2CModel,
+    M2CNetwork,
+    create_m2c_model,
+    fashioniq_text,
+    is_m2c_weights,
+    load_m2c_weights,
+    m2c_compose,
+    save_m2c_weights,
+)
+
+__all__ = ["MAPPING_PROMPT", "PROMPTS", "M2CConfig", "M2CModel", "M2CNetwork", "create_m2c_model", "fashioniq_text",
+           "is_m2c_weights", "load_m2c_weights", "m2c_compose", "save_m2c_weights"]

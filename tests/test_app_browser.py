@@ -1,0 +1,123 @@
+"""End to end in a real browser: `python app.py --tiny` on a small gallery, driven by headless Chromium (Playwright).
+
+Upload (a bad file, then a photo), type a text, search; the sentence, the relevance chart, the heatmaps and k results
+appear; switching a token off re-ranks (the "moved" summary and the sentence update); clicking a result makes it the
+reference. Screenshots go to the test's tmp folder and docs/screenshot.png (the README's picture).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from app_server import REPO, build_tiny_gallery, running_app
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--no-first-run"]
+GALLERY_SIZE = 20
+K = 10  # the app's default top-k
+TIMEOUT_MS = 30_000
+
+
+@pytest.fixture
+def app_url(tmp_path):
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} is not installed (apt-get install chromium)")
+    galleries = build_tiny_gallery(tmp_path, GALLERY_SIZE)
+    with running_app(tmp_path, galleries) as server:
+        yield server.url
+    assert "Traceback" not in server.log_text(), server.log_text()[-3000:]
+
+
+def save_screenshot(page, tmp_path: Path) -> None:
+    for close in page.locator(".toast-close").all():  # the bad upload's warning would cover the banner
+        close.click()
+    shot = tmp_path / "app.png"
+    page.screenshot(path=str(shot), full_page=True)
+    docs = REPO / "docs"
+    docs.mkdir(exist_ok=True)
+    partial = docs / ".screenshot.png.tmp"
+    shutil.copyfile(shot, partial)
+    os.replace(partial, docs / "screenshot.png")
+
+
+def text_of(page, selector: str) -> str:
+    return page.locator(selector).inner_text()
+
+
+def test_search_explain_switch_and_pick_in_a_browser(app_url, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    bad = tmp_path / "notes.jpg"
+    bad.write_text("This is not an image.\n" * 20)
+    photo = sorted((tmp_path / "photos" / "skirt").glob("*.jpg"))[0]
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.set_default_timeout(TIMEOUT_MS)
+            page.goto(app_url)
+            expect(page.locator("#gallery img")).to_have_count(GALLERY_SIZE)
+
+            # a bad upload: a readable message in the page, no traceback, no results
+            with page.expect_file_chooser() as chooser:
+                page.click("#upload")
+            chooser.value.set_files(str(bad))
+            expect(page.locator("#status")).to_contain_text('"notes.jpg" is not a supported image')
+            assert page.locator("#results img").count() == 0
+            assert "Traceback" not in page.content()
+
+            # upload a photo, type a text, search
+            with page.expect_file_chooser() as chooser:
+                page.click("#upload")
+            chooser.value.set_files(str(photo))
+            expect(page.locator("#reference img")).to_be_visible()
+            expect(page.locator("#results img")).to_have_count(K)  # the upload searches at once (empty text)
+            page.fill("#text textarea", "is red and has long sleeves")
+            page.click("#search")
+            sentence = page.locator("#sentence .sentence")
+            expect(sentence).to_contain_text("but is red and has long sleeves")
+            assert text_of(page, "#sentence .sentence").startswith("a photo of [")
+            expect(page.locator("#sentence table.words tr")).not_to_have_count(0)
+            expect(page.locator("#status")).to_have_text("")
+            expect(page.locator("#timing")).to_contain_text("Query time:")
+
+            # the relevance chart and one heatmap per kept attribute token
+            chart = page.locator("#relevance img")
+            expect(chart).to_be_visible()
+            assert chart.evaluate("img => img.naturalWidth") > 300
+            switches = page.locator("#switches label")
+            kept = switches.count() - 1  # the first switch is the subject token
+            assert kept >= 1
+            expect(page.locator("#heatmaps img")).to_have_count(kept)
+            expect(page.locator("#results img")).to_have_count(K)
+            captions = page.locator("#results .caption-label").all_inner_texts()
+            assert all(" · " in c for c in captions), captions
+
+            # switch the subject token off: the server re-ranks and reports what moved
+            expect(page.locator("#moved")).not_to_contain_text("Moved:")
+            switches.first.click()
+            expect(page.locator("#moved")).to_contain_text("Moved:")
+            expect(sentence).to_contain_text("a photo of something with")
+            expect(page.locator("#sentence tr.off")).to_have_count(1)
+            expect(page.locator("#results img")).to_have_count(K)
+            save_screenshot(page, tmp_path)
+
+            # click the third result: it becomes the reference (cached tokens) and leaves its own results
+            picked = page.locator("#results .caption-label").nth(2).inner_text()
+            picked_name = picked.split(" · ")[0].split(" ")[-1]
+            before = page.locator("#reference img").get_attribute("src")
+            page.locator("#results button.thumbnail-item").nth(2).click()
+            expect(page.locator("#timing")).to_contain_text("(cached tokens)")
+            assert page.locator("#reference img").get_attribute("src") != before
+            expect(page.locator("#results img")).to_have_count(K)
+            names = [c.split(" · ")[0] for c in page.locator("#results .caption-label").all_inner_texts()]
+            assert picked_name not in names
+            expect(page.locator("#switches input:checked")).to_have_count(switches.count())  # reset to all on
+            page.screenshot(path=str(tmp_path / "picked.png"), full_page=True)
+        finally:
+            browser.close()

@@ -1,0 +1,157 @@
+"""The training losses against a literal re-statement of the official code (77-token text, per-sample loops)."""
+import math
+
+import open_clip
+import pytest
+import torch
+from torch import nn
+
+from fti4cir.official import official_patch_tokens, official_replace_and_encode
+from fti4cir.training.losses import (caption_features, fti4cir_loss, nt_xent, orthogonality_loss,
+                                     pseudo_sentence_features, triwise_regularisation)
+
+from test_inversion import official_copy
+
+SUBJECTS = ["a dog", "two red cars", "a woman 's hat", "the old wooden bridge"]
+ATTRIBUTES = ["on a sunny beach", "parked in front of a house with a very long driveway", "made of straw",
+              "over a river at dusk"]
+
+
+# ---- the official functions, re-stated literally --------------------------------------------------------------
+def official_contrastive(v1, v2, temperature):
+    v1, v2 = nn.functional.normalize(v1, dim=1), nn.functional.normalize(v2, dim=1)
+    numerator = torch.exp(torch.diag(torch.inner(v1, v2)) / temperature)
+    numerator = torch.cat((numerator, numerator), 0)
+    joint = torch.cat((v1, v2), 0)
+    pairs = torch.exp(torch.mm(joint, joint.t()) / temperature)
+    denominator = torch.sum(pairs - pairs * torch.eye(joint.shape[0]), 0)
+    return -torch.mean(torch.log(numerator / denominator))
+
+
+def official_orthogonal(feats):
+    b, k, _ = feats.shape
+    feats = nn.functional.normalize(feats, p=2, dim=-1)
+    cos = torch.matmul(feats, feats.permute(0, 2, 1))
+    return nn.MSELoss()(cos, torch.eye(k).unsqueeze(0).repeat(b, 1, 1))
+
+
+def official_regularisation(clip, subject, attribute, whole, subj_token, attr_tokens, counts):
+    cosine = nn.CosineEmbeddingLoss()
+    target = torch.as_tensor([1])
+    t_both = open_clip.tokenize([f"a photo of {s} with {a}" for s, a in zip(subject, attribute)])
+    t_subj = open_clip.tokenize([f"a photo of * with {a}" for a in attribute])
+    t_attr = open_clip.tokenize([f"a photo of {s} with {'* ' * r}" for s, r in zip(subject, counts)])
+    with torch.no_grad():
+        both = clip.encode_text(t_both)
+    subj = official_replace_and_encode(clip, t_subj, subj_token, attr_tokens, counts, 1)
+    attr = official_replace_and_encode(clip, t_attr, subj_token, attr_tokens, counts, 2)
+    return cosine(both, subj, target) + cosine(both, attr, target) + cosine(both, whole, target)
+
+
+def official_get_loss(clip, net, images, subject, attribute):
+    """The official getLoss: two visual passes, per-sample selection, 77-token text with per-sample splicing."""
+    with torch.no_grad():
+        global_feat = clip.encode_image(images)
+        patches = official_patch_tokens(clip, images)
+    local, counts = net.select(global_feat, patches)
+    subj_token, attr_tokens = net.phi_s(global_feat), net.phi_a(local)
+    templates = open_clip.tokenize([f"a photo of * with {'* ' * r}" for r in counts])
+    whole = official_replace_and_encode(clip, templates, subj_token, attr_tokens, counts, 0)
+    contrastive = official_contrastive(global_feat, whole, net.temperature)
+    orthogonal = official_orthogonal(local)
+    reg = official_regularisation(clip, subject, attribute, whole, subj_token, attr_tokens, counts)
+    return contrastive + orthogonal + net.hy_regLoss * reg, (contrastive, orthogonal, reg)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny-model ops are all overhead: a second intra-op thread only adds waiting on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model):
+    """The tiny model with epsilon chosen so that the kept count r differs across the test images."""
+    tiny_model.inversion.config.epsilon = 0.0415
+    yield tiny_model
+    tiny_model.inversion.config.epsilon = 0.05
+
+
+# ---- NT-Xent ----------------------------------------------------------------------------------------------------
+def test_nt_xent_hand_checked_cases():
+    e = torch.eye(4)
+    # perfect pairs: each row sees its positive (cos 1) and two orthogonal negatives
+    assert float(nt_xent(e[:2], e[:2], 0.2)) == pytest.approx(math.log(1 + 2 * math.exp(-5)), abs=1e-6)
+    # positives orthogonal like all negatives: log(3) for every row
+    assert float(nt_xent(e[:2], e[2:], 0.2)) == pytest.approx(math.log(3), abs=1e-6)
+    # one pair: the positive is the only other vector, loss 0 whatever the vectors
+    assert float(nt_xent(torch.randn(1, 8), torch.randn(1, 8), 0.2)) == pytest.approx(0.0, abs=1e-6)
+    # image-image negatives count: a duplicated image makes the loss larger than with distinct images
+    dup = torch.stack([e[0], e[0]])
+    assert float(nt_xent(dup, e[:2], 0.2)) > float(nt_xent(e[:2], e[:2], 0.2)) + 0.5
+
+
+def test_nt_xent_equals_official_and_ignores_scale():
+    torch.manual_seed(0)
+    v1, v2 = torch.randn(16, 32), torch.randn(16, 32)
+    for t in (0.2, 0.07, 1.0):
+        assert float(nt_xent(v1, v2, t)) == pytest.approx(float(official_contrastive(v1, v2, t)), rel=1e-5)
+    assert float(nt_xent(3 * v1, 0.5 * v2, 0.2)) == pytest.approx(float(nt_xent(v1, v2, 0.2)), rel=1e-6)
+
+
+# ---- orthogonality ----------------------------------------------------------------------------------------------
+def test_orthogonality_hand_checked_and_official():
+    assert float(orthogonality_loss(torch.eye(3).unsqueeze(0))) == pytest.approx(0.0, abs=1e-7)
+    same = torch.ones(1, 2, 5)  # cos matrix all ones: off-diagonals (2 of 4 entries) are 1 off
+    assert float(orthogonality_loss(same)) == pytest.approx(0.5, abs=1e-6)
+    torch.manual_seed(0)
+    feats = torch.randn(6, 12, 64)
+    assert float(orthogonality_loss(feats)) == pytest.approx(float(official_orthogonal(feats)), rel=1e-5)
+
+
+# ---- regularisation and the total, on the tiny model ------------------------------------------------------------
+def test_regularisation_equals_official(model, images):
+    bb = model.backbone
+    with torch.no_grad():
+        tokens = model.invert(bb.encode_visual(images))
+        counts = tokens.num_kept.tolist()
+        assert len(set(counts)) > 1
+        whole = pseudo_sentence_features(bb, tokens)
+        ours = triwise_regularisation(bb, tokens, SUBJECTS, ATTRIBUTES, whole_features=whole)
+        official = official_regularisation(bb.clip, SUBJECTS, ATTRIBUTES, whole, tokens.subject, tokens.attributes,
+                                           counts)
+        cached_target = triwise_regularisation(bb, tokens, SUBJECTS, ATTRIBUTES,
+                                               target_features=caption_features(bb, SUBJECTS, ATTRIBUTES))
+    assert abs(float(ours) - float(official)) <= 1e-5
+    assert float(cached_target) == pytest.approx(float(ours), abs=1e-6)
+
+
+def test_total_loss_equals_official_get_loss(model, images):
+    bb = model.backbone
+    official_net = official_copy(model.inversion)
+    with torch.no_grad():
+        terms = fti4cir_loss(model, bb.encode_visual(images), SUBJECTS, ATTRIBUTES)
+        total, (contrastive, orthogonal, reg) = official_get_loss(bb.clip, official_net, images, SUBJECTS,
+                                                                  ATTRIBUTES)
+    assert abs(float(terms.contrastive) - float(contrastive)) <= 1e-5
+    assert abs(float(terms.orthogonal) - float(orthogonal)) <= 1e-5
+    assert abs(float(terms.regularisation) - float(reg)) <= 1e-5
+    assert abs(float(terms.total) - float(total)) <= 1e-5
+    expected = terms.contrastive + terms.orthogonal + 1.4 * terms.regularisation
+    assert float(terms.total) == pytest.approx(float(expected), rel=1e-6)
+
+
+def test_gradients_reach_only_the_inversion_network(model, images):
+    bb = model.backbone
+    visual = bb.encode_visual(images)
+    model.inversion.zero_grad(set_to_none=True)
+    fti4cir_loss(model, visual, SUBJECTS, ATTRIBUTES).total.backward()
+    grads = {name: p.grad for name, p in model.inversion.named_parameters()}
+    assert all(g is not None and torch.isfinite(g).all() for g in grads.values())
+    assert float(grads["subject_mapper.0.weight"].abs().sum()) > 0
+    assert float(grads["attribute_queries"].abs().sum()) > 0
+    assert all(p.grad is None for p in bb.parameters())
+    model.inversion.zero_grad(set_to_none=True)
