@@ -79,14 +79,18 @@ def check_state_dict(net: InversionNetwork, state: dict[str, torch.Tensor], sour
         raise UserError(f"Weights {source} do not fit the network: {shown}")
 
 
-def load_safetensors_weights(path: str | os.PathLike) -> InversionNetwork:
-    path = Path(path)
-    config = _read_config(path)
+def build_network(network_cls, config, path: Path) -> torch.nn.Module:
+    """`network_cls(config)` with the tensors of `path`, after checking every name and shape."""
     state = read_tensors(path)
-    net = InversionNetwork(config)
+    net = network_cls(config)
     check_state_dict(net, state, path.name)
     net.load_state_dict(state)
     return net
+
+
+def load_safetensors_weights(path: str | os.PathLike) -> InversionNetwork:
+    path = Path(path)
+    return build_network(InversionNetwork, _read_config(path), path)
 
 
 def _looks_like_hub_id(source: str) -> bool:

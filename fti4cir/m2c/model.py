@@ -31,7 +31,7 @@ from ..compose import average_text_variants, split_text_variants
 from ..errors import UserError
 from ..preprocess import make_transform, preprocess_batch
 from ..tokens import tokenize_prompts
-from ..weights import check_state_dict, read_config, read_tensors, save_weights
+from ..weights import build_network, read_config, save_weights
 
 FORMAT_VERSION = 1
 METHOD = "m2c"
@@ -387,12 +387,7 @@ def load_m2c_weights(path: str | os.PathLike) -> M2CNetwork:
     path = Path(path)
     if not path.exists():
         raise UserError(f"M2C weights file not found: {path}")
-    config = _read_m2c_config(path)
-    state = read_tensors(path)
-    net = M2CNetwork(config)
-    check_state_dict(net, state, path.name)
-    net.load_state_dict(state)
-    return net
+    return build_network(M2CNetwork, _read_m2c_config(path), path)
 
 
 def create_m2c_model(backbone: str = DEFAULT_MODEL, pretrained: str | os.PathLike | None = "openai",
