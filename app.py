@@ -2,6 +2,7 @@
 
     python app.py --tiny --gallery demo                                      # offline, random tiny model
     python app.py --weights fti4cir_vitl14.safetensors --gallery clothing    # ViT-L-14/openai + trained weights
+    python app.py ... --m2c-weights m2c_stage2.safetensors                   # + methods m2c, m2c+compose
 
 Shows what the model understood (the pseudo-word sentence with each token's nearest words, the relevance of the
 attribute queries, each kept attribute token's attention over the image) and lets the user switch tokens off to see
@@ -45,6 +46,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.set_defaults(backbone=env("FTI4CIR_BACKBONE", parser.get_default("backbone")),
                         pretrained=env("FTI4CIR_PRETRAINED", parser.get_default("pretrained")),
                         weights=env("FTI4CIR_WEIGHTS") or None)
+    parser.add_argument("--m2c-weights", default=env("FTI4CIR_M2C_WEIGHTS") or None,
+                        help="M2C weights (.safetensors from `fti4cir m2c-train`, same backbone): adds the methods m2c "
+                             "and, for stage-2 weights, m2c+compose")
     parser.add_argument("--tiny", action="store_true", default=env("FTI4CIR_TINY", "") not in ("", "0"),
                         help="tiny random-weight model (fti4cir-tiny, no pretrained weights; for tests and offline "
                              "demos: results are meaningless)")
@@ -124,7 +128,24 @@ def load_service(args) -> Setup:
         return Setup(None, [f"**The gallery could not be loaded.** {e}"], notes)
     if len(gallery) == 0:
         return Setup(None, [f"**Gallery {gallery_name} is empty.**"], notes)
-    return Setup(SearchService(model, gallery), problems, notes)
+    return Setup(SearchService(model, gallery, load_m2c(args, model, notes)), problems, notes)
+
+
+def load_m2c(args, model, notes: list[str]):
+    """The M2C model of --m2c-weights on the app's backbone, or None (a problem becomes a note: FTI4CIR still
+    works). It preprocesses like the gallery, whose image features it is ranked against."""
+    from fti4cir.m2c import attach_m2c
+
+    if not args.m2c_weights:
+        return None
+    try:
+        return attach_m2c(model.backbone, args.m2c_weights, model.preprocess_kind)
+    except UserError as e:
+        notes.append(f"**The M2C methods are off:** {e}")
+    except Exception as e:  # noqa: BLE001 - a broken file must not stop the page
+        log.exception("loading the M2C weights failed")
+        notes.append(f"**The M2C methods are off:** {args.m2c_weights} could not be read ({type(e).__name__}: {e})")
+    return None
 
 
 def _weights_help() -> str:
@@ -296,7 +317,8 @@ def build_demo(setup: Setup):
                                          size="md", elem_id="upload", interactive=service is not None)
                 text = gr.Textbox(label="Modification text", placeholder="e.g. is red and has long sleeves",
                                   max_lines=3, max_length=4 * MAX_TEXT_CHARS, elem_id="text")
-                method = gr.Radio(list(METHODS), value="fti4cir", label="Method", elem_id="method")
+                method = gr.Radio(list(service.methods if service else METHODS), value="fti4cir", label="Method",
+                                  elem_id="method")
                 top_k = gr.Slider(1, max(2, min(MAX_K, size)), value=min(DEFAULT_K, max(size, 1)), step=1,
                                   label="Results (top-k)", elem_id="topk")
                 search = gr.Button("Search", variant="primary", elem_id="search", interactive=service is not None)
@@ -424,7 +446,7 @@ def build_demo(setup: Setup):
             if dropped:
                 summary += " — out: " + ", ".join(f"`{n}`" for n in dropped)
             if base.method not in ("fti4cir", "subject-only"):
-                summary += f" (method {base.method} uses no pseudo tokens: switches have no effect)"
+                summary += f" (the switches act on FTI4CIR's pseudo tokens: no effect on method {base.method})"
             return {sentence: sentence_html(result), timing: f"**Query time:** {result.timing_text()}",
                     results: captions, moved: summary, status: "", shown_state: [h.index for h in result.hits]}
 

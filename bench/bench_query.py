@@ -13,32 +13,48 @@ from __future__ import annotations
 
 import torch
 
-from bench.common import bench_main, machine_info, markdown_table, percentile, time_calls
+from bench.common import bench_main, machine_info, markdown_table, percentile, time_round_robin
 from fti4cir import compose, create_model
-from fti4cir.official import OfficialIMG2TEXT, official_compose
+from fti4cir.official import official_compose, official_copy
 from fti4cir.tokens import tokenize_plain
 
 TEXT = "is red with short sleeves and a floral pattern"
 
 
-def official_net(model) -> OfficialIMG2TEXT:
-    from fti4cir.convert import official_to_ours
+def parameters(*modules) -> int:
+    return sum(p.numel() for m in modules for p in m.parameters())
 
-    c = model.inversion.config
-    net = OfficialIMG2TEXT(c.embed_dim, c.token_dim, c.patch_dim, c.num_k, c.topk, c.epsilon, c.tf_layers,
-                           c.tf_heads).eval()
-    ours = model.inversion.state_dict()
-    net.load_state_dict({k: ours[official_to_ours(k)] for k in net.state_dict()})
-    return net
+
+def weights_read(model) -> dict[str, float]:
+    """Millions of weights each path reads once per query. At batch 1 a layer's matrix products touch each weight once
+    for a handful of tokens, so small passes are bound by memory traffic rather than arithmetic."""
+    clip = model.backbone.clip
+    visual = parameters(clip.visual)
+    # the text side reads the transformer, final norm and projection; of the embedding table only the used rows
+    text = parameters(clip.transformer, clip.ln_final) + clip.text_projection.numel() + clip.positional_embedding.numel()
+    inversion = parameters(model.inversion)
+    return {"floor: encode_image": visual, "ours: compose (uploaded)": visual + inversion + text,
+            "official: img_to_text": 2 * visual + inversion + text, "text floor: one truncated text pass": text,
+            "ours: compose (gallery reference)": text, "stage: visual pass (ours)": visual,
+            "stage: inversion (from visual features)": inversion}
+
+
+def flops(fn) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
 
 
 def measure(backbone: str, repeat: int) -> list[dict]:
     torch.manual_seed(0)
     model = create_model(backbone, None, device="cpu").eval()
-    net = official_net(model)
+    net = official_copy(model.inversion)
     image = torch.randn(1, 3, model.backbone.image_size, model.backbone.image_size)
     with torch.inference_mode():
-        tokens = model.invert(image)
+        visual = model.backbone.encode_visual(image)
+        tokens = model.invert(visual)
         r = int(tokens.num_kept[0])
         sentence = f"a photo of * with {'* ' * r}but {TEXT}"  # the same length as the composed query
         ids = tokenize_plain(model.backbone, [sentence])
@@ -48,29 +64,40 @@ def measure(backbone: str, repeat: int) -> list[dict]:
             "official: img_to_text": lambda: official_compose(model.backbone.clip, net, image, [TEXT]),
             "text floor: one truncated text pass": lambda: model.backbone.encode_tokens(ids),
             "ours: compose (gallery reference)": lambda: compose(model, tokens, [TEXT]),
+            # where ours spends its time: the visual pass, then the inversion; the text pass is the gallery row
+            "stage: visual pass (ours)": lambda: model.backbone.encode_visual(image),
+            "stage: inversion (from visual features)": lambda: model.invert(visual),
         }
-        times = {name: time_calls(fn, repeat=repeat, warmup=2) for name, fn in paths.items()}
+        work = {name: flops(fn) for name, fn in paths.items()}
+        times, _ = time_round_robin(paths, repeat=repeat, warmup=2)
+    weights = weights_read(model)
     p50 = {name: percentile(t, 50) for name, t in times.items()}
-    rows = []
-    for name, t in times.items():
-        rows.append({"backbone": backbone, "path": name, "p50 ms": f"{1e3 * p50[name]:.1f}",
-                     "p95 ms": f"{1e3 * percentile(t, 95):.1f}"})
-    rows.append({"backbone": backbone, "path": "**ours / floor** (goal <= 1.15)",
-                 "p50 ms": f"{p50['ours: compose (uploaded)'] / p50['floor: encode_image']:.3f}x", "p95 ms": ""})
-    rows.append({"backbone": backbone, "path": "**official / ours**",
-                 "p50 ms": f"{p50['official: img_to_text'] / p50['ours: compose (uploaded)']:.2f}x", "p95 ms": ""})
-    rows.append({"backbone": backbone, "path": "**gallery ref / text pass** (goal <= 1.3)",
-                 "p50 ms": f"{p50['ours: compose (gallery reference)'] / p50['text floor: one truncated text pass']:.3f}x",
-                 "p95 ms": ""})
+    floor, ours = "floor: encode_image", "ours: compose (uploaded)"
+    rows = [{"backbone": backbone, "path": name, "p50 ms": f"{1e3 * p50[name]:.1f}",
+             "p95 ms": f"{1e3 * percentile(t, 95):.1f}", "GFLOPs": f"{work[name] / 1e9:.2f}",
+             "weights read (M)": f"{weights[name] / 1e6:.1f}"} for name, t in times.items()]
+
+    def ratio(label: str, a: str, b: str, digits: int = 3) -> dict:
+        return {"backbone": backbone, "path": label, "p50 ms": f"{p50[a] / p50[b]:.{digits}f}x",
+                "GFLOPs": f"{work[a] / work[b]:.2f}x", "weights read (M)": f"{weights[a] / weights[b]:.2f}x"}
+
+    rows.append(ratio("**ours / floor** (goal <= 1.15)", ours, floor))
+    rows.append(ratio("**official / ours**", "official: img_to_text", ours, 2))
+    rows.append(ratio("**gallery ref / text pass** (goal <= 1.3)", "ours: compose (gallery reference)",
+                      "text floor: one truncated text pass"))
     return rows
 
 
 def run(quick: bool = False) -> str:
     backbones = ["ViT-B-32"] if quick else ["ViT-B-32", "ViT-L-14"]
-    rows = [row for b in backbones for row in measure(b, repeat=5 if quick else 30)]
+    repeat = 5 if quick else 30
+    rows = [row for b in backbones for row in measure(b, repeat=repeat)]
     info = machine_info()
-    return (f"Batch 1, CPU, {info.get('torch_threads', torch.get_num_threads())} threads, random weights, fp32. "
-            f"Text: \"{TEXT}\".\n\n" + markdown_table(rows))
+    return (f"Batch 1, CPU, {info.get('torch_threads', torch.get_num_threads())} threads, random weights, fp32, "
+            f"{repeat} calls per path timed in turns. Text: \"{TEXT}\". GFLOPs from torch's FlopCounterMode "
+            f"(matrix products and attention); weights read = parameters each path touches once per query. Ratios "
+            f"put the measured latency beside the work ratios: a path bound by arithmetic follows the GFLOPs ratio, "
+            f"one bound by memory traffic (batch 1, few tokens) follows the weights ratio.\n\n" + markdown_table(rows))
 
 
 def main(argv=None) -> None:

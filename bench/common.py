@@ -71,6 +71,24 @@ def time_calls(fn: Callable[[], object], *, repeat: int, warmup: int = 1) -> lis
     return times
 
 
+def time_round_robin(fns: dict[str, Callable[[], object]], *, repeat: int, warmup: int = 1
+                     ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """(wall seconds, CPU seconds of this process) per call of each function, timed in turns (one call of each per
+    round) so that a change of machine load hits every path alike; `warmup` untimed rounds first."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    wall = {name: [] for name in fns}
+    cpu = {name: [] for name in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            start_cpu, start = time.process_time(), time.perf_counter()
+            fn()
+            wall[name].append(time.perf_counter() - start)
+            cpu[name].append(time.process_time() - start_cpu)
+    return wall, cpu
+
+
 def percentile(xs, p: float) -> float:
     """The p-th percentile (0-100, linear interpolation) of a non-empty sequence."""
     if len(xs) == 0:

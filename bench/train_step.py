@@ -15,18 +15,16 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from pathlib import Path
 
 import open_clip
 import torch
 from torch import nn
 
-from bench.common import markdown_table, percentile, time_calls, write_results_section
+from bench.common import markdown_table, percentile, time_round_robin, write_results_section
 from fti4cir import create_model
-from fti4cir.convert import official_to_ours
 from fti4cir.features import FeatureStore
-from fti4cir.official import OfficialIMG2TEXT, official_patch_tokens, official_replace_and_encode
+from fti4cir.official import OfficialIMG2TEXT, official_copy, official_patch_tokens, official_replace_and_encode
 from fti4cir.training.data import TrainingData
 from fti4cir.training.losses import fti4cir_loss
 from fti4cir.training.trainer import TrainConfig, make_optimizer, train_step
@@ -40,15 +38,6 @@ SUBJECTS = ["a dog", "a small brown bird", "a man", "a red car", "two women", "a
 ATTRIBUTES = ["sitting on the grass", "perched on a branch in the rain", "riding a bike down the street",
               "parked in front of a house", "standing next to each other", "of food on a table",
               "on the water near a dock", "laying on a bed with a blanket"]
-
-
-def official_net(model) -> OfficialIMG2TEXT:
-    c = model.inversion.config
-    net = OfficialIMG2TEXT(c.embed_dim, c.token_dim, c.patch_dim, c.num_k, c.topk, c.epsilon, c.tf_layers,
-                           c.tf_heads, c.reg_weight, c.temperature).eval()
-    ours = model.inversion.state_dict()
-    net.load_state_dict({k: ours[official_to_ours(k)] for k in net.state_dict()})
-    return net
 
 
 def official_loss(clip, net: OfficialIMG2TEXT, images, subjects, attributes) -> torch.Tensor:
@@ -82,7 +71,7 @@ def official_loss(clip, net: OfficialIMG2TEXT, images, subjects, attributes) -> 
 def measure(backbone: str, batch: int, repeat: int) -> tuple[list[dict], dict]:
     torch.manual_seed(0)
     model = create_model(backbone, None, device="cpu").eval()
-    net = official_net(model)
+    net = official_copy(model.inversion)
     clip = model.backbone.clip
     size = model.backbone.image_size
     images = torch.randn(batch, 3, size, size)
@@ -129,14 +118,7 @@ def measure(backbone: str, batch: int, repeat: int) -> tuple[list[dict], dict]:
             "official step (CLIP frozen)": official_step,
             "official step as released (CLIP weight grads too)": released_step,
         }
-        wall, cpu = {name: [] for name in steps}, {name: [] for name in steps}
-        for fn in steps.values():  # warm-up
-            fn()
-        for _ in range(repeat):  # round robin, so that a change of machine load hits every path alike
-            for name, fn in steps.items():
-                start_cpu = time.process_time()
-                wall[name] += time_calls(fn, repeat=1, warmup=0)
-                cpu[name].append(time.process_time() - start_cpu)
+        wall, cpu = time_round_robin(steps, repeat=repeat, warmup=1)
 
     p50 = {name: percentile(t, 50) for name, t in cpu.items()}
     official = p50["official step (CLIP frozen)"]

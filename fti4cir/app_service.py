@@ -8,6 +8,11 @@
 
 A gallery image used as the reference takes its cached pseudo tokens and attribute data (no visual pass) and is
 left out of its own results, as in the benchmarks. Everything is thread-safe: the service holds no per-user state.
+
+With M2C weights (`SearchService(model, gallery, m2c_model)`), the methods "m2c" (and "m2c+compose" for stage-II
+weights) rank the same gallery through `m2c_compose` on the same backbone. M2C reads the reference's visual features
+(patch tokens included): an upload keeps them from its one visual pass; a gallery reference gets them from one visual
+pass over its file the first time an M2C method needs them.
 """
 from __future__ import annotations
 
@@ -21,11 +26,14 @@ import PIL.Image
 import torch
 
 from . import prompts
-from .compose import METHODS, compose, reference_tokens
+from .backbone import VisualFeatures
+from .compose import METHODS, compose
+from .decode import decode
 from .errors import UserError
-from .explain import AttributeEvidence, Explanation, explain, query_sentence
+from .explain import AttributeEvidence, Explanation, explain, m2c_sentence, query_sentence
 from .inputs import clean_text, load_image
 from .inversion import PseudoTokens
+from .m2c import model as m2c
 from .tokens import bpe, tokenize_prompts
 
 MAX_K = 100  # results per query: bounds the work and the page size of one request
@@ -42,6 +50,7 @@ class Reference:
     explanation: Explanation
     gallery_index: int | None = None
     seconds: float = 0.0  # preparation: decoding + visual pass + inversion (gallery references: decoding only)
+    visual: VisualFeatures | None = None  # one row, kept for M2C (gallery references: filled when first needed)
 
     @property
     def num_kept(self) -> int:
@@ -135,9 +144,17 @@ def summarize_moves(moves: Sequence[Move]) -> str:
 class SearchService:
     """A model and a gallery built with it; answers searches for any number of concurrent users."""
 
-    def __init__(self, model, gallery):
+    def __init__(self, model, gallery, m2c_model: m2c.M2CModel | None = None):
         self.model = model
         self.gallery = gallery
+        self.m2c_model = m2c_model
+        if m2c_model is not None and m2c_model.backbone is not model.backbone:
+            raise ValueError("the M2C model must share the FTI4CIR model's backbone")
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        """What this service can rank with: FTI4CIR and its baselines, plus the M2C methods its weights allow."""
+        return METHODS + (m2c.available_methods(self.m2c_model.net) if self.m2c_model is not None else ())
 
     @property
     def size(self) -> int:
@@ -172,18 +189,28 @@ class SearchService:
         start = time.perf_counter()
         image = load_image(source)
         with torch.inference_mode():
-            tokens = reference_tokens(self.model, [image], return_attention=display)
+            visual = self.model.backbone.encode_visual(self.model.preprocess([image]))
+            tokens = self.model.invert(visual, return_attention=display)
         evidence = AttributeEvidence.from_selection(tokens.selection)
         explanation = explain(self.model, tokens, evidence, image if display else None)
         return Reference(_upload_name(source), _display(image) if display else None, tokens, explanation, None,
-                         time.perf_counter() - start)
+                         time.perf_counter() - start, visual if self.m2c_model is not None else None)
+
+    def _visual(self, reference: Reference) -> VisualFeatures:
+        """The reference's visual features; a gallery reference's come from one visual pass over its file."""
+        if reference.visual is None:
+            image = load_image(self.gallery.paths[reference.gallery_index])
+            with torch.inference_mode():
+                reference.visual = self.model.backbone.encode_visual(self.model.preprocess([image]))
+        return reference.visual
 
     # ---- search --------------------------------------------------------------------------------------------------
     def search(self, reference, text: str | None, method: str = "fti4cir", k: int = 10,
                keep_attributes: Sequence[bool] | None = None, keep_subject: bool = True) -> Result:
-        """Rank the gallery for one query. keep_attributes: one switch per kept attribute token (prompt order)."""
-        if method not in METHODS:
-            raise UserError(f"Unknown method {method!r}; choose one of {', '.join(METHODS)}.")
+        """Rank the gallery for one query. keep_attributes: one switch per kept attribute token (prompt order); the
+        switches act on FTI4CIR's pseudo tokens and leave the other methods' queries as they are."""
+        if method not in self.methods:
+            raise UserError(f"Unknown method {method!r}; choose one of {', '.join(self.methods)}.")
         prepared_here = not isinstance(reference, Reference)
         reference = self.reference(reference)
         text = clean_text(text)
@@ -197,9 +224,13 @@ class SearchService:
 
         start = time.perf_counter()
         with torch.inference_mode():
-            query = compose(self.model, reference.tokens, [text], method=method,
-                            keep_attributes=self._keep_mask(keep, reference.tokens),
-                            keep_subject=torch.tensor([bool(keep_subject)]))
+            if method in m2c.M2C_METHODS:
+                query = m2c.m2c_compose(self.m2c_model, self._visual(reference), [text],
+                                        prompt=m2c.PROMPTS["default"], use_adapters=m2c.uses_adapters(method))
+            else:
+                query = compose(self.model, reference.tokens, [text], method=method,
+                                keep_attributes=self._keep_mask(keep, reference.tokens),
+                                keep_subject=torch.tensor([bool(keep_subject)]))
         composed = time.perf_counter()
         scores, indices = self.gallery.search(query.float().cpu(), k,
                                               exclude=[[reference.gallery_index]] if exclude else None)
@@ -207,13 +238,23 @@ class SearchService:
 
         hits = [Hit(rank, i, self.gallery.names[i], Path(self.gallery.paths[i]), s)
                 for rank, (i, s) in enumerate(zip(_row(indices), _row(scores)), start=1) if i >= 0]
-        sentence = query_sentence(reference.explanation, text, method, keep_attributes=keep,
-                                  keep_subject=bool(keep_subject))
+        if method in m2c.M2C_METHODS:
+            sentence = m2c_sentence(self._m2c_word(reference), text)
+        else:
+            sentence = query_sentence(reference.explanation, text, method, keep_attributes=keep,
+                                      keep_subject=bool(keep_subject))
         timings = {"compose": composed - start, "search": searched - composed}
         if prepared_here:
             timings["reference"] = reference.seconds
         return Result(reference, text, method, hits, sentence, keep, bool(keep_subject), timings,
                       self._truncated(text, method, sum(keep)))
+
+    def _m2c_word(self, reference: Reference) -> str:
+        """The nearest word of M2C's pseudo token (Phi of the global feature) for the displayed sentence."""
+        with torch.inference_mode():
+            global_features = self._visual(reference).global_features.to(self.m2c_model.device).float()
+            token = self.m2c_model.net.mapper(global_features)
+        return decode(self.model.backbone, token, k=1)[0][0].word
 
     @staticmethod
     def _keep_mask(keep: list[bool], tokens: PseudoTokens) -> torch.Tensor:
@@ -226,7 +267,8 @@ class SearchService:
         """Whether compose cut the text to fit CLIP's context (counted the way tokens.tokenize_prompts counts)."""
         if method == "image-only" or not text:
             return False
-        template = {"fti4cir": prompts.DEFAULT, "subject-only": prompts.SUBJECT_ONLY}.get(method, "{text}")
+        template = {"fti4cir": prompts.DEFAULT, "subject-only": prompts.SUBJECT_ONLY,
+                    **dict.fromkeys(m2c.M2C_METHODS, m2c.PROMPTS["default"])}.get(method, "{text}")
         ids, _ = tokenize_prompts(template, [{"text": ""}], [num_attrs], self.model.backbone.context_length)
         used = int((ids[0] != 0).sum())  # SOT + template + placeholders + EOT
         return len(bpe(text)) > self.model.backbone.context_length - used

@@ -15,10 +15,23 @@ class Word:
     score: float  # cosine similarity to the pseudo token
 
 
+def unit_vocabulary(backbone) -> torch.Tensor:
+    """The L2-normalised token-embedding table [vocab, token_dim], computed once per backbone (ViT-L: 38M values)
+    and again only if the table changes."""
+    table = backbone.clip.token_embedding.weight
+    key = (table.data_ptr(), table._version, table.dtype, table.device)
+    cached = getattr(backbone, "_unit_vocabulary", None)
+    if cached is None or cached[0] != key:
+        with torch.no_grad():
+            cached = (key, F.normalize(table.detach(), dim=-1))
+        backbone._unit_vocabulary = cached
+    return cached[1]
+
+
 def decode(backbone, tokens: torch.Tensor, k: int = 3) -> list[list[Word]]:
     """Top-k vocabulary words by cosine similarity to each pseudo token. tokens: [N, token_dim] -> N lists."""
-    table = backbone.clip.token_embedding.weight
-    sims = F.normalize(tokens.detach().to(table.dtype), dim=-1) @ F.normalize(table, dim=-1).T
+    table = unit_vocabulary(backbone)
+    sims = F.normalize(tokens.detach().to(table.dtype), dim=-1) @ table.T
     sims[:, [SOT_ID, EOT_ID]] = -2.0  # special tokens are not words
     scores, ids = sims.topk(k, dim=-1)
     return [[Word(vocabulary_word(i), s) for i, s in zip(row_ids.tolist(), row_scores.tolist())]

@@ -19,6 +19,7 @@ from . import prompts
 from .compose import NEUTRAL_SUBJECT
 from .decode import Word, decode
 from .inversion import AttributeSelection, PseudoTokens
+from .m2c.model import PROMPTS as M2C_PROMPTS
 
 TOP_WORDS = 3
 # Colour ramp of the heatmaps (dark purple -> red -> pale yellow, like matplotlib's "magma"), as RGB anchors.
@@ -181,6 +182,11 @@ def query_sentence(explanation: Explanation, text: str, method: str = "fti4cir",
     keep = [True] * len(explanation.attributes) if keep_attributes is None else list(keep_attributes)
     words = [a.word for a, on in zip(explanation.attributes, keep) if on]
     return _render(prompts.DEFAULT, subject, words, text)
+
+
+def m2c_sentence(word: str, text: str) -> str:
+    """An M2C query's text side with its one pseudo token shown as its top word: "a photo of [dress] that ..."."""
+    return _render(M2C_PROMPTS["default"], f"[{word}]", [], text)
 
 
 def _render(template: str, subject: str, attribute_words: list[str], text: str) -> str:

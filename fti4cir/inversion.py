@@ -75,13 +75,15 @@ class QueryAttention(nn.Module):
         self.kv_proj = nn.Linear(dim, 2 * dim, bias=False)
         self.out_proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, num_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention outputs for the first `num_rows` tokens (all by default), keys and values from every token."""
         b, n, c = x.shape
         h = self.heads
-        q = self.q_proj(x).view(b, n, h, c // h).transpose(1, 2)  # [b, h, n, d]
+        m = n if num_rows is None else num_rows
+        q = self.q_proj(x[:, :m]).view(b, m, h, c // h).transpose(1, 2)  # [b, h, m, d]
         k, v = self.kv_proj(x).view(b, n, 2, h, c // h).permute(2, 0, 3, 1, 4)  # 2 x [b, h, n, d]
-        attn = ((q @ k.transpose(-1, -2)) * self.scale).softmax(dim=-1)  # [b, h, n, n]
-        out = (attn @ v).transpose(1, 2).reshape(b, n, c)
+        attn = ((q @ k.transpose(-1, -2)) * self.scale).softmax(dim=-1)  # [b, h, m, n]
+        out = (attn @ v).transpose(1, 2).reshape(b, m, c)
         return self.out_proj(out), attn
 
 
@@ -94,9 +96,10 @@ class QueryBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, dim))
 
-    def forward(self, x):
-        y, attn = self.attn(self.norm1(x))
-        x = x + y
+    def forward(self, x, num_rows: int | None = None):
+        """Outputs for the first `num_rows` tokens (all by default); every token still serves as key and value."""
+        y, attn = self.attn(self.norm1(x), num_rows)
+        x = x[:, : y.shape[1]] + y
         return x + self.mlp(self.norm2(x)), attn
 
 
@@ -153,12 +156,15 @@ class InversionNetwork(nn.Module):
         """The num_k learned queries attend jointly with the patch tokens; their outputs are the attribute latents."""
         b = patch_tokens.shape[0]
         x = torch.cat([self.attribute_queries.expand(b, -1, -1).to(patch_tokens.dtype), patch_tokens], dim=1)
+        k = self.config.num_k
         maps = []
-        for block in self.attribute_encoder:
-            x, attn = block(x)
+        last = len(self.attribute_encoder) - 1
+        for i, block in enumerate(self.attribute_encoder):
+            # only the query rows are read after the last block: skip its patch rows (exact; ~1/3 of the network)
+            x, attn = block(x, num_rows=k if i == last else None)
             if return_attention:
-                maps.append(attn[:, :, : self.config.num_k].detach())
-        return self.attribute_head(x[:, : self.config.num_k]), (maps if return_attention else None)
+                maps.append(attn[:, :, :k].detach())
+        return self.attribute_head(x[:, :k]), (maps if return_attention else None)
 
     def select_attributes(self, global_features: torch.Tensor, patch_tokens: torch.Tensor,
                           return_attention: bool = False) -> AttributeSelection:

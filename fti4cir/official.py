@@ -115,6 +115,18 @@ class OfficialIMG2TEXT(nn.Module):
         return F.normalize(torch.stack(rows), dim=-1), counts
 
 
+def official_copy(net) -> OfficialIMG2TEXT:
+    """An OfficialIMG2TEXT holding the same weights as our InversionNetwork `net` (eval mode)."""
+    from .convert import official_to_ours  # convert imports the inversion module; keep this oracle light
+
+    c = net.config
+    official = OfficialIMG2TEXT(c.embed_dim, c.token_dim, c.patch_dim, c.num_k, c.topk, c.epsilon, c.tf_layers,
+                                c.tf_heads, c.reg_weight, c.temperature).eval()
+    ours = net.state_dict()
+    official.load_state_dict({name: ours[official_to_ours(name)] for name in official.state_dict()})
+    return official
+
+
 def official_patch_tokens(clip, images):
     """The official second visual pass: every block again, by hand, up to the last block's output."""
     visual = clip.visual

@@ -3,10 +3,9 @@ import torch
 import torch.nn.functional as F
 
 from fti4cir import PseudoTokens, compose, encode_with_pseudo_tokens, prompts
-from fti4cir.official import official_compose, official_replace_and_encode
+from fti4cir.official import official_compose, official_copy, official_replace_and_encode
 from fti4cir.tokens import tokenize_prompts
 
-from test_inversion import official_copy
 
 TEXTS = ["is red", "has long sleeves and a floral print", "x", "is darker, shorter"]
 

@@ -2,8 +2,7 @@ import pytest
 import torch
 
 from fti4cir import InversionConfig, InversionNetwork
-from fti4cir.convert import official_to_ours
-from fti4cir.official import OfficialIMG2TEXT
+from fti4cir.official import official_copy
 
 
 def make_net(**overrides):
@@ -57,16 +56,6 @@ def test_selection_order_kept_by_query_index_then_rest_by_relevance():
     torch.testing.assert_close(sel.features.norm(dim=-1), torch.ones(16, 12))
 
 
-def official_copy(net: InversionNetwork) -> OfficialIMG2TEXT:
-    c = net.config
-    official = OfficialIMG2TEXT(c.embed_dim, c.token_dim, c.patch_dim, c.num_k, c.topk, c.epsilon, c.tf_layers,
-                                c.tf_heads).eval()
-    ours = net.state_dict()
-    state = {name: ours[official_to_ours(name)] for name in official.state_dict()}
-    official.load_state_dict(state)
-    return official
-
-
 def test_batched_selection_equals_official_per_sample_loop():
     net = make_net(epsilon=0.04)
     official = official_copy(net)
@@ -79,3 +68,20 @@ def test_batched_selection_equals_official_per_sample_loop():
         out = net(g, p)
         torch.testing.assert_close(out.subject, official.phi_s(g))
         torch.testing.assert_close(out.attributes, official.phi_a(ref_feats))
+
+
+def test_last_block_query_rows_only_equals_full_block():
+    """attribute_latents skips the last block's patch rows; the query rows must equal a full pass."""
+    net = make_net()
+    g, p = inputs()
+    with torch.no_grad():
+        fast, fast_maps = net.attribute_latents(p, return_attention=True)
+        x = torch.cat([net.attribute_queries.expand(6, -1, -1), p], dim=1)
+        full_maps = []
+        for block in net.attribute_encoder:
+            x, attn = block(x)
+            full_maps.append(attn[:, :, :24])
+        full = net.attribute_head(x[:, :24])
+    torch.testing.assert_close(fast, full, rtol=0, atol=1e-6)
+    for a, b in zip(fast_maps, full_maps):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)

@@ -6,11 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from fti4cir.official import official_patch_tokens, official_replace_and_encode
+from fti4cir.official import official_copy, official_patch_tokens, official_replace_and_encode
 from fti4cir.training.losses import (caption_features, fti4cir_loss, nt_xent, orthogonality_loss,
                                      pseudo_sentence_features, triwise_regularisation)
 
-from test_inversion import official_copy
 
 SUBJECTS = ["a dog", "two red cars", "a woman 's hat", "the old wooden bridge"]
 ATTRIBUTES = ["on a sunny beach", "parked in front of a house with a very long driveway", "made of straw",

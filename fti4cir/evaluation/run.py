@@ -3,7 +3,9 @@
 Pipeline: read the benchmark (annotations only) -> select queries and gallery -> check every needed image exists
 (before any model work) -> visual features of references (with patch tokens) and gallery (global only) from the
 on-disk feature cache -> pseudo tokens (inversion network) -> `compose(method=...)`, the function the app uses ->
-similarities -> official metrics (evaluate) or server files (submit).
+similarities -> official metrics (evaluate) or server files (submit). With `--m2c-weights`, the M2C methods ("m2c",
+"m2c+compose") run beside them in the same table: cached reference features (patch tokens included) ->
+`m2c_compose`, with M2C's own preprocessing (and so its own cache entries) and the official M2C prompts.
 
 Caching. Features live in two `FeatureStore`s under `--cache-dir`, keyed by backbone, pretrained weights,
 preprocessing (random backbones by a digest of their values) and file content. Reference images get patch tokens (the inversion network needs them); the gallery keeps
@@ -21,6 +23,7 @@ marked "subset" and are not comparable to published numbers (a smaller gallery m
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -49,11 +52,13 @@ from fti4cir.evaluation.datasets import (
 from fti4cir.evaluation.report import to_markdown, write_report
 from fti4cir.features import FeatureStore, FileHashes, TokenCache, extract_features
 from fti4cir.inversion import PseudoTokens
+from fti4cir.m2c import model as m2c
 from fti4cir.tokens import ATTRS_FIELD, template_fields
 from fti4cir.weights import parameter_digest
 
 DEFAULT_CACHE_DIR = "cache/features"  # the `fti4cir features` default, so both commands share one cache
 HASHES_FILE = "file_hashes.json"
+ALL_METHODS = (*METHODS, *m2c.M2C_METHODS)
 REFERENCE_POLICY = {
     "fashioniq": "the reference image stays in the gallery (official FashionIQ code)",
     "cirr": "the reference image is removed from the ranking (official CIRR protocol)",
@@ -136,10 +141,18 @@ def resolve_prompt(value: str | None, dataset: str) -> str:
     return template
 
 
-def method_prompts(methods: Sequence[str], fti4cir_prompt: str) -> dict[str, str]:
+def method_prompts(methods: Sequence[str], fti4cir_prompt: str, dataset: str) -> dict[str, str]:
     """The template each pseudo-token method encodes (the other methods use no template)."""
-    chosen = {"fti4cir": fti4cir_prompt, "subject-only": prompts.SUBJECT_ONLY}
+    chosen = {"fti4cir": fti4cir_prompt, "subject-only": prompts.SUBJECT_ONLY,
+              **{method: m2c.PROMPTS[dataset] for method in m2c.M2C_METHODS}}
     return {m: chosen[m] for m in methods if m in chosen}
+
+
+def m2c_query_texts(dataset: str, queries: Sequence[Query]) -> list[str]:
+    """The official M2C texts: FashionIQ "{cap2} and {cap1}" (one order, no averaging), else the caption."""
+    if dataset == "fashioniq":
+        return [m2c.fashioniq_text(*q.texts) for q in queries]
+    return [q.texts[0] for q in queries]
 
 
 # ---- feature cache ------------------------------------------------------------------------------------------------
@@ -152,8 +165,12 @@ class FeatureCache:
         self.references = FeatureStore.for_model(root, model, with_patches=True)
         self.gallery = FeatureStore.for_model(root, model, with_patches=False)
         self.hashes = FileHashes(Path(root) / HASHES_FILE)
-        self.tokens = TokenCache(self.references.dir / f"tokens-{parameter_digest(model.inversion)[:16]}.safetensors")
         self.computed = 0  # images that went through the visual tower
+
+    @functools.cached_property
+    def tokens(self) -> TokenCache:
+        """Pseudo tokens of the references, per inversion weights (FTI4CIR models only)."""
+        return TokenCache(self.references.dir / f"tokens-{parameter_digest(self.model.inversion)[:16]}.safetensors")
 
     def _rows(self, paths: list[Path], store: FeatureStore, donor: FeatureStore | None = None) -> np.ndarray:
         """Rows of `paths` in `store`, computing (or copying from `donor`'s global features) what is absent."""
@@ -179,10 +196,20 @@ class FeatureCache:
             rows[todo] = result.rows
         return rows
 
+    def reference_features(self, rows: np.ndarray) -> VisualFeatures:
+        """Visual features (with patch tokens, fp32, on the model's device) of rows from `reference_rows`."""
+        cached = self.references.get(rows)
+        return VisualFeatures(cached.global_features.to(self.model.device).float(),
+                              cached.patch_tokens.to(self.model.device).float())
+
+    def reference_rows(self, paths: list[Path]) -> np.ndarray:
+        """Rows of the references in the reference store, computing what is absent."""
+        return self._rows(paths, self.references)
+
     def reference_tokens(self, paths: list[Path]) -> PseudoTokens:
         """Pseudo tokens of each path: cached per inversion weights, else the inversion network on cached visual
         features (batched)."""
-        rows = self._rows(paths, self.references)
+        rows = self.reference_rows(paths)
         hashes = [self.references.hash_of(r) for r in rows]
         missing = [h for h in dict.fromkeys(hashes) if h not in self.tokens]
         if missing:
@@ -203,6 +230,20 @@ class FeatureCache:
         return F.normalize(self.gallery.global_features(rows).to(self.model.device), dim=-1)
 
 
+@dataclass
+class M2CSide:
+    """The M2C methods of an evaluation: M2C weights on the same backbone, and the feature cache of M2C's
+    preprocessing (the FTI4CIR cache itself when both preprocess alike)."""
+
+    model: m2c.M2CModel
+    cache: FeatureCache
+    weights: str
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        return m2c.available_methods(self.model.net)
+
+
 # ---- queries -> similarities --------------------------------------------------------------------------------------
 def query_features(model, tokens: PseudoTokens, reference_index: np.ndarray, texts: Sequence, method: str,
                    prompt: str | None, batch_size: int) -> torch.Tensor:
@@ -215,20 +256,49 @@ def query_features(model, tokens: PseudoTokens, reference_index: np.ndarray, tex
     return torch.cat(out).float()
 
 
+def m2c_query_features(side: M2CSide, rows: np.ndarray, reference_index: np.ndarray, texts: Sequence[str],
+                       method: str, prompt: str, batch_size: int) -> torch.Tensor:
+    """m2c_compose() over query batches from cached reference features: [Q, E] L2-normalised."""
+    out = []
+    with torch.inference_mode():
+        for start in range(0, len(texts), batch_size):
+            visual = side.cache.reference_features(rows[reference_index[start:start + batch_size]])
+            out.append(m2c.m2c_compose(side.model, visual, list(texts[start:start + batch_size]), prompt=prompt,
+                                       use_adapters=m2c.uses_adapters(method)))
+    return torch.cat(out).float()
+
+
 def part_similarities(model, dataset: str, part: Part, cache: FeatureCache, templates: dict[str, str],
-                      methods: Sequence[str], batch_size: int, progress: bool = True
+                      methods: Sequence[str], batch_size: int, progress: bool = True, m2c_side: M2CSide | None = None
                       ) -> Iterator[tuple[str, np.ndarray]]:
-    """(method, similarity [queries, gallery]) for each method; visual features come from the cache."""
+    """(method, similarity [queries, gallery]) for each method; visual features come from the cache(s)."""
     images = part.benchmark.images
     references = list(dict.fromkeys(q.reference for q in part.queries))
     position = {name: i for i, name in enumerate(references)}
-    tokens = cache.reference_tokens([images[name] for name in references])
-    gallery = cache.gallery_features([images[name] for name in part.gallery])
+    reference_paths = [images[name] for name in references]
+    gallery_paths = [images[name] for name in part.gallery]
     reference_index = np.array([position[q.reference] for q in part.queries])
-    texts = query_texts(dataset, part.queries)
+    ours = [m for m in methods if m not in m2c.M2C_METHODS]
+    if len(ours) < len(methods) and m2c_side is None:
+        raise UserError("the M2C methods need M2C weights (--m2c-weights)")
+    if ours:
+        tokens = cache.reference_tokens(reference_paths)
+        gallery = cache.gallery_features(gallery_paths)
+        texts = query_texts(dataset, part.queries)
+    if len(ours) < len(methods):
+        m2c_rows = m2c_side.cache.reference_rows(reference_paths)
+        m2c_gallery = m2c_side.cache.gallery_features(gallery_paths)
+        m2c_texts = m2c_query_texts(dataset, part.queries)
     for method in tqdm(methods, desc=f"{part.name} methods", disable=not progress):
-        features = query_features(model, tokens, reference_index, texts, method, templates.get(method), batch_size)
-        yield method, (features.to(gallery.device) @ gallery.T).cpu().numpy()
+        if method in m2c.M2C_METHODS:
+            features = m2c_query_features(m2c_side, m2c_rows, reference_index, m2c_texts, method, templates[method],
+                                          batch_size)
+            targets = m2c_gallery
+        else:
+            features = query_features(model, tokens, reference_index, texts, method, templates.get(method),
+                                      batch_size)
+            targets = gallery
+        yield method, (features.to(targets.device) @ targets.T).cpu().numpy()
 
 
 # ---- evaluate -----------------------------------------------------------------------------------------------------
@@ -246,15 +316,16 @@ def part_metrics(dataset: str, part: Part, similarity: np.ndarray) -> dict[str, 
 
 def evaluate(model, dataset: str, parts: list[Part], cache: FeatureCache, *, methods: Sequence[str] = METHODS,
              prompt: str | None = None, batch_size: int = 32, weights: str | None = None,
-             progress: bool = True) -> dict[str, Any]:
+             progress: bool = True, m2c_side: M2CSide | None = None) -> dict[str, Any]:
     """All `methods` on the same parts and cached features; returns the results object of `report`."""
     started = time.perf_counter()
-    computed_before = cache.computed
-    templates = method_prompts(methods, resolve_prompt(prompt, dataset))
+    caches = list({id(c): c for c in (cache, m2c_side.cache if m2c_side else cache)}.values())
+    computed_before = sum(c.computed for c in caches)
+    templates = method_prompts(methods, resolve_prompt(prompt, dataset), dataset)
     per_method: dict[str, dict[str, Any]] = {m: {} for m in methods}
     for part in parts:
         for method, similarity in part_similarities(model, dataset, part, cache, templates, methods, batch_size,
-                                                    progress):
+                                                    progress, m2c_side):
             per_method[method][part.name] = part_metrics(dataset, part, similarity)
     if dataset == "fashioniq":
         results_by_method = {m: metrics.fashioniq_average(per_method[m]) for m in methods}
@@ -265,11 +336,14 @@ def evaluate(model, dataset: str, parts: list[Part], cache: FeatureCache, *, met
         "split": parts[0].benchmark.split,
         "protocol": "subset" if any(p.subset for p in parts) else "official",
         "parts": [p.sizes() for p in parts],
-        "model": {**model.identity(), "weights": None if weights is None else str(weights)},
+        "model": {**model.identity(), "weights": None if weights is None else str(weights),
+                  **({"m2c_weights": m2c_side.weights, "m2c_preprocess": m2c_side.model.preprocess_kind}
+                     if m2c_side else {})},
         "prompts": templates,
         "reference_policy": REFERENCE_POLICY[dataset],
         "methods": results_by_method,
-        "features": {"visual_passes": cache.computed - computed_before, "cache": str(cache.gallery.dir.parent)},
+        "features": {"visual_passes": sum(c.computed for c in caches) - computed_before,
+                     "cache": str(cache.gallery.dir.parent)},
         "seconds": round(time.perf_counter() - started, 3),
     }
 
@@ -282,18 +356,58 @@ def _comma_list(value: str, allowed: Sequence[str], flag: str) -> list[str]:
     return items
 
 
+def _check_m2c_args(args, methods: Sequence[str]) -> None:
+    """M2C methods need M2C weights; checked before any model work."""
+    wanted = [m for m in methods if m in m2c.M2C_METHODS]
+    if args.m2c_weights is None:
+        if wanted:
+            raise UserError(f"method {', '.join(wanted)} needs --m2c-weights: an M2C .safetensors written by "
+                            "`fti4cir m2c-train` (stage 2 for m2c+compose)")
+        return
+    if not m2c.is_m2c_weights(args.m2c_weights):
+        m2c.load_m2c_weights(args.m2c_weights)  # raises the UserError that says what is wrong with the file
+        raise UserError(f"--m2c-weights {args.m2c_weights} is not an M2C weights file")
+
+
+def m2c_side_from_args(args, model, cache: FeatureCache, methods: Sequence[str]) -> M2CSide | None:
+    """M2C weights on `model`'s backbone, with the FTI4CIR cache when the preprocessing is the same."""
+    if args.m2c_weights is None:
+        return None
+    m2c_model = m2c.attach_m2c(model.backbone, args.m2c_weights, args.m2c_preprocess)
+    missing = [m for m in methods if m in m2c.M2C_METHODS and m not in m2c.available_methods(m2c_model.net)]
+    if missing:
+        raise UserError(f"{args.m2c_weights} holds stage-I M2C weights (no composing adapters); "
+                        f"{', '.join(missing)} needs the weights of `fti4cir m2c-train --stage 2`")
+    if m2c_model.identity() != model.identity():
+        cache = FeatureCache(m2c_model, args.cache_dir, batch_size=args.batch_size, num_workers=args.num_workers)
+    return M2CSide(m2c_model, cache, str(args.m2c_weights))
+
+
+def _methods_from_args(args) -> list[str]:
+    """--methods, or every method the given weights can run."""
+    if args.methods is None:
+        if args.m2c_weights is None:
+            return list(METHODS)
+        extra = m2c.available_methods(m2c.load_m2c_weights(args.m2c_weights))
+        return [*METHODS, *extra]
+    return _comma_list(args.methods, ALL_METHODS, "--methods")
+
+
 def _evaluate_command(args) -> int:
     from fti4cir.cli import model_from_args
 
-    methods = _comma_list(args.methods, METHODS, "--methods")
+    _check_m2c_args(args, [])  # a bad --m2c-weights file: its own message before the default methods read it
+    methods = _methods_from_args(args)
+    _check_m2c_args(args, methods)
     categories = _comma_list(args.categories, FASHIONIQ_CATEGORIES, "--categories")
     resolve_prompt(args.prompt, args.dataset)  # a bad template fails before any model work
     parts = load_parts(args.dataset, args.root, args.split, categories=categories, max_queries=args.max_queries,
                        subset_gallery=args.subset_gallery)
     model = model_from_args(args).eval()  # dropout off in the inversion network
     cache = FeatureCache(model, args.cache_dir, batch_size=args.batch_size, num_workers=args.num_workers)
+    side = m2c_side_from_args(args, model, cache, methods)
     results = evaluate(model, args.dataset, parts, cache, methods=methods, prompt=args.prompt,
-                       batch_size=args.batch_size, weights=args.weights)
+                       batch_size=args.batch_size, weights=args.weights, m2c_side=side)
     out = Path(args.out or Path("runs") / "evaluate" / f"{args.dataset}-{args.split}")
     json_path, markdown_path = write_report(out, results)
     print(to_markdown(results))
@@ -336,6 +450,7 @@ def write_submission(dataset: str, part: Part, similarity: np.ndarray, out: Path
 def _submit_command(args) -> int:
     from fti4cir.cli import model_from_args
 
+    _check_m2c_args(args, [args.method])
     resolve_prompt(args.prompt, args.dataset)
     (part,) = load_parts(args.dataset, args.root, args.split, max_queries=args.max_queries,
                          subset_gallery=args.subset_gallery)
@@ -345,9 +460,10 @@ def _submit_command(args) -> int:
                         f"needs at least {length + 1}")
     model = model_from_args(args).eval()  # dropout off in the inversion network
     cache = FeatureCache(model, args.cache_dir, batch_size=args.batch_size, num_workers=args.num_workers)
-    templates = method_prompts([args.method], resolve_prompt(args.prompt, args.dataset))
+    side = m2c_side_from_args(args, model, cache, [args.method])
+    templates = method_prompts([args.method], resolve_prompt(args.prompt, args.dataset), args.dataset)
     [(_, similarity)] = list(part_similarities(model, args.dataset, part, cache, templates, [args.method],
-                                               args.batch_size))
+                                               args.batch_size, m2c_side=side))
     paths = write_submission(args.dataset, part, similarity, Path(args.out), args.name or args.method)
     if part.subset:
         sizes = part.sizes()
@@ -389,13 +505,19 @@ def _add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=_positive_int, default=32)
     parser.add_argument("--num-workers", type=_non_negative_int, default=None, help="image decoding processes")
     add_model_args(parser)
+    parser.add_argument("--m2c-weights", default=None,
+                        help="M2C weights (.safetensors from `fti4cir m2c-train`, same backbone): enables the methods "
+                             "m2c and, with stage-2 weights, m2c+compose")
+    parser.add_argument("--m2c-preprocess", default="clip", choices=["targetpad", "clip"],
+                        help="M2C's image preprocessing (default %(default)s, as the official M2C evaluation)")
 
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("evaluate", help="FashionIQ / CIRR / CIRCO validation metrics, all methods in one table")
     p.add_argument("--dataset", required=True, choices=["fashioniq", "cirr", "circo"])
     p.add_argument("--split", default="val", choices=["val"])
-    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated, from: " + ", ".join(METHODS))
+    p.add_argument("--methods", default=None, help="comma-separated, from: " + ", ".join(ALL_METHODS) +
+                   " (default: all that the given weights can run)")
     p.add_argument("--categories", default=",".join(FASHIONIQ_CATEGORIES), help="FashionIQ categories")
     p.add_argument("--out", default=None, help="results folder (default runs/evaluate/<dataset>-<split>)")
     _add_common_args(p)
@@ -404,7 +526,7 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser("submit", help="CIRR / CIRCO test-server prediction files")
     p.add_argument("--dataset", required=True, choices=["cirr", "circo"])
     p.add_argument("--split", default="test", choices=["test"])
-    p.add_argument("--method", default="fti4cir", choices=METHODS)
+    p.add_argument("--method", default="fti4cir", choices=ALL_METHODS)
     p.add_argument("--out", default="runs/submit", help="output folder (default %(default)s)")
     p.add_argument("--name", default=None, help="file name stem (default: the method)")
     _add_common_args(p)

@@ -5,18 +5,23 @@ adapters to the text tower; `m2c_compose` is its query path (methods "m2c" and "
 losses: `losses`, triplet data: `triplets`. See docs/m2c.md.
 """
 from .model import (
+    M2C_METHODS,
     MAPPING_PROMPT,
     PROMPTS,
     M2CConfig,
     M2CModel,
     M2CNetwork,
+    attach_m2c,
+    available_methods,
     create_m2c_model,
     fashioniq_text,
     is_m2c_weights,
     load_m2c_weights,
     m2c_compose,
     save_m2c_weights,
+    uses_adapters,
 )
 
-__all__ = ["MAPPING_PROMPT", "PROMPTS", "M2CConfig", "M2CModel", "M2CNetwork", "create_m2c_model", "fashioniq_text",
-           "is_m2c_weights", "load_m2c_weights", "m2c_compose", "save_m2c_weights"]
+__all__ = ["M2C_METHODS", "MAPPING_PROMPT", "PROMPTS", "M2CConfig", "M2CModel", "M2CNetwork", "attach_m2c",
+           "available_methods", "create_m2c_model", "fashioniq_text", "is_m2c_weights", "load_m2c_weights",
+           "m2c_compose", "save_m2c_weights", "uses_adapters"]

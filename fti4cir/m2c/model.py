@@ -41,6 +41,9 @@ DEFAULT_VSI_LAYERS = (3, 7, 9, 11)
 DEFAULT_ADAPTER_LAYERS = (1, 3, 5, 7, 9, 11)
 DEFAULT_ADAPTER_RANK = 128
 
+# Query methods beside FTI4CIR's: the stage-I query, and the stage-II query through the composing adapters.
+M2C_METHODS = ("m2c", "m2c+compose")
+
 # The sentence of stage I (and of the mapping term of stage II).
 MAPPING_PROMPT = "a photo of *"
 # Query prompts per dataset, as the official evaluation writes them ('*' stays a separate word: ", that" is fine).
@@ -361,6 +364,24 @@ def m2c_compose(m2c_model: M2CModel, references: Reference, texts: Sequence[Text
 
 
 # ---- weights ------------------------------------------------------------------------------------------------------
+def uses_adapters(method: str) -> bool:
+    """Whether an M2C method runs the composing adapters ("m2c+compose") or not ("m2c")."""
+    if method not in M2C_METHODS:
+        raise UserError(f"Unknown M2C method {method!r}; choose {' or '.join(M2C_METHODS)}")
+    return method == "m2c+compose"
+
+
+def available_methods(net: "M2CNetwork") -> tuple[str, ...]:
+    """The M2C methods these weights can run: "m2c+compose" needs stage-II weights."""
+    return M2C_METHODS if net.has_adapters else M2C_METHODS[:1]
+
+
+def attach_m2c(backbone: Backbone, weights: str | os.PathLike, preprocess: str = "clip") -> M2CModel:
+    """M2C weights on an already loaded backbone (e.g. the one of an FTI4CIR model): both methods share it.
+    preprocess: "clip" (resize + center crop) as the official M2C evaluation; galleries use their own."""
+    return M2CModel(backbone, load_m2c_weights(weights).eval(), preprocess)
+
+
 def save_m2c_weights(net: M2CNetwork, path: str | os.PathLike) -> Path:
     """`path` (.safetensors, config also in its metadata) and the config beside it as `<stem>.json`."""
     return save_weights(net, path, CONFIG_KEY)
