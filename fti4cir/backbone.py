@@ -1,6 +1,7 @@
 """Frozen CLIP backbone (open_clip): loading, the one-pass visual encoder and pseudo-token text encoding.
 
-Data path position: image -> **visual features** (global + patch tokens); token ids + pseudo tokens -> **text features**.
+Data path position: image -> **visual features** (global + patch tokens); token ids + pseudo tokens ->
+**text features**.
 """
 from __future__ import annotations
 

@@ -54,7 +54,8 @@ def test_percentile_interpolates_and_refuses_empty_input():
 def test_query_benchmark_rows_on_the_tiny_backbone():
     from bench import bench_query
 
-    rows = bench_query.measure("fti4cir-tiny", repeat=2)
+    rows, summary = bench_query.measure("fti4cir-tiny", repeat=2)
+    assert summary.startswith("fti4cir-tiny: ours / floor ") and "goal <= 1.15" in summary
     by_path = {row["path"]: row for row in rows}
     ours, floor = by_path["ours: compose (uploaded)"], by_path["floor: encode_image"]
     assert float(ours["GFLOPs"]) > float(floor["GFLOPs"]) > 0  # ours adds the inversion and a text pass

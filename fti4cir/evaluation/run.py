@@ -8,13 +8,14 @@ similarities -> official metrics (evaluate) or server files (submit). With `--m2
 `m2c_compose`, with M2C's own preprocessing (and so its own cache entries) and the official M2C prompts.
 
 Caching. Features live in two `FeatureStore`s under `--cache-dir`, keyed by backbone, pretrained weights,
-preprocessing (random backbones by a digest of their values) and file content. Reference images get patch tokens (the inversion network needs them); the gallery keeps
-global features only (CIRCO's 120k images would need ~120 GB of ViT-L patch tokens). A gallery image that is also a
-reference gets its global feature copied from the reference store instead of a second visual pass. File content
-hashes are remembered by (path, size, mtime) in `file_hashes.json`, so a rerun stats the gallery files instead of
-reading them. Reference pseudo tokens are cached too, keyed by a digest of the inversion network's weights. A rerun
-with another prompt or method therefore runs only the text encoder; with other inversion weights, the inversion
-network on cached visual features and the text encoder.
+preprocessing (random backbones by a digest of their values) and file content. Reference images get patch tokens
+(the inversion network needs them); the gallery keeps global features only (CIRCO's 120k images would need ~120 GB
+of ViT-L patch tokens). A gallery image that is also a reference gets its global feature copied from the reference
+store instead of a second visual pass. File content hashes are remembered by (path, size, mtime) in
+`file_hashes.json`, so a rerun stats the gallery files instead of reading them. Reference pseudo tokens are cached
+too, keyed by a digest of the inversion network's weights. A rerun with another prompt or method therefore runs only
+the text encoder; with other inversion weights, the inversion network on cached visual features and the text
+encoder.
 
 Subset mode (`--max-queries`, `--subset-gallery`): the first N queries (per FashionIQ category) and/or a gallery cut
 down to the images those queries use plus N distractors. For smoke tests and quick comparisons; the results are

@@ -8,10 +8,10 @@ sequence, the frozen caption targets are encoded once per pair, and CLIP's weigh
 `train.py` never freezes CLIP, so every step also computes and accumulates text-tower weight gradients it never uses).
 
 Run directory: `checkpoint.json` (the commit record: epoch, step, config, optimizer hyper-parameters, GradScaler and
-RNG states, log history) naming `checkpoint-<step>.safetensors` (network + optimizer tensors), written at every epoch
-end and, with --checkpoint-steps N, every N steps. Both files are written atomically, tensors first, so a kill at any
-moment leaves the previous checkpoint intact; --resume then continues exactly where that checkpoint stood. `log.jsonl` holds one line
-per finished epoch and `fti4cir.safetensors` (+ `.json`) the final weights.
+RNG states, log history) naming `checkpoint-<step>.safetensors` (network + optimizer tensors), written at every
+epoch end and, with --checkpoint-steps N, every N steps. Both files are written atomically, tensors first, so a kill
+at any moment leaves the previous checkpoint intact; --resume then continues exactly where that checkpoint stood.
+`log.jsonl` holds one line per finished epoch and `fti4cir.safetensors` (+ `.json`) the final weights.
 """
 from __future__ import annotations
 
