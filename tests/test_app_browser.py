@@ -2,7 +2,8 @@
 
 Upload (a bad file, then a photo), type a text, search; the sentence, the relevance chart, the heatmaps and k results
 appear; switching a token off re-ranks (the "moved" summary and the sentence update); clicking a result makes it the
-reference. Screenshots go to the test's tmp folder and docs/screenshot.png (the README's picture).
+reference. Screenshots go to the test's tmp folder; with FTI4CIR_UPDATE_SCREENSHOT=1 also to docs/screenshot.png
+(the README's picture), so that a plain test run leaves the checkout unchanged.
 """
 from __future__ import annotations
 
@@ -37,6 +38,8 @@ def save_screenshot(page, tmp_path: Path) -> None:
         close.click()
     shot = tmp_path / "app.png"
     page.screenshot(path=str(shot), full_page=True)
+    if os.environ.get("FTI4CIR_UPDATE_SCREENSHOT") != "1":
+        return
     docs = REPO / "docs"
     docs.mkdir(exist_ok=True)
     partial = docs / ".screenshot.png.tmp"
