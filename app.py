@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fti4cir.errors import UserError
+from fti4cir.m2c.model import M2C_METHODS
 from fti4cir.tokens import TextTruncatedWarning
 
 log = logging.getLogger("fti4cir.app")
@@ -196,6 +197,10 @@ def sentence_html(result) -> str:
         + "".join(f"<td><b>{e(w.word)}</b> <span class='score'>{w.score:.2f}</span></td>" for w in token.words)
         + "</tr>" for token, on in rows)
     note = "<p class='note'>The text was cut to fit CLIP's 77-token context.</p>" if result.truncated else ""
+    if result.method in M2C_METHODS:
+        note += ("<p class='note'>M2C reads the image as one pseudo token (its nearest word is in brackets above) "
+                 "plus visual semantic injection; the table, chart and heatmaps below show FTI4CIR's tokens of "
+                 "this reference, for comparison.</p>")
     return (f"<div class='sentence'>{e(result.sentence)}</div>{note}"
             f"<table class='words'><tr><th>pseudo token</th><th colspan='3'>nearest words (cosine)</th></tr>"
             f"{table}</table>")

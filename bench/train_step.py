@@ -17,14 +17,12 @@ import argparse
 import tempfile
 from pathlib import Path
 
-import open_clip
 import torch
-from torch import nn
 
 from bench.common import markdown_table, percentile, time_round_robin, write_results_section
 from fti4cir import create_model
 from fti4cir.features import FeatureStore
-from fti4cir.official import OfficialIMG2TEXT, official_copy, official_patch_tokens, official_replace_and_encode
+from fti4cir.official import OfficialIMG2TEXT, official_copy, official_get_loss
 from fti4cir.training.data import TrainingData
 from fti4cir.training.losses import fti4cir_loss
 from fti4cir.training.trainer import TrainConfig, make_optimizer, train_step
@@ -42,30 +40,7 @@ ATTRIBUTES = ["sitting on the grass", "perched on a branch in the rain", "riding
 
 def official_loss(clip, net: OfficialIMG2TEXT, images, subjects, attributes) -> torch.Tensor:
     """The official getLoss: two visual passes, per-sample selection, 77-token text passes with per-sample splicing."""
-    with torch.no_grad():
-        global_feat = clip.encode_image(images)
-        patches = official_patch_tokens(clip, images)
-    local, counts = net.select(global_feat, patches)
-    subj, attr = net.phi_s(global_feat), net.phi_a(local)
-    templates = open_clip.tokenize([f"a photo of * with {'* ' * r}" for r in counts])
-    whole = official_replace_and_encode(clip, templates, subj, attr, counts, 0)
-    v1, v2 = nn.functional.normalize(global_feat, dim=1), nn.functional.normalize(whole, dim=1)
-    numerator = torch.exp(torch.diag(torch.inner(v1, v2)) / net.temperature).repeat(2)
-    joint = torch.cat((v1, v2))
-    pairs = torch.exp(joint @ joint.t() / net.temperature)
-    contrastive = -torch.mean(torch.log(numerator / (pairs - pairs * torch.eye(joint.shape[0])).sum(0)))
-    cos = local @ local.transpose(1, 2)
-    orthogonal = net.ortho_loss(cos, torch.eye(local.shape[1]).expand_as(cos))
-    with torch.no_grad():
-        both = clip.encode_text(open_clip.tokenize([f"a photo of {s} with {a}" for s, a in zip(subjects, attributes)]))
-    subject_wise = official_replace_and_encode(clip, open_clip.tokenize([f"a photo of * with {a}" for a in attributes]),
-                                               subj, attr, counts, 1)
-    attribute_wise = official_replace_and_encode(
-        clip, open_clip.tokenize([f"a photo of {s} with {'* ' * r}" for s, r in zip(subjects, counts)]), subj, attr,
-        counts, 2)
-    target = torch.ones(len(subjects))
-    reg = sum(net.cosine_criterion(both, f, target) for f in (subject_wise, attribute_wise, whole))
-    return contrastive + orthogonal + net.hy_regLoss * reg
+    return official_get_loss(clip, net, images, subjects, attributes)[0]
 
 
 def measure(backbone: str, batch: int, repeat: int) -> tuple[list[dict], dict]:

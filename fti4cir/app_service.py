@@ -50,7 +50,8 @@ class Reference:
     explanation: Explanation
     gallery_index: int | None = None
     seconds: float = 0.0  # preparation: decoding + visual pass + inversion (gallery references: decoding only)
-    visual: VisualFeatures | None = None  # one row, kept for M2C (gallery references: filled when first needed)
+    visual: VisualFeatures | None = None  # one row on the CPU, kept for M2C (gallery references: filled when first
+    # needed)
 
     @property
     def num_kept(self) -> int:
@@ -193,16 +194,26 @@ class SearchService:
             tokens = self.model.invert(visual, return_attention=display)
         evidence = AttributeEvidence.from_selection(tokens.selection)
         explanation = explain(self.model, tokens, evidence, image if display else None)
+        kept = VisualFeatures(visual.global_features.cpu(), visual.patch_tokens.cpu()) if self.m2c_model else None
         return Reference(_upload_name(source), _display(image) if display else None, tokens, explanation, None,
-                         time.perf_counter() - start, visual if self.m2c_model is not None else None)
+                         time.perf_counter() - start, kept)
 
     def _visual(self, reference: Reference) -> VisualFeatures:
-        """The reference's visual features; a gallery reference's come from one visual pass over its file."""
+        """The reference's visual features (on the model's device); a gallery reference's come from one visual pass
+        over its file (galleries store FTI4CIR's tokens, not the patch tokens M2C reads)."""
         if reference.visual is None:
-            image = load_image(self.gallery.paths[reference.gallery_index])
+            path = self.gallery.paths[reference.gallery_index]
+            try:
+                image = load_image(path)
+            except UserError as e:
+                raise UserError(f"The M2C methods read the gallery image itself, and {reference.name} cannot be read "
+                                f"({e}). Put the gallery's images back where it was built from, or rebuild the "
+                                f"gallery; the FTI4CIR methods work from the gallery's cached tokens.") from None
             with torch.inference_mode():
-                reference.visual = self.model.backbone.encode_visual(self.model.preprocess([image]))
-        return reference.visual
+                visual = self.model.backbone.encode_visual(self.model.preprocess([image]))
+            reference.visual = VisualFeatures(visual.global_features.cpu(), visual.patch_tokens.cpu())
+        device = self.m2c_model.device
+        return VisualFeatures(reference.visual.global_features.to(device), reference.visual.patch_tokens.to(device))
 
     # ---- search --------------------------------------------------------------------------------------------------
     def search(self, reference, text: str | None, method: str = "fti4cir", k: int = 10,

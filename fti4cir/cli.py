@@ -24,7 +24,9 @@ def add_model_args(parser: argparse.ArgumentParser, weights: bool = True) -> Non
                             help="inversion weights: .safetensors, official .pth release, or hub id "
                                  "(default: random init)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
-    parser.add_argument("--preprocess", default="targetpad", choices=["targetpad", "clip"])
+    parser.add_argument("--preprocess", default="targetpad", choices=["targetpad", "clip"],
+                        help="image preprocessing: targetpad (default, as the official FTI4CIR code) or clip "
+                             "(resize + center crop)")
     parser.add_argument("--seed", type=int, default=0, help="seed of random initialisations (random backbone with "
                         "--pretrained none, inversion network without --weights)")
 

@@ -8,6 +8,7 @@ official release structure (tests place these classes under the module names `i2
 """
 from __future__ import annotations
 
+import open_clip
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -172,3 +173,52 @@ def official_compose(clip, net: OfficialIMG2TEXT, images, texts):
         subject, attr_tokens = net.phi_s(global_feat), net.phi_a(attrs)
         ids, _ = tokenize_prompts("a photo of * with {attrs}but {text}", [{"text": t} for t in texts], counts)
         return official_replace_and_encode(clip, ids, subject, attr_tokens, counts, 0)
+
+
+# ---- the official training loss (src/utils.py + getLoss), re-stated literally -------------------------------------
+def official_contrastive(v1, v2, temperature):
+    """NT-Xent as the official code writes it."""
+    v1, v2 = nn.functional.normalize(v1, dim=1), nn.functional.normalize(v2, dim=1)
+    numerator = torch.exp(torch.diag(torch.inner(v1, v2)) / temperature)
+    numerator = torch.cat((numerator, numerator), 0)
+    joint = torch.cat((v1, v2), 0)
+    pairs = torch.exp(torch.mm(joint, joint.t()) / temperature)
+    denominator = torch.sum(pairs - pairs * torch.eye(joint.shape[0]), 0)
+    return -torch.mean(torch.log(numerator / denominator))
+
+
+def official_orthogonal(feats):
+    """MSE between the attribute tokens' cosine matrix and the identity."""
+    b, k, _ = feats.shape
+    feats = nn.functional.normalize(feats, p=2, dim=-1)
+    cos = torch.matmul(feats, feats.permute(0, 2, 1))
+    return nn.MSELoss()(cos, torch.eye(k).unsqueeze(0).repeat(b, 1, 1))
+
+
+def official_regularisation(clip, subject, attribute, whole, subj_token, attr_tokens, counts):
+    """The tri-wise regularisation: caption feature vs subject-wise, attribute-wise and whole pseudo sentences."""
+    cosine = nn.CosineEmbeddingLoss()
+    target = torch.as_tensor([1])
+    t_both = open_clip.tokenize([f"a photo of {s} with {a}" for s, a in zip(subject, attribute)])
+    t_subj = open_clip.tokenize([f"a photo of * with {a}" for a in attribute])
+    t_attr = open_clip.tokenize([f"a photo of {s} with {'* ' * r}" for s, r in zip(subject, counts)])
+    with torch.no_grad():
+        both = clip.encode_text(t_both)
+    subj = official_replace_and_encode(clip, t_subj, subj_token, attr_tokens, counts, 1)
+    attr = official_replace_and_encode(clip, t_attr, subj_token, attr_tokens, counts, 2)
+    return cosine(both, subj, target) + cosine(both, attr, target) + cosine(both, whole, target)
+
+
+def official_get_loss(clip, net, images, subject, attribute):
+    """The official getLoss: two visual passes, per-sample selection, 77-token text with per-sample splicing."""
+    with torch.no_grad():
+        global_feat = clip.encode_image(images)
+        patches = official_patch_tokens(clip, images)
+    local, counts = net.select(global_feat, patches)
+    subj_token, attr_tokens = net.phi_s(global_feat), net.phi_a(local)
+    templates = open_clip.tokenize([f"a photo of * with {'* ' * r}" for r in counts])
+    whole = official_replace_and_encode(clip, templates, subj_token, attr_tokens, counts, 0)
+    contrastive = official_contrastive(global_feat, whole, net.temperature)
+    orthogonal = official_orthogonal(local)
+    reg = official_regularisation(clip, subject, attribute, whole, subj_token, attr_tokens, counts)
+    return contrastive + orthogonal + net.hy_regLoss * reg, (contrastive, orthogonal, reg)

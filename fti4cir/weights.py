@@ -49,7 +49,7 @@ def read_config(path: Path, config_key: str = CONFIG_KEY, what: str = "FTI4CIR")
         if config_key not in meta:
             raise UserError(f"{path.name} has no {what} config (no {side.name} beside it, none in its metadata)")
         return json.loads(meta[config_key])
-    except (ValueError, TypeError, SafetensorError) as e:
+    except (ValueError, TypeError, SafetensorError, OSError) as e:
         raise UserError(f"{what} weights config of {path.name} is unreadable: {e}") from e
 
 

@@ -119,3 +119,24 @@ def test_app_loads_m2c_weights_or_says_why_not(tiny_model, galleries, tmp_path):
     args.m2c_weights = str(save_m2c_weights(other, tmp_path / "other.safetensors"))
     setup = app.load_service(args)
     assert setup.service is not None and any("were made for backbone" in n for n in setup.notes)
+
+
+def test_gallery_files_gone_gives_an_m2c_message_and_fti4cir_still_works(tiny_model, tmp_path):
+    from fti4cir.gallery import Gallery
+
+    galleries = build_small_gallery(tiny_model, tmp_path, 3)
+    gallery = Gallery.load("demo", model=tiny_model, galleries_dir=galleries)
+    service = SearchService(tiny_model, gallery, M2CModel(tiny_model.backbone, random_m2c(tiny_model.backbone, 1),
+                                                          tiny_model.preprocess_kind))
+    gallery.paths[0].unlink()
+    assert service.search(service.reference(0, display=False), "is red", "fti4cir", k=2).hits
+    with pytest.raises(UserError, match="The M2C methods read the gallery image itself"):
+        service.search(service.reference(0, display=False), "is red", "m2c", k=2)
+
+
+def test_page_sentence_says_which_tokens_the_table_shows(service):
+    import app
+
+    m2c_html = app.sentence_html(service.search(1, "is red", "m2c", k=3))
+    assert "M2C reads the image as one pseudo token" in m2c_html
+    assert "M2C" not in app.sentence_html(service.search(1, "is red", "fti4cir", k=3))

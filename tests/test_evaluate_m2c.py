@@ -73,6 +73,15 @@ def test_m2c_has_its_own_preprocessing_cache_and_a_rerun_computes_nothing(cirr_r
     assert cirr_run["second"]["methods"] == cirr_run["first"]["methods"]
 
 
+def test_m2c_weights_without_an_m2c_method_are_not_loaded(cirr_run, m2c_weights, monkeypatch):
+    monkeypatch.setattr(run.m2c, "attach_m2c", lambda *a, **kw: pytest.fail("M2C loaded for no M2C method"))
+    folder = cirr_run["folder"]
+    assert _invoke(*_evaluate_args("cirr", cirr_run["root"], folder, "--methods", "fti4cir", "--m2c-weights",
+                                   m2c_weights["stage2"])) == 0
+    results = json.loads((folder / "out" / "results.json").read_text())
+    assert list(results["methods"]) == ["fti4cir"] and "m2c_weights" not in results["model"]
+
+
 def test_m2c_with_fti4cir_preprocessing_shares_the_cache(cirr_run, m2c_weights):
     folder = cirr_run["folder"]
     assert _invoke(*_evaluate_args("cirr", cirr_run["root"], folder, "--methods", "fti4cir,m2c", "--m2c-weights",
@@ -149,16 +158,18 @@ def test_submit_with_m2c_compose(tmp_path, m2c_weights):
 @pytest.mark.parametrize(("extra", "message", "before_model"), [
     (["--methods", "fti4cir,m2c"], "method m2c needs --m2c-weights", True),
     (["--methods", "m2c+compose", "--m2c-weights", "STAGE1"], "m2c+compose needs the weights of `fti4cir m2c-train "
-                                                              "--stage 2`", False),
+                                                              "--stage 2`", True),
     (["--m2c-weights", "FTI4CIR"], "not an M2C weights file", True),
     (["--m2c-weights", "MISSING"], "M2C weights file not found", True),
+    (["--m2c-weights", "FOLDER"], "must be a .safetensors file", True),
 ])
 def test_bad_m2c_options_are_user_errors(tmp_path, capsys, m2c_weights, monkeypatch, extra, message, before_model):
     from fti4cir import save_weights
 
     fti4cir_weights = save_weights(create_model("fti4cir-tiny", None, device="cpu").inversion,
                                    tmp_path / "fti4cir.safetensors")
-    files = {"STAGE1": m2c_weights["stage1"], "FTI4CIR": fti4cir_weights, "MISSING": tmp_path / "none.safetensors"}
+    files = {"STAGE1": m2c_weights["stage1"], "FTI4CIR": fti4cir_weights, "MISSING": tmp_path / "none.safetensors",
+             "FOLDER": tmp_path}
     extra = [str(files.get(v, v)) for v in extra]
     if before_model:
         monkeypatch.setattr(cli, "model_from_args", lambda args: pytest.fail("model built despite a bad option"))

@@ -161,11 +161,13 @@ class FeatureCache:
     """Reference features (with patch tokens) and gallery features (global only) for one model, on disk."""
 
     def __init__(self, model, root: str | Path = DEFAULT_CACHE_DIR, *, batch_size: int = 32,
-                 num_workers: int | None = None, progress: bool = True):
+                 num_workers: int | None = None, progress: bool = True, hashes: FileHashes | None = None):
+        """hashes: the file-hash memo of another cache under the same root (one memo per file, so that neither
+        overwrites what the other learnt)."""
         self.model, self.batch_size, self.num_workers, self.progress = model, batch_size, num_workers, progress
         self.references = FeatureStore.for_model(root, model, with_patches=True)
         self.gallery = FeatureStore.for_model(root, model, with_patches=False)
-        self.hashes = FileHashes(Path(root) / HASHES_FILE)
+        self.hashes = hashes if hashes is not None else FileHashes(Path(root) / HASHES_FILE)
         self.computed = 0  # images that went through the visual tower
 
     @functools.cached_property
@@ -239,10 +241,6 @@ class M2CSide:
     model: m2c.M2CModel
     cache: FeatureCache
     weights: str
-
-    @property
-    def methods(self) -> tuple[str, ...]:
-        return m2c.available_methods(self.model.net)
 
 
 # ---- queries -> similarities --------------------------------------------------------------------------------------
@@ -357,49 +355,48 @@ def _comma_list(value: str, allowed: Sequence[str], flag: str) -> list[str]:
     return items
 
 
-def _check_m2c_args(args, methods: Sequence[str]) -> None:
-    """M2C methods need M2C weights; checked before any model work."""
+def m2c_config_from_args(args) -> m2c.M2CConfig | None:
+    """The config of --m2c-weights (read without its tensors, before any model work), or None."""
+    return m2c.read_m2c_config(args.m2c_weights) if args.m2c_weights is not None else None
+
+
+def check_m2c_methods(methods: Sequence[str], config: m2c.M2CConfig | None, weights: str | None) -> None:
+    """The M2C methods asked for must be runnable with the given weights (checked before any model work)."""
     wanted = [m for m in methods if m in m2c.M2C_METHODS]
-    if args.m2c_weights is None:
-        if wanted:
-            raise UserError(f"method {', '.join(wanted)} needs --m2c-weights: an M2C .safetensors written by "
-                            "`fti4cir m2c-train` (stage 2 for m2c+compose)")
-        return
-    if not m2c.is_m2c_weights(args.m2c_weights):
-        m2c.load_m2c_weights(args.m2c_weights)  # raises the UserError that says what is wrong with the file
-        raise UserError(f"--m2c-weights {args.m2c_weights} is not an M2C weights file")
+    if wanted and config is None:
+        raise UserError(f"method {', '.join(wanted)} needs --m2c-weights: an M2C .safetensors written by "
+                        "`fti4cir m2c-train` (stage 2 for m2c+compose)")
+    missing = [m for m in wanted if m not in m2c.available_methods(config)]
+    if missing:
+        raise UserError(f"{weights} holds stage-I M2C weights (no composing adapters); {', '.join(missing)} needs "
+                        "the weights of `fti4cir m2c-train --stage 2`")
 
 
 def m2c_side_from_args(args, model, cache: FeatureCache, methods: Sequence[str]) -> M2CSide | None:
-    """M2C weights on `model`'s backbone, with the FTI4CIR cache when the preprocessing is the same."""
-    if args.m2c_weights is None:
+    """M2C weights on `model`'s backbone when an M2C method runs (else None), with the FTI4CIR cache when both
+    preprocess alike, else a cache of M2C's preprocessing sharing the file-hash memo."""
+    if not any(m in m2c.M2C_METHODS for m in methods):
         return None
     m2c_model = m2c.attach_m2c(model.backbone, args.m2c_weights, args.m2c_preprocess)
-    missing = [m for m in methods if m in m2c.M2C_METHODS and m not in m2c.available_methods(m2c_model.net)]
-    if missing:
-        raise UserError(f"{args.m2c_weights} holds stage-I M2C weights (no composing adapters); "
-                        f"{', '.join(missing)} needs the weights of `fti4cir m2c-train --stage 2`")
     if m2c_model.identity() != model.identity():
-        cache = FeatureCache(m2c_model, args.cache_dir, batch_size=args.batch_size, num_workers=args.num_workers)
+        cache = FeatureCache(m2c_model, args.cache_dir, batch_size=args.batch_size, num_workers=args.num_workers,
+                             hashes=cache.hashes)
     return M2CSide(m2c_model, cache, str(args.m2c_weights))
 
 
-def _methods_from_args(args) -> list[str]:
-    """--methods, or every method the given weights can run."""
+def _methods_from_args(args, config: m2c.M2CConfig | None) -> list[str]:
+    """--methods, or FTI4CIR's five methods plus the M2C methods that --m2c-weights can run."""
     if args.methods is None:
-        if args.m2c_weights is None:
-            return list(METHODS)
-        extra = m2c.available_methods(m2c.load_m2c_weights(args.m2c_weights))
-        return [*METHODS, *extra]
+        return [*METHODS, *(m2c.available_methods(config) if config is not None else ())]
     return _comma_list(args.methods, ALL_METHODS, "--methods")
 
 
 def _evaluate_command(args) -> int:
     from fti4cir.cli import model_from_args
 
-    _check_m2c_args(args, [])  # a bad --m2c-weights file: its own message before the default methods read it
-    methods = _methods_from_args(args)
-    _check_m2c_args(args, methods)
+    m2c_config = m2c_config_from_args(args)
+    methods = _methods_from_args(args, m2c_config)
+    check_m2c_methods(methods, m2c_config, args.m2c_weights)
     categories = _comma_list(args.categories, FASHIONIQ_CATEGORIES, "--categories")
     resolve_prompt(args.prompt, args.dataset)  # a bad template fails before any model work
     parts = load_parts(args.dataset, args.root, args.split, categories=categories, max_queries=args.max_queries,
@@ -451,7 +448,7 @@ def write_submission(dataset: str, part: Part, similarity: np.ndarray, out: Path
 def _submit_command(args) -> int:
     from fti4cir.cli import model_from_args
 
-    _check_m2c_args(args, [args.method])
+    check_m2c_methods([args.method], m2c_config_from_args(args), args.m2c_weights)
     resolve_prompt(args.prompt, args.dataset)
     (part,) = load_parts(args.dataset, args.root, args.split, max_queries=args.max_queries,
                          subset_gallery=args.subset_gallery)
@@ -495,8 +492,9 @@ def _add_common_args(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--root", required=True, help="benchmark folder in its official layout")
     parser.add_argument("--prompt", default=None,
-                        help=f"fti4cir template: {', '.join(prompts.PROMPTS)} or a template such as "
-                             f"'{prompts.DEFAULT}' (default: the dataset's)")
+                        help=f"template of method fti4cir: {', '.join(prompts.PROMPTS)} or a template such as "
+                             f"'{prompts.DEFAULT}' (default: the dataset's; the M2C methods use the official M2C "
+                             f"prompts)")
     parser.add_argument("--max-queries", type=_positive_int, default=None,
                         help="only the first N queries (per FashionIQ category): a subset run")
     parser.add_argument("--subset-gallery", type=_non_negative_int, default=None, metavar="N",
@@ -518,7 +516,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--dataset", required=True, choices=["fashioniq", "cirr", "circo"])
     p.add_argument("--split", default="val", choices=["val"])
     p.add_argument("--methods", default=None, help="comma-separated, from: " + ", ".join(ALL_METHODS) +
-                   " (default: all that the given weights can run)")
+                   " (default: the five FTI4CIR methods, plus the M2C methods --m2c-weights can run)")
     p.add_argument("--categories", default=",".join(FASHIONIQ_CATEGORIES), help="FashionIQ categories")
     p.add_argument("--out", default=None, help="results folder (default runs/evaluate/<dataset>-<split>)")
     _add_common_args(p)

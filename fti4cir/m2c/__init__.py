@@ -18,10 +18,11 @@ from .model import (
     is_m2c_weights,
     load_m2c_weights,
     m2c_compose,
+    read_m2c_config,
     save_m2c_weights,
     uses_adapters,
 )
 
 __all__ = ["M2C_METHODS", "MAPPING_PROMPT", "PROMPTS", "M2CConfig", "M2CModel", "M2CNetwork", "attach_m2c",
            "available_methods", "create_m2c_model", "fashioniq_text", "is_m2c_weights", "load_m2c_weights",
-           "m2c_compose", "save_m2c_weights", "uses_adapters"]
+           "m2c_compose", "read_m2c_config", "save_m2c_weights", "uses_adapters"]

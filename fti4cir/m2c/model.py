@@ -371,9 +371,10 @@ def uses_adapters(method: str) -> bool:
     return method == "m2c+compose"
 
 
-def available_methods(net: "M2CNetwork") -> tuple[str, ...]:
-    """The M2C methods these weights can run: "m2c+compose" needs stage-II weights."""
-    return M2C_METHODS if net.has_adapters else M2C_METHODS[:1]
+def available_methods(weights: "M2CNetwork | M2CConfig") -> tuple[str, ...]:
+    """The M2C methods a network (or the config of a weights file) can run: "m2c+compose" needs stage-II weights."""
+    config = weights.config if isinstance(weights, M2CNetwork) else weights
+    return M2C_METHODS if config.adapter_layers else M2C_METHODS[:1]
 
 
 def attach_m2c(backbone: Backbone, weights: str | os.PathLike, preprocess: str = "clip") -> M2CModel:
@@ -404,11 +405,17 @@ def is_m2c_weights(path: str | os.PathLike) -> bool:
         return False
 
 
-def load_m2c_weights(path: str | os.PathLike) -> M2CNetwork:
+def read_m2c_config(path: str | os.PathLike) -> M2CConfig:
+    """The config of an M2C weights file (cheap: no tensors are read); UserError when it is not one."""
     path = Path(path)
-    if not path.exists():
-        raise UserError(f"M2C weights file not found: {path}")
-    return build_network(M2CNetwork, _read_m2c_config(path), path)
+    if not path.is_file():
+        raise UserError(f"M2C weights file not found: {path}" if not path.exists() else
+                        f"M2C weights must be a .safetensors file, not {path}")
+    return _read_m2c_config(path)
+
+
+def load_m2c_weights(path: str | os.PathLike) -> M2CNetwork:
+    return build_network(M2CNetwork, read_m2c_config(path), Path(path))
 
 
 def create_m2c_model(backbone: str = DEFAULT_MODEL, pretrained: str | os.PathLike | None = "openai",

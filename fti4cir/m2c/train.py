@@ -46,7 +46,7 @@ from ..inputs import load_image, to_rgb
 from ..preprocess import CLIP_MEAN, CLIP_STD
 from ..tokens import tokenize_prompts
 from .losses import stage1_loss, stage2_loss
-from .model import MAPPING_PROMPT, PROMPTS, M2CModel, m2c_compose, save_m2c_weights
+from .model import MAPPING_PROMPT, PROMPTS, M2CModel, M2CNetwork, m2c_compose, save_m2c_weights
 from .triplets import CLASS_CAPTION, Triplet, class_label, read_triplets
 
 OFFICIAL_WARMUP = {1: 10000, 2: 100}
@@ -132,12 +132,29 @@ def _step(loss: torch.Tensor, optimizer, scheduler) -> None:
     scheduler.step()
 
 
-def _epoch_summary(stage: int, epoch: int, sums: dict[str, float], steps: int, seconds: float) -> dict:
-    record = {"stage": stage, "epoch": epoch, **{k: v / max(1, steps) for k, v in sums.items()}, "steps": steps,
-              "seconds": round(seconds, 2)}
-    tqdm.write(f"stage {stage} epoch {epoch}: loss {record.get('total', float('nan')):.4f} "
-               f"({steps} steps, {seconds:.1f} s)")
-    return record
+class _Epoch:
+    """One epoch's bookkeeping, shared by both stages: mean loss terms, duration, summary line, weights file."""
+
+    def __init__(self, stage: int, epoch: int):
+        self.stage, self.epoch = stage, epoch
+        self.started, self.sums, self.steps = time.perf_counter(), {}, 0
+
+    def add(self, terms) -> None:
+        for k, v in terms.detached().items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.steps += 1
+
+    def finish(self, net: M2CNetwork, out: str | Path | None) -> dict:
+        """The epoch's record (also printed); writes the weights to `out` when given."""
+        seconds = time.perf_counter() - self.started
+        record = {"stage": self.stage, "epoch": self.epoch,
+                  **{k: v / max(1, self.steps) for k, v in self.sums.items()}, "steps": self.steps,
+                  "seconds": round(seconds, 2)}
+        tqdm.write(f"stage {self.stage} epoch {self.epoch}: loss {record.get('total', float('nan')):.4f} "
+                   f"({self.steps} steps, {seconds:.1f} s)")
+        if out is not None:
+            save_m2c_weights(net, out)
+        return record
 
 
 # ---- stage I ------------------------------------------------------------------------------------------------------
@@ -223,7 +240,7 @@ def train_stage1(model: M2CModel, paths: Sequence[Path], captions: Sequence[str]
         min(4, os.cpu_count() or 1) if len(paths) > options.batch_size else 0
     history, bad = [], set()
     for epoch in range(options.epochs):
-        started, sums, steps = time.perf_counter(), {}, 0
+        tally = _Epoch(1, epoch)
         batches = [b.tolist() for b in _batches(len(paths), options.batch_size, generator)]
         loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=_collate_views)
         for index, view_a, view_b, failed in tqdm(loader, desc=f"m2c stage 1 epoch {epoch}", disable=not progress,
@@ -246,12 +263,8 @@ def train_stage1(model: M2CModel, paths: Sequence[Path], captions: Sequence[str]
                                     temperature=temperature, ref_weight=options.ref_weight,
                                     kl_weight=options.kl_weight)
             _step(terms.total, optimizer, scheduler)
-            for k, v in terms.detached().items():
-                sums[k] = sums.get(k, 0.0) + v
-            steps += 1
-        history.append(_epoch_summary(1, epoch, sums, steps, time.perf_counter() - started))
-        if out is not None:
-            save_m2c_weights(net, out)
+            tally.add(terms)
+        history.append(tally.finish(net, out))
     net.eval()
     return history
 
@@ -307,7 +320,7 @@ def train_stage2(model: M2CModel, triplets: Sequence[Triplet], store: FeatureSto
     optimizer, scheduler = _optimizer(list(net.adapters.named_parameters()), options, total, warmup)
     history = []
     for epoch in range(options.epochs):
-        started, sums, steps = time.perf_counter(), {}, 0
+        tally = _Epoch(2, epoch)
         for batch in tqdm(_batches(len(triplets), options.batch_size, generator), desc=f"m2c stage 2 epoch {epoch}",
                           disable=not progress, leave=False):
             if len(batch) < 2:
@@ -328,12 +341,8 @@ def train_stage2(model: M2CModel, triplets: Sequence[Triplet], store: FeatureSto
                                     temperature=temperature, topk=options.topk, map_weight=options.ref_weight,
                                     kl_weight=options.kl_weight)
             _step(terms.total, optimizer, scheduler)
-            for k, v in terms.detached().items():
-                sums[k] = sums.get(k, 0.0) + v
-            steps += 1
-        history.append(_epoch_summary(2, epoch, sums, steps, time.perf_counter() - started))
-        if out is not None:
-            save_m2c_weights(net, out)
+            tally.add(terms)
+        history.append(tally.finish(net, out))
     net.eval()
     return history
 
