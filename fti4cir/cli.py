@@ -7,6 +7,23 @@ import sys
 from .errors import UserError
 
 
+def positive_int(value: str) -> int:
+    """argparse type: an integer >= 1."""
+    return _int_at_least(value, 1)
+
+
+def non_negative_int(value: str) -> int:
+    """argparse type: an integer >= 0."""
+    return _int_at_least(value, 0)
+
+
+def _int_at_least(value: str, minimum: int) -> int:
+    number = int(value)
+    if number < minimum:
+        raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {number}")
+    return number
+
+
 def _none_or_str(value: str) -> str | None:
     return None if value.lower() in ("none", "random", "") else value
 

@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 
 from fti4cir import prompts
 from fti4cir.backbone import VisualFeatures
+from fti4cir.cli import non_negative_int, positive_int
 from fti4cir.compose import METHODS, compose
 from fti4cir.errors import UserError
 from fti4cir.evaluation import metrics, submission
@@ -473,20 +474,6 @@ def _submit_command(args) -> int:
 
 
 # ---- CLI ----------------------------------------------------------------------------------------------------------
-def _positive_int(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
-    return number
-
-
-def _non_negative_int(value: str) -> int:
-    number = int(value)
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"must be at least 0, got {number}")
-    return number
-
-
 def _add_common_args(parser: argparse.ArgumentParser) -> None:
     from fti4cir.cli import add_model_args
 
@@ -495,14 +482,14 @@ def _add_common_args(parser: argparse.ArgumentParser) -> None:
                         help=f"template of method fti4cir: {', '.join(prompts.PROMPTS)} or a template such as "
                              f"'{prompts.DEFAULT}' (default: the dataset's; the M2C methods use the official M2C "
                              f"prompts)")
-    parser.add_argument("--max-queries", type=_positive_int, default=None,
+    parser.add_argument("--max-queries", type=positive_int, default=None,
                         help="only the first N queries (per FashionIQ category): a subset run")
-    parser.add_argument("--subset-gallery", type=_non_negative_int, default=None, metavar="N",
+    parser.add_argument("--subset-gallery", type=non_negative_int, default=None, metavar="N",
                         help="rank only the images the selected queries use plus N other gallery images: a subset "
                              "run, not comparable to published numbers")
     parser.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR, help="feature cache root (default %(default)s)")
-    parser.add_argument("--batch-size", type=_positive_int, default=32)
-    parser.add_argument("--num-workers", type=_non_negative_int, default=None, help="image decoding processes")
+    parser.add_argument("--batch-size", type=positive_int, default=32)
+    parser.add_argument("--num-workers", type=non_negative_int, default=None, help="image decoding processes")
     add_model_args(parser)
     parser.add_argument("--m2c-weights", default=None,
                         help="M2C weights (.safetensors from `fti4cir m2c-train`, same backbone): enables the methods "

@@ -29,7 +29,7 @@ from torch import nn
 from ..backbone import DEFAULT_MODEL, Backbone, VisualFeatures, load_backbone
 from ..compose import average_text_variants, split_text_variants
 from ..errors import UserError
-from ..preprocess import make_transform, preprocess_batch
+from ..model import BackboneModel
 from ..tokens import tokenize_prompts
 from ..weights import build_network, read_config, save_weights
 
@@ -246,11 +246,10 @@ def projected_patch_tokens(backbone: Backbone, patch_tokens: torch.Tensor) -> to
     return tokens @ visual.proj if visual.proj is not None else tokens
 
 
-class M2CModel(nn.Module):
+class M2CModel(BackboneModel):
     """Frozen backbone + `M2CNetwork` + image transform: the object the query path, training and the app use."""
 
     def __init__(self, backbone: Backbone, net: M2CNetwork, preprocess: str = "clip"):
-        super().__init__()
         c = net.config
         made_for = (c.embed_dim, c.token_dim, c.text_layers, c.grid)
         if made_for != (backbone.embed_dim, backbone.token_dim, len(backbone.clip.transformer.resblocks),
@@ -258,25 +257,12 @@ class M2CModel(nn.Module):
             raise UserError(f"M2C weights were made for backbone '{c.backbone}' (embed {c.embed_dim}, text width "
                             f"{c.token_dim}, {c.text_layers} text blocks, patch grid {c.grid}), not for "
                             f"'{backbone.name}'; pass the matching --backbone")
-        self.backbone = backbone
+        super().__init__(backbone, preprocess)
         self.net = net.to(backbone.device)
-        self.preprocess_kind = preprocess
-        self.transform = make_transform(preprocess, backbone.image_size)
-
-    @property
-    def device(self) -> torch.device:
-        return self.backbone.device
 
     @property
     def config(self) -> M2CConfig:
         return self.net.config
-
-    def identity(self) -> dict:
-        """Backbone + preprocessing (what feature caches are keyed by); the same as `CIRModel.identity()`."""
-        return {**self.backbone.identity(), "preprocess": self.preprocess_kind}
-
-    def preprocess(self, images: list[PIL.Image.Image]) -> torch.Tensor:
-        return preprocess_batch(images, self.transform).to(self.device)
 
     def visual_inputs(self, references: Reference) -> tuple[torch.Tensor, torch.Tensor]:
         """(global features [B, E], patch tokens in text width [B, g*g, W]) from PIL images, preprocessed images or

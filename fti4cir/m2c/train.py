@@ -39,6 +39,7 @@ from torchvision.transforms import (
 )
 from tqdm.auto import tqdm
 
+from ..cli import positive_int
 from ..errors import UserError
 from ..features import FeatureStore, extract_features
 from ..imagefiles import list_images
@@ -389,13 +390,6 @@ def _layers(value: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated block numbers, got {value!r}") from None
 
 
-def _positive(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
-    return number
-
-
 def _options(args) -> TrainOptions:
     return TrainOptions(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.wd,
                         warmup=args.warmup, temperature=args.temperature, kl_weight=args.kl_weight,
@@ -465,14 +459,14 @@ def add_parser(subparsers) -> None:
     p.add_argument("--adapter-layers", type=_layers, default=None,
                    help="stage 2: text blocks followed by composing adapters (default 1,3,5,7,9,11, rescaled as "
                         "--vsi-layers)")
-    p.add_argument("--adapter-rank", type=_positive, default=128)
+    p.add_argument("--adapter-rank", type=positive_int, default=128)
     p.add_argument("--prompt", default=TRAIN_PROMPT, help="stage 2 training / held-out prompt (default "
                    f"'%(default)s'; evaluation prompts per dataset: {PROMPTS})")
     p.add_argument("--cache-dir", default="cache/features", help="visual feature cache (stage 2, held-out eval)")
     p.add_argument("--val-triplets", help="held-out triplets JSONL: print Recall@k after training")
     p.add_argument("--gallery", help="folder of images ranked for --val-triplets")
-    p.add_argument("--epochs", type=_positive, default=30)
-    p.add_argument("--batch-size", type=_positive, default=128)
+    p.add_argument("--epochs", type=positive_int, default=30)
+    p.add_argument("--batch-size", type=positive_int, default=128)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--wd", type=float, default=0.1, help="weight decay (not on gains and biases)")
     p.add_argument("--warmup", type=int, default=None, help="warmup steps (default: official 10000 / 100 for "
@@ -481,7 +475,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--kl-weight", type=float, default=0.2, help="soft text alignment weight")
     p.add_argument("--ref-weight", type=float, default=1.0,
                    help="stage 1: the view-A term; stage 2: the mapping-sentence term")
-    p.add_argument("--topk", type=_positive, default=10, help="stage 2 mixed hard negatives per query")
+    p.add_argument("--topk", type=positive_int, default=10, help="stage 2 mixed hard negatives per query")
     p.add_argument("--num-workers", type=int, default=None, help="image decoding processes")
     p.add_argument("--amp", action="store_true", help="bfloat16 autocast (CUDA)")
     add_model_args(p, weights=False)  # also --seed: random initialisations and the training order

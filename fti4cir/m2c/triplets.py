@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..atomic import write_text_atomic
+from ..cli import positive_int
 from ..errors import UserError
 from ..imagefiles import list_images
 
@@ -153,25 +154,18 @@ def _run(args) -> int:
     return 0
 
 
-def _positive(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
-    return number
-
-
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("triplets", help="synthetic composed-retrieval triplets from a labelled image folder "
                               "(M2C stage II)", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("folder", help="folder with one subfolder of images per class")
     p.add_argument("--out", required=True, help="triplets JSONL to write (paths relative to its folder)")
-    p.add_argument("--per-reference", type=_positive, default=1, help="triplets per reference image")
+    p.add_argument("--per-reference", type=positive_int, default=1, help="triplets per reference image")
     p.add_argument("--template", default=TEXT_TEMPLATE, help="modification text; {label} = target class "
                    "(default '%(default)s')")
     p.add_argument("--ground-truths", action="store_true",
                    help="list every image of the target class as a ground truth (held-out evaluation sets)")
-    p.add_argument("--max-per-class", type=_positive, default=None,
+    p.add_argument("--max-per-class", type=positive_int, default=None,
                    help="use a random sample of at most N images per class (a small triplet set)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_run)

@@ -35,6 +35,7 @@ import PIL.Image
 import torch
 from tqdm import tqdm
 
+from ..cli import positive_int
 from ..errors import UserError
 from ..imagefiles import list_images
 from ..preprocess import make_transform, to_rgb
@@ -355,13 +356,6 @@ def caption_folder(
 
 
 # ---- CLI ----------------------------------------------------------------------------------------------------------
-def _positive(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
-    return number
-
-
 def _run(args) -> int:
     if args.min_length > args.max_length:
         raise UserError(f"--min-length {args.min_length} is above --max-length {args.max_length}")
@@ -385,11 +379,11 @@ def add_parser(subparsers) -> None:
     p.add_argument("--out", required=True, help="captions JSONL file; appended to and resumed when it exists")
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"hub id or local folder of a BLIP captioner (default %(default)s; {TINY_MODEL} for tests)")
-    p.add_argument("--batch-size", type=_positive, default=16)
+    p.add_argument("--batch-size", type=positive_int, default=16)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default %(default)s)")
-    p.add_argument("--num-beams", type=_positive, default=3)
-    p.add_argument("--min-length", type=_positive, default=10, help="in tokens, counting the prompt")
-    p.add_argument("--max-length", type=_positive, default=25, help="in tokens, counting the prompt")
+    p.add_argument("--num-beams", type=positive_int, default=3)
+    p.add_argument("--min-length", type=positive_int, default=10, help="in tokens, counting the prompt")
+    p.add_argument("--max-length", type=positive_int, default=25, help="in tokens, counting the prompt")
     p.add_argument("--prompt", default=PROMPT, help="decoder prompt, removed from the captions (default '%(default)s')")
-    p.add_argument("--limit", type=_positive, default=None, help="only the first N images (sorted by path)")
+    p.add_argument("--limit", type=positive_int, default=None, help="only the first N images (sorted by path)")
     p.set_defaults(func=_run)
