@@ -208,6 +208,12 @@ def _load_local_checkpoint(model: nn.Module, path: Path) -> None:
         open_clip.load_checkpoint(model, str(path), strict=True, weights_only=True)
 
 
+def resolve_pretrained(name: str, pretrained: str | os.PathLike | None) -> str | os.PathLike | None:
+    """The command lines' default tag ("openai") means random weights for the tiny model, which has no pretrained
+    weights anywhere; every other value is kept."""
+    return None if name == TINY_MODEL and pretrained == DEFAULT_PRETRAINED else pretrained
+
+
 def load_backbone(
     name: str = DEFAULT_MODEL,
     pretrained: str | os.PathLike | None = DEFAULT_PRETRAINED,

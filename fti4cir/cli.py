@@ -49,10 +49,10 @@ def add_model_args(parser: argparse.ArgumentParser, weights: bool = True) -> Non
 
 
 def model_from_args(args):
+    from .backbone import resolve_pretrained
     from .model import create_model
 
-    if args.pretrained == "openai" and args.backbone == "fti4cir-tiny":
-        args.pretrained = None  # the tiny model has no pretrained weights anywhere
+    args.pretrained = resolve_pretrained(args.backbone, args.pretrained)  # callers read it back (gallery identity)
     return create_model(args.backbone, args.pretrained, getattr(args, "weights", None), device=args.device,
                         preprocess=args.preprocess, seed=args.seed)
 

@@ -298,10 +298,15 @@ def _worker_init(_):
     torch.set_num_threads(1)  # decoding workers should not fight the encoder for cores
 
 
+def default_num_workers(items: int, batch_size: int) -> int:
+    """Image-decoding processes when none are asked for: up to 4 (one per core), none for a single batch."""
+    return min(4, os.cpu_count() or 1) if items > batch_size else 0
+
+
 def image_loader(paths: list[Path], transform, batch_size: int, num_workers: int | None = None) -> DataLoader:
     """Batches of (indices into paths, preprocessed images, failures) decoded in worker processes."""
     if num_workers is None:
-        num_workers = min(4, os.cpu_count() or 1) if len(paths) > batch_size else 0
+        num_workers = default_num_workers(len(paths), batch_size)
     return DataLoader(_ImageFiles(paths, transform), batch_size=batch_size, num_workers=num_workers,
                       collate_fn=_collate, worker_init_fn=_worker_init if num_workers else None,
                       persistent_workers=False, prefetch_factor=4 if num_workers else None)

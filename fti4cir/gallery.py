@@ -47,7 +47,7 @@ from .backbone import VisualFeatures
 from .errors import UserError
 from .explain import patch_attention
 from .inversion import PseudoTokens
-from .weights import parameter_digest
+from .weights import file_digest, parameter_digest
 
 FORMAT_VERSION = 1
 CURRENT = "CURRENT"
@@ -142,8 +142,6 @@ def gallery_identity(model, weights: str | None = None) -> dict:
 
 def weights_label(weights: str | os.PathLike | None, seed: int = 0) -> str:
     """Provenance of the inversion weights for identity.json: a file's sha256, a hub id or the random-init seed."""
-    from .weights import file_digest
-
     if weights is None:
         return f"random-init:{seed}"
     if Path(weights).is_file():
@@ -372,7 +370,7 @@ def build_gallery(model, source: str | Source, name: str, *, galleries_dir: str 
         removed = sum(e["sha1"] not in kept_hashes for e in old_entries) if old_entries else 0
         _write_version(gallery_dir / version, model, identity, src, manifest_entries, previous, staging, index,
                        failures, gallery_dir, progress)
-        manifest_sha = _file_sha256(gallery_dir / version / "manifest.json")
+        manifest_sha = file_digest(gallery_dir / version / "manifest.json")
         write_text_atomic(gallery_dir / CURRENT, f"{version} {manifest_sha}\n")  # the switch
         if previous is not None:
             previous.close()
@@ -466,7 +464,7 @@ def _write_version(out: Path, model, identity: dict, src: Source, entries: list[
     files = {}
     for file in [*(f"{k}.npy" for k in ARRAYS), INDEX_FILE, "identity.json"]:
         _fsync(out / file)
-        files[file] = {"sha256": _file_sha256(out / file), "bytes": (out / file).stat().st_size}
+        files[file] = {"sha256": file_digest(out / file), "bytes": (out / file).stat().st_size}
     for k in ARRAYS:
         files[f"{k}.npy"].update(dtype=np.dtype(ARRAYS[k]).name, shape=[n, *shapes[k]])
     manifest = {
@@ -492,14 +490,6 @@ def _fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _file_sha256(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ---- load ---------------------------------------------------------------------------------------------------------
@@ -573,7 +563,7 @@ class Gallery:
             if path.stat().st_size != meta["bytes"]:
                 raise UserError(_corrupt(directory, file, f"its size is {path.stat().st_size} bytes, the manifest "
                                                            f"says {meta['bytes']}"))
-            if verify and _file_sha256(path) != meta["sha256"]:
+            if verify and file_digest(path) != meta["sha256"]:
                 raise UserError(_corrupt(directory, file, "its sha256 does not match the manifest"))
         arrays = {}
         for k in ARRAYS:

@@ -221,9 +221,7 @@ class FeatureCache:
             batches = []
             with torch.inference_mode():
                 for start in range(0, len(missing_rows), self.batch_size):
-                    cached = self.references.get(missing_rows[start:start + self.batch_size])
-                    device = self.model.device
-                    visual = VisualFeatures(cached.global_features.to(device), cached.patch_tokens.to(device))
+                    visual = self.reference_features(missing_rows[start:start + self.batch_size])
                     batches.append(self.model.invert(visual))
             self.tokens.add(missing, PseudoTokens.cat(batches))
         return self.tokens.get(hashes).to(self.model.device)
@@ -319,7 +317,7 @@ def evaluate(model, dataset: str, parts: list[Part], cache: FeatureCache, *, met
              progress: bool = True, m2c_side: M2CSide | None = None) -> dict[str, Any]:
     """All `methods` on the same parts and cached features; returns the results object of `report`."""
     started = time.perf_counter()
-    caches = list({id(c): c for c in (cache, m2c_side.cache if m2c_side else cache)}.values())
+    caches = [cache] + ([m2c_side.cache] if m2c_side is not None and m2c_side.cache is not cache else [])
     computed_before = sum(c.computed for c in caches)
     templates = method_prompts(methods, resolve_prompt(prompt, dataset), dataset)
     per_method: dict[str, dict[str, Any]] = {m: {} for m in methods}
@@ -450,7 +448,7 @@ def _submit_command(args) -> int:
     from fti4cir.cli import model_from_args
 
     check_m2c_methods([args.method], m2c_config_from_args(args), args.m2c_weights)
-    resolve_prompt(args.prompt, args.dataset)
+    prompt = resolve_prompt(args.prompt, args.dataset)  # a bad template fails before any model work
     (part,) = load_parts(args.dataset, args.root, args.split, max_queries=args.max_queries,
                          subset_gallery=args.subset_gallery)
     length = submission.CIRR_LENGTHS["recall"] if args.dataset == "cirr" else submission.CIRCO_LENGTH
@@ -460,7 +458,7 @@ def _submit_command(args) -> int:
     model = model_from_args(args).eval()  # dropout off in the inversion network
     cache = FeatureCache(model, args.cache_dir, batch_size=args.batch_size, num_workers=args.num_workers)
     side = m2c_side_from_args(args, model, cache, [args.method])
-    templates = method_prompts([args.method], resolve_prompt(args.prompt, args.dataset), args.dataset)
+    templates = method_prompts([args.method], prompt, args.dataset)
     [(_, similarity)] = list(part_similarities(model, args.dataset, part, cache, templates, [args.method],
                                                args.batch_size, m2c_side=side))
     paths = write_submission(args.dataset, part, similarity, Path(args.out), args.name or args.method)

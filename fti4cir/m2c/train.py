@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import random
 import sys
 import time
 from collections.abc import Sequence
@@ -41,11 +40,12 @@ from tqdm.auto import tqdm
 
 from ..cli import positive_int
 from ..errors import UserError
-from ..features import FeatureStore, extract_features
+from ..features import FeatureStore, default_num_workers, extract_features
 from ..imagefiles import list_images
 from ..inputs import load_image, to_rgb
 from ..preprocess import CLIP_MEAN, CLIP_STD
 from ..tokens import tokenize_prompts
+from ..training.trainer import seed_everything
 from .losses import stage1_loss, stage2_loss
 from .model import MAPPING_PROMPT, PROMPTS, M2CModel, M2CNetwork, m2c_compose, save_m2c_weights
 from .triplets import CLASS_CAPTION, Triplet, class_label, read_triplets
@@ -80,12 +80,6 @@ class TrainOptions:
 
 
 # ---- shared machinery ---------------------------------------------------------------------------------------------
-def _seed(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
 def _optimizer(params: list[tuple[str, torch.nn.Parameter]], options: TrainOptions, total_steps: int, warmup: int):
     """AdamW without weight decay on gains and biases (the official rule), cosine schedule with linear warmup."""
     decay = [p for _, p in params if p.ndim >= 2]
@@ -227,7 +221,7 @@ def train_stage1(model: M2CModel, paths: Sequence[Path], captions: Sequence[str]
     """Train Phi, the patch projection and VSI; returns per-epoch mean loss terms. Writes `out` after every epoch.
     captions: one per path (the KL term), or None to train without it."""
     options = options or TrainOptions()
-    _seed(options.seed)
+    seed_everything(options.seed)
     paths = list(paths)
     caption_features = _encode_texts(model, list(captions)) if captions is not None and options.kl_weight else None
     net = model.net
@@ -238,7 +232,7 @@ def train_stage1(model: M2CModel, paths: Sequence[Path], captions: Sequence[str]
     optimizer, scheduler = _optimizer(list(net.named_parameters()), options, total, warmup)
     dataset = _TwoViews(paths, model.backbone.image_size)
     workers = options.num_workers if options.num_workers is not None else \
-        min(4, os.cpu_count() or 1) if len(paths) > options.batch_size else 0
+        default_num_workers(len(paths), options.batch_size)
     history, bad = [], set()
     for epoch in range(options.epochs):
         tally = _Epoch(1, epoch)
@@ -299,7 +293,7 @@ def train_stage2(model: M2CModel, triplets: Sequence[Triplet], store: FeatureSto
     net = model.net
     if not net.has_adapters:
         raise UserError("Stage II trains composing adapters: add them first (M2CNetwork.add_adapters)")
-    _seed(options.seed)
+    seed_everything(options.seed)
     rows = _cache_rows(model, [p for t in triplets for p in (t.reference, t.target)], store, options.num_workers,
                        progress)
     triplets = _usable(list(triplets), rows)
@@ -398,12 +392,12 @@ def _options(args) -> TrainOptions:
 
 
 def _run(args) -> int:
-    from ..backbone import TINY_MODEL
+    from ..backbone import resolve_pretrained
     from .model import create_m2c_model
 
     if not str(args.out).endswith(".safetensors"):
         raise UserError(f"--out must be a .safetensors file, got {args.out}")
-    pretrained = None if args.backbone == TINY_MODEL and args.pretrained == "openai" else args.pretrained
+    pretrained = resolve_pretrained(args.backbone, args.pretrained)
     options = _options(args)
     started = time.perf_counter()
     if args.stage == 1:

@@ -8,7 +8,6 @@ not yet in the feature cache, once each (`fti4cir.features`); training itself ne
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -47,14 +46,6 @@ def read_pairs(path: str | os.PathLike) -> list[dict]:
     if not records:
         raise UserError(f"{path} holds no pairs")
     return records
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 @dataclass
@@ -128,7 +119,7 @@ def prepare_training_data(model, images_dir: str | os.PathLike | None, pairs_pat
         present = [p.is_file() for p in paths]
         dropped["missing_file"] = present.count(False)
         todo = [i for i, ok in zip(todo, present) if ok]
-        result = extract_features(model, [images_dir / records[i]["image"] for i in todo], store,
+        result = extract_features(model, [p for p, ok in zip(paths, present) if ok], store,
                                   batch_size=batch_size, num_workers=num_workers, progress=progress)
         failures = result.failures
         for i, row, digest in zip(todo, result.rows, result.hashes):

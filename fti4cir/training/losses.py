@@ -38,8 +38,7 @@ class LossTerms:
     regularisation: torch.Tensor
 
     def detached(self) -> dict[str, float]:
-        return {name: float(getattr(self, name).detach()) for name in ("total", "contrastive", "orthogonal",
-                                                                       "regularisation")}
+        return {name: float(value.detach()) for name, value in vars(self).items()}
 
 
 def nt_xent(image_features: torch.Tensor, text_features: torch.Tensor, temperature: float) -> torch.Tensor:

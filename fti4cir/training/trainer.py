@@ -22,7 +22,7 @@ import math
 import os
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -32,17 +32,17 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..atomic import atomic_path, write_json_atomic, write_text_atomic
-from ..backbone import DEFAULT_MODEL, DEFAULT_PRETRAINED, TINY_MODEL, default_device
+from ..backbone import DEFAULT_MODEL, DEFAULT_PRETRAINED, default_device, resolve_pretrained
 from ..errors import UserError
 from ..features import FeatureStore
-from ..weights import save_weights
-from .data import BatchDataset, TrainingBatch, epoch_batches, file_sha256, prepare_training_data
+from ..weights import file_digest, save_weights
+from .data import BatchDataset, TrainingBatch, epoch_batches, prepare_training_data
 from .losses import LossTerms, fti4cir_loss
 
 CHECKPOINT = "checkpoint.json"
 FINAL_WEIGHTS = "fti4cir.safetensors"
 LOG = "log.jsonl"
-TERMS = ("total", "contrastive", "orthogonal", "regularisation")
+TERMS = tuple(f.name for f in fields(LossTerms))  # "total" first
 
 
 @dataclass
@@ -222,10 +222,8 @@ def create_training_model(config: TrainConfig, device=None):
     """The model a run trains: the backbone and the initial inversion network (random from --seed, or --weights)."""
     from ..model import create_model
 
-    pretrained = None if config.backbone == TINY_MODEL and config.pretrained == DEFAULT_PRETRAINED else \
-        config.pretrained
-    return create_model(config.backbone, pretrained, config.weights, device=device, preprocess=config.preprocess,
-                        seed=config.seed)
+    return create_model(config.backbone, resolve_pretrained(config.backbone, config.pretrained), config.weights,
+                        device=device, preprocess=config.preprocess, seed=config.seed)
 
 
 def _epoch_record(epoch: int, state: RunState, steps: int, lr: float, seconds: float) -> dict:
@@ -237,7 +235,7 @@ def _epoch_record(epoch: int, state: RunState, steps: int, lr: float, seconds: f
 def _prepare(config: TrainConfig, record: dict | None, device, num_workers, progress: bool):
     """Model, training data (features cached, caption targets encoded) and the pairs file's digest."""
     model = create_training_model(config, device)
-    pairs_digest = file_sha256(config.pairs)
+    pairs_digest = file_digest(config.pairs)
     if record is not None and record["pairs_sha256"] != pairs_digest:
         raise UserError(f"{config.pairs} changed since the checkpoint in {config.out} was written; cannot resume")
     store = FeatureStore.for_model(config.cache_dir, model, with_patches=True)
