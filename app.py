@@ -387,6 +387,7 @@ def build_demo(setup: Setup):
         def show(result) -> dict:
             """Every output of a fresh search (all tokens on): it becomes the base of the switches."""
             explanation = result.reference.explanation
+            choices = switch_choices(explanation)
             return {
                 sentence: sentence_html(result),
                 timing: f"**Query time:** {result.timing_text()}",
@@ -394,8 +395,7 @@ def build_demo(setup: Setup):
                 chart: relevance_figure(explanation),
                 heatmaps: [(image, f"q{a.query} {a.word}")
                            for image, a in zip(explanation.heatmaps, explanation.attributes)],
-                switches: gr.update(choices=switch_choices(explanation),
-                                    value=[value for _, value in switch_choices(explanation)]),
+                switches: gr.update(choices=choices, value=[value for _, value in choices]),
                 moved: f"{len(result.hits)} results; untick a token above to see which ones move.",
                 status: "",
                 base_state: result,

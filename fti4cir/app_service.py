@@ -189,12 +189,12 @@ class SearchService:
         """An uploaded image: decoded safely (UserError for anything unusable), then one visual pass."""
         start = time.perf_counter()
         image = load_image(source)
+        visual = self._encode(image)
         with torch.inference_mode():
-            visual = self.model.backbone.encode_visual(self.model.preprocess([image]))
             tokens = self.model.invert(visual, return_attention=display)
         evidence = AttributeEvidence.from_selection(tokens.selection)
         explanation = explain(self.model, tokens, evidence, image if display else None)
-        kept = VisualFeatures(visual.global_features.cpu(), visual.patch_tokens.cpu()) if self.m2c_model else None
+        kept = _moved(visual, "cpu") if self.m2c_model is not None else None
         return Reference(_upload_name(source), _display(image) if display else None, tokens, explanation, None,
                          time.perf_counter() - start, kept)
 
@@ -209,11 +209,13 @@ class SearchService:
                 raise UserError(f"The M2C methods read the gallery image itself, and {reference.name} cannot be read "
                                 f"({e}). Put the gallery's images back where it was built from, or rebuild the "
                                 f"gallery; the FTI4CIR methods work from the gallery's cached tokens.") from None
-            with torch.inference_mode():
-                visual = self.model.backbone.encode_visual(self.model.preprocess([image]))
-            reference.visual = VisualFeatures(visual.global_features.cpu(), visual.patch_tokens.cpu())
-        device = self.m2c_model.device
-        return VisualFeatures(reference.visual.global_features.to(device), reference.visual.patch_tokens.to(device))
+            reference.visual = _moved(self._encode(image), "cpu")
+        return _moved(reference.visual, self.m2c_model.device)
+
+    def _encode(self, image: PIL.Image.Image) -> VisualFeatures:
+        """One visual pass over a decoded image (global feature and patch tokens, on the model's device)."""
+        with torch.inference_mode():
+            return self.model.backbone.encode_visual(self.model.preprocess([image]))
 
     # ---- search --------------------------------------------------------------------------------------------------
     def search(self, reference, text: str | None, method: str = "fti4cir", k: int = 10,
@@ -236,8 +238,9 @@ class SearchService:
         start = time.perf_counter()
         with torch.inference_mode():
             if method in m2c.M2C_METHODS:
-                query = m2c.m2c_compose(self.m2c_model, self._visual(reference), [text],
-                                        prompt=m2c.PROMPTS["default"], use_adapters=m2c.uses_adapters(method))
+                visual = self._visual(reference)
+                query = m2c.m2c_compose(self.m2c_model, visual, [text], prompt=m2c.PROMPTS["default"],
+                                        use_adapters=m2c.uses_adapters(method))
             else:
                 query = compose(self.model, reference.tokens, [text], method=method,
                                 keep_attributes=self._keep_mask(keep, reference.tokens),
@@ -250,7 +253,7 @@ class SearchService:
         hits = [Hit(rank, i, self.gallery.names[i], Path(self.gallery.paths[i]), s)
                 for rank, (i, s) in enumerate(zip(_row(indices), _row(scores)), start=1) if i >= 0]
         if method in m2c.M2C_METHODS:
-            sentence = m2c_sentence(self._m2c_word(reference), text)
+            sentence = m2c_sentence(self._m2c_word(visual), text)
         else:
             sentence = query_sentence(reference.explanation, text, method, keep_attributes=keep,
                                       keep_subject=bool(keep_subject))
@@ -260,11 +263,10 @@ class SearchService:
         return Result(reference, text, method, hits, sentence, keep, bool(keep_subject), timings,
                       self._truncated(text, method, sum(keep)))
 
-    def _m2c_word(self, reference: Reference) -> str:
+    def _m2c_word(self, visual: VisualFeatures) -> str:
         """The nearest word of M2C's pseudo token (Phi of the global feature) for the displayed sentence."""
         with torch.inference_mode():
-            global_features = self._visual(reference).global_features.to(self.m2c_model.device).float()
-            token = self.m2c_model.net.mapper(global_features)
+            token = self.m2c_model.net.mapper(visual.global_features.float())
         return decode(self.model.backbone, token, k=1)[0][0].word
 
     @staticmethod
@@ -283,6 +285,10 @@ class SearchService:
         ids, _ = tokenize_prompts(template, [{"text": ""}], [num_attrs], self.model.backbone.context_length)
         used = int((ids[0] != 0).sum())  # SOT + template + placeholders + EOT
         return len(bpe(text)) > self.model.backbone.context_length - used
+
+
+def _moved(visual: VisualFeatures, device) -> VisualFeatures:
+    return VisualFeatures(visual.global_features.to(device), visual.patch_tokens.to(device))
 
 
 def _row(values) -> list:

@@ -160,8 +160,13 @@ def _describe(identity: dict) -> str:
     return text
 
 
+def identity_differences(a: dict, b: dict) -> list[str]:
+    """The identity keys in which two models differ (any difference makes their features incomparable)."""
+    return [k for k in _COMPARED if a.get(k) != b.get(k)]
+
+
 def check_compatible(gallery_identity_: dict, model_identity: dict, name: str) -> None:
-    differs = [k for k in _COMPARED if gallery_identity_.get(k) != model_identity.get(k)]
+    differs = identity_differences(gallery_identity_, model_identity)
     if differs:
         raise UserError(f"Gallery '{name}' was built with {_describe(gallery_identity_)}, but the loaded model has "
                         f"{_describe(model_identity)} (differs in: {', '.join(differs)}). Load the matching model or "

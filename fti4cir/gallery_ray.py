@@ -77,7 +77,7 @@ class RayCompute:
         import ray
         from ray.util import ActorPool
 
-        from .gallery import _COMPARED, _describe, write_shard
+        from .gallery import _describe, identity_differences, write_shard
 
         started = not ray.is_initialized()
         if started:
@@ -86,7 +86,7 @@ class RayCompute:
         try:
             actors = self._start_actors(ray)
             for worker_identity in ray.get([a.identity.remote() for a in actors]):
-                if any(worker_identity.get(k) != identity.get(k) for k in _COMPARED):
+                if identity_differences(worker_identity, identity):
                     raise UserError(f"A Ray worker built another model ({_describe(worker_identity)}) than this "
                                     f"process ({_describe(identity)}): the model flags and weight files must resolve "
                                     f"to the same files on every node")
