@@ -373,8 +373,8 @@ def build_gallery(model, source: str | Source, name: str, *, galleries_dir: str 
         reused = sum(h in reusable for _, h in entries)
         kept_hashes = {h for _, h in entries}
         removed = sum(e["sha1"] not in kept_hashes for e in old_entries) if old_entries else 0
-        _write_version(gallery_dir / version, model, identity, src, manifest_entries, previous, staging, index,
-                       failures, gallery_dir, progress)
+        _write_version(gallery_dir / version, model, identity, src, manifest_entries, previous, reusable, staged,
+                       index, failures, gallery_dir, progress)
         manifest_sha = file_digest(gallery_dir / version / "manifest.json")
         write_text_atomic(gallery_dir / CURRENT, f"{version} {manifest_sha}\n")  # the switch
         if previous is not None:
@@ -420,7 +420,9 @@ def _clear_unpublished(gallery_dir: Path, keep: str | None) -> None:
 
 
 def _write_version(out: Path, model, identity: dict, src: Source, entries: list[dict], previous: "Gallery | None",
-                   staging: Path, index_kind: str, failures, gallery_dir: Path, progress: bool) -> None:
+                   reusable: dict[str, int], staged: dict[str, Path], index_kind: str, failures, gallery_dir: Path,
+                   progress: bool) -> None:
+    """reusable: the previous version's row of each image hash; staged: the staging shard of each computed hash."""
     out.mkdir()
     n = len(entries)
     shapes = _row_shapes(model)
@@ -431,19 +433,18 @@ def _write_version(out: Path, model, identity: dict, src: Source, entries: list[
         rows_of.setdefault(e["sha1"], []).append(row)
 
     if previous is not None:  # unchanged images: copy their rows
-        old_row = previous.row_by_hash()
-        pairs = [(r, old_row[h]) for h, rows in rows_of.items() if h in old_row for r in rows]
+        pairs = [(r, reusable[h]) for h, rows in rows_of.items() if h in reusable for r in rows]
         if pairs:
             new_rows, old_rows = map(np.array, zip(*pairs))
             for k in ARRAYS:
                 src_array = previous.array(k)
                 for s in range(0, len(pairs), 4096):
                     arrays[k][new_rows[s:s + 4096]] = src_array[old_rows[s:s + 4096]]
-        remaining = {h for h in rows_of if h not in old_row}
+        remaining = {h for h in rows_of if h not in reusable}
     else:
         remaining = set(rows_of)
     shards = {}
-    for h, shard in _staged_hashes(staging).items():
+    for h, shard in staged.items():
         if h in remaining:
             shards.setdefault(shard, []).append(h)
     for shard, wanted in shards.items():
