@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from bench.common import bench_main, machine_info, markdown_table, percentile, time_round_robin
+from bench.common import bench_main, markdown_table, percentile, time_round_robin
 from fti4cir import compose, create_model
 from fti4cir.official import official_compose, official_copy
 from fti4cir.tokens import tokenize_plain
@@ -106,8 +106,7 @@ def run(quick: bool = False) -> str:
     measured = [measure(b, repeat=repeat) for b in backbones]
     rows = [row for table, _ in measured for row in table]
     summaries = "\n".join(f"- {summary}" for _, summary in measured)
-    info = machine_info()
-    return (f"Batch 1, CPU, {info.get('torch_threads', torch.get_num_threads())} threads, random weights, fp32, "
+    return (f"Batch 1, CPU, {torch.get_num_threads()} threads, random weights, fp32, "
             f"{repeat} calls per path timed in turns. Text: \"{TEXT}\". GFLOPs from torch's FlopCounterMode "
             f"(matrix products and attention); weights read = parameters each path touches once per query. Ratios "
             f"put the measured latency beside the work ratios: a path bound by arithmetic follows the GFLOPs ratio, "

@@ -13,16 +13,14 @@ exactly.
 """
 from __future__ import annotations
 
-import argparse
 import tempfile
-from pathlib import Path
 
 import torch
 
-from bench.common import markdown_table, percentile, time_round_robin, write_results_section
+from bench.common import bench_main, markdown_table, percentile, time_round_robin
 from fti4cir import create_model
 from fti4cir.features import FeatureStore
-from fti4cir.official import OfficialIMG2TEXT, official_copy, official_get_loss
+from fti4cir.official import official_copy, official_get_loss
 from fti4cir.training.data import TrainingData
 from fti4cir.training.losses import fti4cir_loss
 from fti4cir.training.trainer import TrainConfig, make_optimizer, train_step
@@ -36,11 +34,6 @@ SUBJECTS = ["a dog", "a small brown bird", "a man", "a red car", "two women", "a
 ATTRIBUTES = ["sitting on the grass", "perched on a branch in the rain", "riding a bike down the street",
               "parked in front of a house", "standing next to each other", "of food on a table",
               "on the water near a dock", "laying on a bed with a blanket"]
-
-
-def official_loss(clip, net: OfficialIMG2TEXT, images, subjects, attributes) -> torch.Tensor:
-    """The official getLoss: two visual passes, per-sample selection, 77-token text passes with per-sample splicing."""
-    return official_get_loss(clip, net, images, subjects, attributes)[0]
 
 
 def measure(backbone: str, batch: int, repeat: int) -> tuple[list[dict], dict]:
@@ -61,7 +54,7 @@ def measure(backbone: str, batch: int, repeat: int) -> tuple[list[dict], dict]:
         with torch.no_grad():  # same weights, same batch, before any step changes them
             ours_exact = float(fti4cir_loss(model, visual, subjects, attributes).total)
             ours_cached = float(fti4cir_loss(model, data.batch(range(batch)).visual, subjects, attributes).total)
-            official = float(official_loss(clip, net, images, subjects, attributes))
+            official = float(official_get_loss(clip, net, images, subjects, attributes)[0])
         check = {"ours (fp32 features)": ours_exact, "ours (fp16 feature cache)": ours_cached, "official": official,
                  "relative difference": abs(ours_exact - official) / abs(official),
                  "relative difference (fp16 cache)": abs(ours_cached - official) / abs(official)}
@@ -74,7 +67,7 @@ def measure(backbone: str, batch: int, repeat: int) -> tuple[list[dict], dict]:
 
         def official_step():
             official_optimizer.zero_grad(set_to_none=True)
-            official_loss(clip, net, images, subjects, attributes).backward()
+            official_get_loss(clip, net, images, subjects, attributes)[0].backward()
             official_optimizer.step()
 
         def released_step():
@@ -138,13 +131,7 @@ def run(quick: bool = False) -> str:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="tiny model smoke run; RESULTS.md untouched")
-    args = parser.parse_args(argv)
-    md = run(args.quick)
-    print(md)
-    if not args.quick:
-        write_results_section(Path(__file__).parent / "RESULTS.md", "Training step", md)
+    bench_main(run, "Training step", __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from typing import Iterator, Sequence
 
 import pytest
 
-from test_app_service import build_small_gallery
+from app_helpers import build_small_gallery
 
 REPO = Path(__file__).resolve().parents[1]
 GALLERY = "demo"  # the name build_small_gallery gives

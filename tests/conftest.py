@@ -25,11 +25,41 @@ def shared_data(*parts: str) -> Path:
     return path
 
 
+def run_subcommand(module, argv: list[str]):
+    """Parse `argv` with only `module`'s subcommand registered and run it in-process (its `func`'s return value)."""
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    module.add_parser(parser.add_subparsers())
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def place_photos(photos, folder: Path) -> list[Path]:
+    """Copy photos into folder/<class>/<file>, keeping each one's class folder name; returns the copies."""
+    import shutil
+
+    out = []
+    for p in photos:
+        (folder / p.parent.name).mkdir(parents=True, exist_ok=True)
+        out.append(Path(shutil.copy(p, folder / p.parent.name / p.name)))
+    return out
+
+
 @pytest.fixture(scope="session")
 def tiny_model():
     from fti4cir import create_model
 
     return create_model("fti4cir-tiny", None, device="cpu", seed=0).eval()
+
+
+@pytest.fixture(scope="session")
+def demo_galleries(tiny_model, tmp_path_factory):
+    """A galleries folder with "demo": 12 shared clothing photos indexed with the tiny model (read-only: tests that
+    change a gallery build their own)."""
+    from app_helpers import build_small_gallery
+
+    return build_small_gallery(tiny_model, tmp_path_factory.mktemp("demo-gallery"), 12)
 
 
 @pytest.fixture(scope="session")
@@ -41,3 +71,20 @@ def tiny_backbone(tiny_model):
 def images():
     torch.manual_seed(1)
     return torch.randn(4, 3, 224, 224)
+
+
+def random_m2c(backbone, stage: int, seed: int = 5):
+    """A random M2C network for `backbone` (eval mode); stage 2 adds composing adapters, scaled up from the official
+    init (x 0.01 barely moves a random tiny tower) so that "m2c+compose" visibly differs from "m2c". The same seed
+    gives the same stage-I part in both stages."""
+    from fti4cir.m2c import M2CConfig, M2CNetwork
+
+    torch.manual_seed(seed)
+    net = M2CNetwork(M2CConfig.for_backbone(backbone))
+    if stage == 2:
+        net.add_adapters()
+        with torch.no_grad():
+            for adapter in net.adapters:
+                adapter.down.mul_(30)
+                adapter.up.mul_(30)
+    return net.eval()

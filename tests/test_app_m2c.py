@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_app_service import api_search, brute_force, build_small_gallery, page_props
+from app_helpers import api_search, brute_force, build_small_gallery, page_props
+from conftest import random_m2c
 
 from fti4cir.app_service import SearchService
 from fti4cir.compose import METHODS
@@ -12,29 +13,12 @@ from fti4cir.inputs import load_image
 from fti4cir.m2c import PROMPTS, M2CConfig, M2CModel, M2CNetwork, m2c_compose, save_m2c_weights
 
 
-def random_m2c(backbone, stage: int, seed: int = 5) -> M2CNetwork:
-    torch.manual_seed(seed)
-    net = M2CNetwork(M2CConfig.for_backbone(backbone))
-    if stage == 2:
-        net.add_adapters()
-        with torch.no_grad():
-            for adapter in net.adapters:  # larger than the official init, so that the adapters visibly matter
-                adapter.down.mul_(30)
-                adapter.up.mul_(30)
-    return net.eval()
-
-
 @pytest.fixture(scope="module")
-def galleries(tiny_model, tmp_path_factory):
-    return build_small_gallery(tiny_model, tmp_path_factory.mktemp("m2c-app"), 12)
-
-
-@pytest.fixture(scope="module")
-def service(tiny_model, galleries):
+def service(tiny_model, demo_galleries):
     from fti4cir.gallery import Gallery
 
     m2c_model = M2CModel(tiny_model.backbone, random_m2c(tiny_model.backbone, 2), tiny_model.preprocess_kind)
-    return SearchService(tiny_model, Gallery.load("demo", model=tiny_model, galleries_dir=galleries), m2c_model)
+    return SearchService(tiny_model, Gallery.load("demo", model=tiny_model, galleries_dir=demo_galleries), m2c_model)
 
 
 def m2c_query(service, image, text, method):
@@ -99,11 +83,11 @@ def test_app_offers_the_m2c_methods_and_the_api_answers(service):
     assert [r["name"] for r in answer["results"]] == [h.name for h in expected.hits]
 
 
-def test_app_loads_m2c_weights_or_says_why_not(tiny_model, galleries, tmp_path):
+def test_app_loads_m2c_weights_or_says_why_not(tiny_model, demo_galleries, tmp_path):
     import app
 
     weights = save_m2c_weights(random_m2c(tiny_model.backbone, 2), tmp_path / "m2c.safetensors")
-    args = app.parse_args(["--tiny", "--galleries-dir", str(galleries), "--device", "cpu", "--m2c-weights",
+    args = app.parse_args(["--tiny", "--galleries-dir", str(demo_galleries), "--device", "cpu", "--m2c-weights",
                            str(weights)])
     setup = app.load_service(args)
     assert setup.service.methods[-2:] == ("m2c", "m2c+compose")

@@ -2,7 +2,6 @@
 and app.py's configuration (flags, environment, banners instead of crashes)."""
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -11,40 +10,17 @@ import pytest
 import torch
 
 from bad_inputs import generate_image_cases, text_cases
-from conftest import shared_data
+from app_helpers import api_search, brute_force, build_small_gallery, page_props
 from fti4cir.app_service import MAX_K, Hit, Reference, SearchService, rank_changes, summarize_moves
 from fti4cir.compose import compose
 from fti4cir.errors import UserError
 
 
-def build_small_gallery(model, tmp: Path, count: int, name: str = "demo") -> Path:
-    """Copy `count` clothing photos (spread over the classes) into tmp/photos and index them into tmp/galleries."""
-    from fti4cir.gallery import build_gallery
-
-    classes = sorted(p for p in shared_data("photos", "clothing", "test").iterdir() if p.is_dir())
-    per_class = -(-count // len(classes))
-    chosen = [f for c in classes for f in sorted(c.glob("*.jpg"))[:per_class]][:count]
-    source = tmp / "photos"
-    for f in chosen:
-        (source / f.parent.name).mkdir(parents=True, exist_ok=True)
-        shutil.copy(f, source / f.parent.name / f.name)
-    build_gallery(model, str(source), name, galleries_dir=tmp / "galleries", progress=False, num_workers=0)
-    return tmp / "galleries"
-
-
 @pytest.fixture(scope="module")
-def service(tiny_model, tmp_path_factory):
+def service(tiny_model, demo_galleries):
     from fti4cir.gallery import Gallery
 
-    galleries = build_small_gallery(tiny_model, tmp_path_factory.mktemp("service"), 12)
-    return SearchService(tiny_model, Gallery.load("demo", model=tiny_model, galleries_dir=galleries))
-
-
-def brute_force(service, query: torch.Tensor, exclude: int | None = None) -> list[int]:
-    scores = service.gallery.features @ query[0].cpu()
-    if exclude is not None:
-        scores[exclude] = -np.inf
-    return torch.argsort(scores, descending=True, stable=True).tolist()
+    return SearchService(tiny_model, Gallery.load("demo", model=tiny_model, galleries_dir=demo_galleries))
 
 
 # ---- searches --------------------------------------------------------------------------------------------------
@@ -293,15 +269,6 @@ def test_switch_values_round_trip(service):
                                                                                  True)
     assert app.browser_rows(1000, 60)[:2] == [0, 17] and len(app.browser_rows(1000, 60)) == 60
     assert app.browser_rows(5, 60) == [0, 1, 2, 3, 4] and app.browser_rows(0) == []
-
-
-def page_props(demo) -> dict[str, dict]:
-    config = demo.get_config_file()
-    return {c["props"]["elem_id"]: c["props"] for c in config["components"] if c["props"].get("elem_id")}
-
-
-def api_search(demo):
-    return next(f.fn for f in demo.fns.values() if f.api_name == "search")
 
 
 def test_page_without_a_model_shows_the_banner_and_disables_search():

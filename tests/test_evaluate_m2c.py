@@ -11,36 +11,25 @@ import pytest
 import torch
 import torch.nn.functional as F
 from benchmark_fixtures import benchmark_root
+from conftest import random_m2c
 from test_evaluate_cli import QUERIES, TINY, _evaluate_args, _invoke, _root_with_images, cli_with_evaluation  # noqa: F401
 
-from fti4cir import cli, create_model
+from fti4cir import cli
 from fti4cir.backbone import VisualFeatures
 from fti4cir.compose import METHODS
 from fti4cir.evaluation import run
 from fti4cir.evaluation.datasets import load_benchmark
 from fti4cir.evaluation.submission import validate_cirr_submission
 from fti4cir.inputs import load_image
-from fti4cir.m2c import PROMPTS, M2CConfig, M2CModel, M2CNetwork, m2c_compose, save_m2c_weights
-
-
-def _tiny_backbone():
-    return create_model("fti4cir-tiny", None, device="cpu", seed=0).backbone
+from fti4cir.m2c import PROMPTS, M2CModel, m2c_compose, save_m2c_weights
 
 
 @pytest.fixture(scope="module")
-def m2c_weights(tmp_path_factory):
-    """{"stage1": path, "stage2": path} of random M2C networks for the tiny backbone."""
+def m2c_weights(tmp_path_factory, tiny_backbone):
+    """{"stage1": path, "stage2": path} of random M2C networks for the tiny backbone (the same stage-I part)."""
     folder = tmp_path_factory.mktemp("m2c-weights")
-    torch.manual_seed(3)
-    net = M2CNetwork(M2CConfig.for_backbone(_tiny_backbone()))
-    paths = {"stage1": save_m2c_weights(net, folder / "stage1.safetensors")}
-    net.add_adapters()
-    with torch.no_grad():
-        for adapter in net.adapters:  # the official init (x 0.01) barely moves a random tiny tower
-            adapter.down.mul_(30)
-            adapter.up.mul_(30)
-    paths["stage2"] = save_m2c_weights(net, folder / "stage2.safetensors")
-    return paths
+    return {f"stage{stage}": save_m2c_weights(random_m2c(tiny_backbone, stage, seed=3),
+                                              folder / f"stage{stage}.safetensors") for stage in (1, 2)}
 
 
 @pytest.fixture(scope="module")
@@ -91,12 +80,12 @@ def test_m2c_with_fti4cir_preprocessing_shares_the_cache(cirr_run, m2c_weights):
 
 
 @pytest.mark.parametrize("method", ["m2c", "m2c+compose"])
-def test_similarities_equal_m2c_compose_on_the_images(tmp_path, m2c_weights, method):
+def test_similarities_equal_m2c_compose_on_the_images(tmp_path, m2c_weights, tiny_model, method):
     """part_similarities for an M2C method = m2c_compose on the decoded references (features rounded to fp16 as
     the cache stores them) against the gallery's clip-preprocessed CLIP features."""
     root, galleries = _root_with_images(tmp_path, "cirr", "val")
     (part,) = run.load_parts("cirr", root, "val", max_queries=QUERIES, subset_gallery=6)
-    model = create_model("fti4cir-tiny", None, device="cpu", seed=0).eval()
+    model = tiny_model
     args = cli.build_parser().parse_args(["evaluate", "--dataset", "cirr", "--root", str(root), *TINY,
                                           "--m2c-weights", str(m2c_weights["stage2"]), "--cache-dir",
                                           str(tmp_path / "cache")])
@@ -155,24 +144,23 @@ def test_submit_with_m2c_compose(tmp_path, m2c_weights):
                              references={q.query_id: q.reference for q in queries})
 
 
-@pytest.mark.parametrize(("extra", "message", "before_model"), [
-    (["--methods", "fti4cir,m2c"], "method m2c needs --m2c-weights", True),
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--methods", "fti4cir,m2c"], "method m2c needs --m2c-weights"),
     (["--methods", "m2c+compose", "--m2c-weights", "STAGE1"], "m2c+compose needs the weights of `fti4cir m2c-train "
-                                                              "--stage 2`", True),
-    (["--m2c-weights", "FTI4CIR"], "not an M2C weights file", True),
-    (["--m2c-weights", "MISSING"], "M2C weights file not found", True),
-    (["--m2c-weights", "FOLDER"], "must be a .safetensors file", True),
+                                                              "--stage 2`"),
+    (["--m2c-weights", "FTI4CIR"], "not an M2C weights file"),
+    (["--m2c-weights", "MISSING"], "M2C weights file not found"),
+    (["--m2c-weights", "FOLDER"], "must be a .safetensors file"),
 ])
-def test_bad_m2c_options_are_user_errors(tmp_path, capsys, m2c_weights, monkeypatch, extra, message, before_model):
+def test_bad_m2c_options_are_user_errors(tmp_path, capsys, m2c_weights, tiny_model, monkeypatch, extra, message):
+    """Every bad M2C option is an exit-2 message before any model is built."""
     from fti4cir import save_weights
 
-    fti4cir_weights = save_weights(create_model("fti4cir-tiny", None, device="cpu").inversion,
-                                   tmp_path / "fti4cir.safetensors")
+    fti4cir_weights = save_weights(tiny_model.inversion, tmp_path / "fti4cir.safetensors")
     files = {"STAGE1": m2c_weights["stage1"], "FTI4CIR": fti4cir_weights, "MISSING": tmp_path / "none.safetensors",
              "FOLDER": tmp_path}
     extra = [str(files.get(v, v)) for v in extra]
-    if before_model:
-        monkeypatch.setattr(cli, "model_from_args", lambda args: pytest.fail("model built despite a bad option"))
+    monkeypatch.setattr(cli, "model_from_args", lambda args: pytest.fail("model built despite a bad option"))
     root, _ = _root_with_images(tmp_path, "cirr", "val")
     assert _invoke("evaluate", "--dataset", "cirr", "--root", root, "--max-queries", 2, "--subset-gallery", 2,
                    "--cache-dir", tmp_path / "cache", "--out", tmp_path / "out", *TINY, *extra) == 2

@@ -1,11 +1,9 @@
 """Galleries: build, load, search, explanations, incremental updates, identity checks, corruption, names, CLI."""
 from __future__ import annotations
 
-import argparse
 import fcntl
 import hashlib
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -13,10 +11,11 @@ import pytest
 import torch
 
 from benchmark_fixtures import benchmark_root, make_placeholder_images
-from conftest import shared_data
+from conftest import place_photos, run_subcommand, shared_data
+from fti4cir import gallery
 from fti4cir.compose import compose
 from fti4cir.errors import UserError
-from fti4cir.gallery import (CURRENT, Gallery, add_parser, build_gallery, list_galleries, parameter_digest,
+from fti4cir.gallery import (CURRENT, Gallery, build_gallery, list_galleries, parameter_digest,
                              validate_name)
 from fti4cir.inputs import load_image
 from fti4cir.model import CIRModel
@@ -24,12 +23,7 @@ from fti4cir.model import CIRModel
 
 def copy_photos(folder: Path, count: int, start: int = 0) -> list[Path]:
     """`count` shared clothing photos copied into folder/<class>/<file>, in a fixed order."""
-    photos = sorted(shared_data("photos", "clothing", "test").rglob("*.jpg"))[start:start + count]
-    out = []
-    for p in photos:
-        (folder / p.parent.name).mkdir(parents=True, exist_ok=True)
-        out.append(Path(shutil.copy(p, folder / p.parent.name / p.name)))
-    return out
+    return place_photos(sorted(shared_data("photos", "clothing", "test").rglob("*.jpg"))[start:start + count], folder)
 
 
 def build(model, src, tmp_path, name="g", **kw):
@@ -228,10 +222,7 @@ def test_benchmark_split_source(tiny_model, tmp_path):
 
 
 def run_cli(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser()
-    add_parser(parser.add_subparsers())
-    args = parser.parse_args(["index", *argv])
-    return args.func(args)
+    return run_subcommand(gallery, ["index", *argv])
 
 
 def test_cli_with_a_definition_file(tmp_path, capsys):

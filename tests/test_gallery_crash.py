@@ -6,7 +6,6 @@ import hashlib
 import multiprocessing
 import os
 import random
-import shutil
 import signal
 import threading
 import time
@@ -16,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import shared_data
+from conftest import place_photos, shared_data
 from fti4cir.errors import UserError
 from fti4cir.gallery import Gallery, build_gallery, model_from_spec
 
@@ -47,12 +46,6 @@ def indexer():
         return proc
 
     return start
-
-
-def place(photos: list[Path], folder: Path) -> None:
-    for p in photos:
-        (folder / p.parent.name).mkdir(parents=True, exist_ok=True)
-        shutil.copy(p, folder / p.parent.name / p.name)
 
 
 def staged_shards(galleries: Path) -> int:
@@ -121,7 +114,7 @@ def test_killed_builds_resume_to_the_clean_gallery(tmp_path, indexer):
 
     # the clean reference: one uninterrupted in-process build with the same model the CLI makes
     clean_src = tmp_path / "clean"
-    place(final, clean_src)
+    place_photos(final, clean_src)
     started = time.perf_counter()
     build_gallery(model_from_spec(SPEC), str(clean_src), "g", galleries_dir=tmp_path / "clean-galleries",
                   batch_size=4, shard_size=8, num_workers=0, progress=False)
@@ -134,7 +127,7 @@ def test_killed_builds_resume_to_the_clean_gallery(tmp_path, indexer):
     reader.allowed.append(frozenset(f"{p.parent.name}/{p.name}" for p in phase1))
     reader.start()
     try:
-        place(phase1, src)
+        place_photos(phase1, src)
         # 48 images = 6 shards: killed inside the 2nd, at a random time, inside the next-but-one
         kills = [(1, rng.uniform(0, 0.1)), (0, rng.uniform(0.05, 0.5) * clean_seconds), (1, rng.uniform(0, 0.1))]
         killed, resumable = build_with_kills(indexer, src, galleries, kills)
@@ -144,7 +137,7 @@ def test_killed_builds_resume_to_the_clean_gallery(tmp_path, indexer):
         reader.allowed.append(frozenset(clean.names))
         for p in extra:
             (src / p.parent.name / p.name).unlink()
-        place(final[:20], src)
+        place_photos(final[:20], src)
         kills = [(0, rng.uniform(0.05, 0.5) * clean_seconds), (1, rng.uniform(0, 0.1))]  # 20 new: 3 shards
         more = build_with_kills(indexer, src, galleries, kills)
         killed, resumable = killed + more[0], resumable + more[1]
@@ -180,11 +173,11 @@ def test_a_reader_never_sees_a_version_being_replaced(tmp_path, monkeypatch):
 
     photos = sorted(shared_data("photos", "clothing", "test").rglob("*.jpg"))[:6]
     src = tmp_path / "src"
-    place(photos[:4], src)
+    place_photos(photos[:4], src)
     model = model_from_spec(SPEC)
     kw = {"galleries_dir": tmp_path / "galleries", "num_workers": 0, "progress": False}
     first = build_gallery(model, str(src), "g", **kw)
-    place(photos[4:], src)
+    place_photos(photos[4:], src)
 
     def crash(*args, **kwargs):
         raise KeyboardInterrupt  # stands for a kill between writing the new version and publishing it

@@ -1,13 +1,12 @@
 """`fti4cir index --ray`: a local Ray instance with 2 workers builds the same gallery as one process (issue 6)."""
 from __future__ import annotations
 
-import shutil
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import shared_data
+from conftest import place_photos, shared_data
 from fti4cir.gallery import Gallery, build_gallery, model_from_spec
 
 ray = pytest.importorskip("ray", reason="ray is not installed (pip install ray)")
@@ -19,9 +18,7 @@ SPEC = {"backbone": "fti4cir-tiny", "pretrained": None, "weights": None, "device
 
 def test_ray_build_equals_the_single_process_build(tmp_path):
     src = tmp_path / "src"
-    for p in sorted(shared_data("photos", "clothing", "test").rglob("*.jpg"))[::9][:40]:
-        (src / p.parent.name).mkdir(parents=True, exist_ok=True)
-        shutil.copy(p, src / p.parent.name / p.name)
+    place_photos(sorted(shared_data("photos", "clothing", "test").rglob("*.jpg"))[::9][:40], src)
     (src / "broken.jpg").write_text("not an image")
     model = model_from_spec(SPEC)
     kw = {"batch_size": 8, "shard_size": 8, "progress": False}

@@ -1,7 +1,6 @@
 """M2C ("From Mapping to Composing"): networks, hooked text encoder, query path, weights, losses, triplets, training."""
 from __future__ import annotations
 
-import argparse
 import json
 import random
 from pathlib import Path
@@ -11,7 +10,7 @@ import PIL.Image
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import shared_data
+from conftest import run_subcommand, shared_data
 
 from fti4cir import InversionConfig, InversionNetwork, save_weights
 from fti4cir.errors import UserError
@@ -311,13 +310,6 @@ def test_triplets_jsonl_reader(tmp_path):
         read_triplets(file)
 
 
-def _run_cli(module, argv):
-    parser = argparse.ArgumentParser()
-    module.add_parser(parser.add_subparsers())
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
 def test_stage1_captions_from_labels_or_a_captions_file(tmp_path):
     root = write_labelled_folder(tmp_path / "photos", ["shirt", "t-shirt"], 2)
     paths, captions = stage1_data(root)
@@ -335,12 +327,12 @@ def test_command_line_runs_both_stages(tmp_path, capsys):
     photos = write_labelled_folder(tmp_path / "photos", ["red", "blue", "green"], 4)
     common = ["--backbone", "fti4cir-tiny", "--pretrained", "none", "--device", "cpu", "--epochs", "1",
               "--batch-size", "6", "--num-workers", "0", "--cache-dir", str(tmp_path / "cache")]
-    assert _run_cli(m2c_train, ["m2c-train", "--stage", "1", "--images", str(photos), "--out",
+    assert run_subcommand(m2c_train, ["m2c-train", "--stage", "1", "--images", str(photos), "--out",
                                 str(tmp_path / "s1.safetensors"), *common]) == 0
-    assert _run_cli(m2c_triplets, ["triplets", str(photos), "--out", str(tmp_path / "t.jsonl"),
+    assert run_subcommand(m2c_triplets, ["triplets", str(photos), "--out", str(tmp_path / "t.jsonl"),
                                    "--ground-truths"]) == 0
     assert len(read_triplets(tmp_path / "t.jsonl")) == 12
-    assert _run_cli(m2c_train, ["m2c-train", "--stage", "2", "--init", str(tmp_path / "s1.safetensors"),
+    assert run_subcommand(m2c_train, ["m2c-train", "--stage", "2", "--init", str(tmp_path / "s1.safetensors"),
                                 "--triplets", str(tmp_path / "t.jsonl"), "--out", str(tmp_path / "s2.safetensors"),
                                 "--adapter-rank", "16", "--val-triplets", str(tmp_path / "t.jsonl"),
                                 "--gallery", str(photos), *common]) == 0
@@ -349,7 +341,7 @@ def test_command_line_runs_both_stages(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "held-out m2c: R@1" in out and "held-out m2c+compose: R@1" in out
     with pytest.raises(UserError, match="--init"):
-        _run_cli(m2c_train, ["m2c-train", "--stage", "2", "--triplets", str(tmp_path / "t.jsonl"), "--out",
+        run_subcommand(m2c_train, ["m2c-train", "--stage", "2", "--triplets", str(tmp_path / "t.jsonl"), "--out",
                              str(tmp_path / "x.safetensors"), *common])
 
 

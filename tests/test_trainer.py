@@ -1,5 +1,4 @@
 """Training data, the trainer's resume guarantees (bit-for-bit, SIGKILL-safe) and a learning check on real photos."""
-import argparse
 import contextlib
 import hashlib
 import json
@@ -26,7 +25,7 @@ from fti4cir.training.data import epoch_batches, prepare_training_data, read_pai
 from fti4cir.training.losses import pseudo_sentence_features
 from fti4cir.weights import load_weights
 
-from conftest import shared_data
+from conftest import run_subcommand, shared_data
 
 NUM_PAIRS = 24  # 3 steps of 8 per epoch
 
@@ -110,10 +109,7 @@ def run_args(dataset) -> list[str]:
 
 def train_cli(dataset, *extra: str, base: bool = True) -> int:
     """`fti4cir train` in-process, on the CPU; base=False gives only `extra` (as for a plain --resume)."""
-    parser = argparse.ArgumentParser()
-    trainer.add_parser(parser.add_subparsers())
-    args = parser.parse_args(["train", *extra, "--device", "cpu", *(run_args(dataset) if base else [])])
-    return args.func(args)
+    return run_subcommand(trainer, ["train", *extra, "--device", "cpu", *(run_args(dataset) if base else [])])
 
 
 def weights_of(run: Path) -> dict[str, torch.Tensor]:
@@ -236,10 +232,7 @@ def train_then_die(where: str, at: int, argv: list[str]) -> None:
         return commit(path, record, **kwargs)
 
     trainer.train_step, trainer.write_json_atomic = killing_step, killing_commit  # the child's copy of the module
-    parser = argparse.ArgumentParser()
-    trainer.add_parser(parser.add_subparsers())
-    args = parser.parse_args(argv)
-    args.func(args)
+    run_subcommand(trainer, argv)
 
 
 @pytest.mark.parametrize("where, at, committed", [("step", 5, 4), ("commit", 4, 3)])

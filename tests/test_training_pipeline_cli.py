@@ -1,16 +1,13 @@
 """Issue 3 end to end: every training stage from the command line on shared photos, tiny backbone, tiny BLIP."""
 import json
-import shutil
 
-from conftest import shared_data
+from conftest import place_photos, shared_data
 from fti4cir.cli import main
 
 
 def test_caption_split_features_train_from_the_cli(tmp_path):
     photos = tmp_path / "photos"
-    for p in sorted(shared_data("photos", "clothing", "train").rglob("*.jpg"))[::40][:12]:
-        (photos / p.parent.name).mkdir(parents=True, exist_ok=True)
-        shutil.copy(p, photos / p.parent.name / p.name)
+    place_photos(sorted(shared_data("photos", "clothing", "train").rglob("*.jpg"))[::40][:12], photos)
     model = ["--backbone", "fti4cir-tiny", "--pretrained", "none", "--device", "cpu"]
     assert main(["caption", str(photos), "--out", str(tmp_path / "captions.jsonl"), "--model", "tiny-random"]) == 0
     assert len((tmp_path / "captions.jsonl").read_text().splitlines()) == 12
