@@ -15,27 +15,32 @@ at any moment leaves the previous checkpoint intact; --resume then continues exa
 """
 from __future__ import annotations
 
-import base64
 import dataclasses
 import json
 import math
 import os
-import random
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ..atomic import atomic_path, write_json_atomic, write_text_atomic
+from ..atomic import write_json_atomic, write_text_atomic
 from ..backbone import DEFAULT_MODEL, DEFAULT_PRETRAINED, default_device, resolve_pretrained
 from ..errors import UserError
 from ..features import FeatureStore
 from ..weights import file_digest, save_weights
+from .checkpoint import (
+    read_record,
+    remove_stale_tensors,
+    restore_state_tensors,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+    write_state_tensors,
+)
 from .data import BatchDataset, TrainingBatch, epoch_batches, prepare_training_data
 from .losses import LossTerms, fti4cir_loss
 
@@ -76,42 +81,6 @@ def lr_for_epoch(config: TrainConfig, epoch: int) -> float:
     return config.lr * (config.lr_decay if epoch >= config.lr_decay_epoch else 1.0)
 
 
-# ---- RNG state --------------------------------------------------------------------------------------------------
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)  # also seeds every CUDA device
-
-
-def _b64(t: torch.Tensor) -> str:
-    return base64.b64encode(t.cpu().numpy().tobytes()).decode()
-
-
-def _from_b64(s: str) -> torch.Tensor:
-    return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)
-
-
-def rng_state() -> dict:
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    version, internal, gauss_next = random.getstate()
-    return {
-        "torch": _b64(torch.get_rng_state()),
-        "cuda": [_b64(s) for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
-        "numpy": [kind, keys.tolist(), pos, has_gauss, gauss],
-        "python": [version, list(internal), gauss_next],
-    }
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(_from_b64(state["torch"]))
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([_from_b64(s) for s in state["cuda"]])
-    kind, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
-    version, internal, gauss_next = state["python"]
-    random.setstate((version, tuple(internal), gauss_next))
-
-
 # ---- checkpoints ------------------------------------------------------------------------------------------------
 @dataclass
 class RunState:
@@ -124,52 +93,21 @@ class RunState:
 
 def save_checkpoint(run_dir: Path, net, optimizer, scaler, config: TrainConfig, state: RunState,
                     pairs_digest: str) -> None:
-    tensors = {f"net/{k}": v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
-    opt = optimizer.state_dict()
-    scalars = {}
-    for index, param_state in opt["state"].items():
-        for key, value in param_state.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"optim/{index}/{key}"] = value.detach().cpu().contiguous()
-            else:
-                scalars[f"{index}/{key}"] = value
-    name = f"checkpoint-{state.global_step:09d}.safetensors"
-    with atomic_path(run_dir / name) as tmp:
-        save_file(tensors, str(tmp))
+    name, optimizer_state = write_state_tensors(run_dir, state.global_step, net, optimizer)
     record = {
         "format": 1, "tensors": name, "config": config.to_dict(), "pairs_sha256": pairs_digest,
-        **dataclasses.asdict(state),
-        "optimizer": {"param_groups": opt["param_groups"], "scalars": scalars},
-        "scaler": scaler.state_dict(), "rng": rng_state(),
+        **dataclasses.asdict(state), "optimizer": optimizer_state, "scaler": scaler.state_dict(), "rng": rng_state(),
     }
     write_json_atomic(run_dir / CHECKPOINT, record, indent=None)  # the commit
-    for old in run_dir.glob("checkpoint-*.safetensors"):
-        if old.name != name:
-            old.unlink(missing_ok=True)
+    remove_stale_tensors(run_dir, name)
 
 
 def read_checkpoint(run_dir: str | os.PathLike) -> dict | None:
-    path = Path(run_dir) / CHECKPOINT
-    if not path.exists():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path} is unreadable ({e}); delete it to start over") from e
+    return read_record(Path(run_dir) / CHECKPOINT)
 
 
 def restore_checkpoint(run_dir: Path, record: dict, net, optimizer, scaler) -> RunState:
-    tensors = load_file(str(run_dir / record["tensors"]))
-    net.load_state_dict({k[len("net/"):]: v for k, v in tensors.items() if k.startswith("net/")})
-    state: dict = {}
-    for key, value in tensors.items():
-        if key.startswith("optim/"):
-            _, index, name = key.split("/", 2)
-            state.setdefault(int(index), {})[name] = value
-    for key, value in record["optimizer"]["scalars"].items():
-        index, name = key.split("/", 1)
-        state.setdefault(int(index), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": record["optimizer"]["param_groups"]})
+    restore_state_tensors(run_dir, record, net, optimizer)
     if record["scaler"]:
         scaler.load_state_dict(record["scaler"])
     set_rng_state(record["rng"])
