@@ -1,0 +1,52 @@
+"""CLI stages of the demo world: `demo-photos`, `demo-labels`, `demo-captions`, `demo-benchmark`."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+DEFAULT_PHOTOS = "data/clothing"
+
+
+def _photos(args) -> int:
+    from .photos import copy_photos, counts
+
+    photos = copy_photos(args.source, args.out, max_side=args.max_side, quality=args.quality,
+                         overwrite=args.overwrite)
+    for split, table in counts(photos).items():
+        print(f"{split}: {sum(table.values())} photos ({', '.join(f'{c} {n}' for c, n in table.items())})")
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _labels(args) -> int:
+    from collections import Counter
+
+    from .labels import label_photos, write_labels
+
+    labels = label_photos(args.photos)
+    out = Path(args.out or Path(args.photos) / "labels.json")
+    write_labels(labels, out)
+    colours = Counter(p["colour"] for p in labels["photos"])
+    print(f"{len(labels['photos'])} photos; colours: "
+          + ", ".join(f"{c or 'null'} {n}" for c, n in colours.most_common()))
+    print(f"wrote {out}")
+    return 0
+
+
+def add_parser(subparsers) -> None:
+    from ..cli import positive_int
+    from .photos import MAX_SIDE, QUALITY
+
+    p = subparsers.add_parser("demo-photos", help="copy the clothing photos (<split>/<class>/*.jpg) into the "
+                              "repository, downscaled")
+    p.add_argument("source", help="clothing-dataset-small folder with train/validation/test/<class>/*.jpg")
+    p.add_argument("--out", default=DEFAULT_PHOTOS, help="destination (default %(default)s)")
+    p.add_argument("--max-side", type=positive_int, default=MAX_SIDE, help="longer side in pixels (default %(default)s)")
+    p.add_argument("--quality", type=positive_int, default=QUALITY, help="JPEG quality (default %(default)s)")
+    p.add_argument("--overwrite", action="store_true", help="rewrite photos that already exist")
+    p.set_defaults(func=_photos)
+
+    p = subparsers.add_parser("demo-labels", help="class and colour labels of the demo photos (labels.json)")
+    p.add_argument("--photos", default=DEFAULT_PHOTOS, help="photo folder (default %(default)s)")
+    p.add_argument("--out", default=None, help="labels file (default PHOTOS/labels.json)")
+    p.set_defaults(func=_labels)
