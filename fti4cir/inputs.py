@@ -17,7 +17,11 @@ Limits and why they have these values:
     size declared in the file header, before any pixel is decoded; Pillow's ``DecompressionBombError`` (raised
     while opening files over 179 MP) is caught and reported the same way. Pillow's global limit is left as it is,
     deliberately: lowering or disabling it would change every other ``Image.open`` in the process (gallery
-    indexing included), and under our stricter limit it never decides anything for uploads.
+    indexing included), and under our stricter limit it never decides anything for uploads. Thin images are also
+    refused when their rows would cost more than that: Pillow keeps a pointer per row, so a 1 x 40,000,000 line
+    takes three times the memory of a 40 MP photo (see :func:`decoded_bytes`). What follows decoding is bounded by
+    these limits too: EXIF rotation and mode conversion hold a few copies of the same size, and
+    :mod:`fti4cir.preprocess` bounds padding and resizing.
 ``MAX_TEXT_CHARS`` (1000 characters)
     The CLIP text encoder reads 77 tokens (about 300 characters of English); 1000 characters leaves room for
     scripts that need more tokens per character while bounding the work spent normalising and tokenising.
@@ -30,7 +34,7 @@ Defined behaviours of :func:`load_image`:
 
 - the EXIF orientation is applied (a broken EXIF block is ignored, the pixels are still used);
 - animations (GIF, WebP, APNG) and multi-page TIFFs give their first frame;
-- transparency (RGBA, LA, PA, palette or grey/RGB with a transparent colour key) is composited onto white.
+- transparency (RGBA, LA, PA, palette or 1-bit/grey/RGB with a transparent colour key) is composited onto white.
   White because catalogue photos, the main use, show products on white, and a cut-out shown on black would
   give the encoder a dark backdrop that is not part of the picture;
 - 16-bit greyscale is scaled to 8 bits (65535 -> 255, 32768 -> 128), never clipped; 32-bit integer images with
@@ -53,7 +57,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError, features
 
 from fti4cir.errors import UserError
 
-__all__ = ["MAX_UPLOAD_BYTES", "MAX_IMAGE_PIXELS", "MAX_TEXT_CHARS", "load_image", "clean_text", "describe_limits"]
+__all__ = ["MAX_UPLOAD_BYTES", "MAX_IMAGE_PIXELS", "MAX_TEXT_CHARS", "load_image", "clean_text", "describe_limits",
+           "decoded_bytes"]
 
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 MAX_IMAGE_PIXELS = 40_000_000
@@ -65,9 +70,11 @@ _IMAGE_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF") + (("AVIF",) if f
 _FORMAT_NAMES = ", ".join({"WEBP": "WebP"}.get(f, f) for f in _IMAGE_FORMATS)
 _READ_CHUNK = 1 << 20
 _MAX_NAME_CHARS = 60
+_ROW_BYTES = 8  # Pillow's pointer to each row
+_FREE_ROWS = 100_000  # rows not counted against the pixel limit: every photo shape up to a 1 x 100,000 line
 _WHITE = (255, 255, 255)
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "PA"})  # "La" has no conversion: unsupported
-_KEYED_MODES = frozenset({"P", "L", "RGB"})  # modes whose info["transparency"] Pillow turns into alpha
+_KEYED_MODES = frozenset({"1", "P", "L", "RGB"})  # modes whose info["transparency"] Pillow turns into alpha
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
 # ftyp brands of HEIF containers Pillow cannot read (AVIF, also HEIF-based, is tried by Pillow first).
 _HEIF_BRANDS = frozenset({b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"hevm", b"hevs", b"mif1", b"msf1"})
@@ -202,6 +209,8 @@ def _decoded_to_rgb(image: Image.Image, subject: str) -> Image.Image:
     width, height = image.size
     if width * height > MAX_IMAGE_PIXELS:
         raise UserError(_too_many_pixels_message(subject, image.size))
+    if decoded_bytes(width, height) > decoded_bytes(MAX_IMAGE_PIXELS, 1) + _ROW_BYTES * _FREE_ROWS:
+        raise UserError(_too_many_rows_message(subject, image.size))
     try:
         image.load()
     except Image.DecompressionBombError:  # some plugins check again while decoding
@@ -226,32 +235,64 @@ def to_rgb(image: Image.Image, subject: str = "The image") -> Image.Image:
         return image
     try:
         if mode in _ALPHA_MODES or (mode in _KEYED_MODES and "transparency" in image.info):
-            rgba = image.convert("RGBA")
-            return Image.alpha_composite(Image.new("RGBA", rgba.size, _WHITE + (255,)), rgba).convert("RGB")
+            # Pasting through the alpha band onto white is alpha compositing onto an opaque background, with two
+            # image copies alive instead of four (this decides the peak memory of a large transparent upload).
+            rgba = image if mode == "RGBA" else image.convert("RGBA")
+            white = Image.new("RGB", rgba.size, _WHITE)
+            white.paste(rgba, mask=rgba)
+            return white
         return image.convert("RGB")
     except ValueError:  # modes Pillow has no conversion for, e.g. premultiplied "La"
         raise UserError(f"{subject} uses an unsupported colour mode ({mode}).") from None
 
 
 def _high_depth_to_uint8(image: Image.Image) -> np.ndarray:
-    """8-bit grey from 16-bit, 32-bit integer or float pixels, scaled rather than clipped."""
+    """8-bit grey from 16-bit, 32-bit integer or float pixels, scaled rather than clipped.
+
+    Converted in blocks of rows, so that the float64 / uint32 temporaries stay small next to the image."""
     values = np.asarray(image)
     if image.mode == "F":
-        values = np.nan_to_num(values.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
-        if values.min() >= 0.0 and values.max() <= 1.0:
-            return np.rint(values * 255.0).astype(np.uint8)
-        return _stretch(values)
-    if values.min() >= 0 and values.max() <= 65535:
+        low, high = _finite_range(values)  # NaN and infinities count as 0, as they are converted
+        if low >= 0.0 and high <= 1.0:
+            return _by_rows(values, lambda v: np.rint(_finite_or_zero(v) * 255.0))
+        return _stretch(values, low, high, _finite_or_zero)
+    low, high = int(values.min()), int(values.max())
+    if low >= 0 and high <= 65535:
         # Exact rounding of v * 255 / 65535 in integers: 65535 -> 255, 32768 -> 128.
-        return ((values.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
-    return _stretch(values)
+        return _by_rows(values, lambda v: (v.astype(np.uint32) * 255 + 32767) // 65535)
+    return _stretch(values, low, high, lambda v: v)
 
 
-def _stretch(values: np.ndarray) -> np.ndarray:
-    low, high = float(values.min()), float(values.max())
+_BLOCK_PIXELS = 1 << 20
+
+
+def _by_rows(values: np.ndarray, convert) -> np.ndarray:
+    """uint8 of `convert(block)` over blocks of about _BLOCK_PIXELS values."""
+    out = np.empty(values.shape, dtype=np.uint8)
+    rows = max(1, _BLOCK_PIXELS // max(1, values.shape[1]))
+    for start in range(0, values.shape[0], rows):
+        out[start:start + rows] = convert(values[start:start + rows])
+    return out
+
+
+def _finite_or_zero(values: np.ndarray) -> np.ndarray:
+    return np.nan_to_num(values.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def _finite_range(values: np.ndarray) -> tuple[float, float]:
+    finite = np.isfinite(values)
+    if finite.all():
+        return float(values.min()), float(values.max())
+    kept = values[finite]
+    low, high = (float(kept.min()), float(kept.max())) if kept.size else (0.0, 0.0)
+    return min(low, 0.0), max(high, 0.0)
+
+
+def _stretch(values: np.ndarray, low: float, high: float, clean) -> np.ndarray:
     if high == low:
         return np.full(values.shape, np.clip(round(low), 0, 255), dtype=np.uint8)
-    return np.rint((values.astype(np.float64) - low) * (255.0 / (high - low))).astype(np.uint8)
+    scale = 255.0 / (high - low)
+    return _by_rows(values, lambda v: np.rint((clean(v).astype(np.float64) - low) * scale))
 
 
 def _unsupported_format_message(data: bytes, subject: str) -> str:
@@ -280,6 +321,21 @@ def _joins(chars: list[str], i: int) -> bool:
 
 def _is_joinable(ch: str) -> bool:
     return ord(ch) > 0x7F and not ch.isspace() and ch not in _JOINERS
+
+
+def decoded_bytes(width: int, height: int) -> int:
+    """Memory of one RGB(A) copy of an image in Pillow: 4 bytes a pixel and a pointer a row.
+
+    The row pointers matter for thin images: a 1 x 40,000,000 line has 40 megapixels but takes 480 MB per copy,
+    three times a 40-megapixel photo. Every step after decoding (EXIF rotation, mode conversion, compositing) holds
+    at most a few such copies, so this bounds them all."""
+    return height * (4 * width + _ROW_BYTES)
+
+
+def _too_many_rows_message(subject: str, size: tuple[int, int]) -> str:
+    equivalent = _megapixels(decoded_bytes(*size) // 4)
+    return (f"{subject} is too elongated: {size[0]} x {size[1]} pixels need as much memory as {equivalent} "
+            f"(every row costs as much as two pixels); the limit is {_megapixels(MAX_IMAGE_PIXELS)}.")
 
 
 def _too_many_pixels_message(subject: str, size: tuple[int, int] | None = None) -> str:
