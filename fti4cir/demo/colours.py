@@ -30,15 +30,18 @@ WORK_SIDE = 96
 BORDER = 0.06  # border width as a fraction of the shorter side
 MIN_BORDER_SHARE = 0.2
 MIN_DELTA_E = 14.0
-CHROMATIC_WEIGHT = 1.3
-MIN_CONFIDENCE = 0.35
+CHROMATIC_WEIGHT = 1.0
+GARMENT_CLUSTERS = 4
+MODE = "pixels"
+MIN_CONFIDENCE = 0.45
 MIN_GARMENT_FRACTION = 0.04
 WB_MAX_CHROMA = 12.0  # a border more colourful than this is taken as a coloured background, not a colour cast
 
 ACHROMATIC = ("black", "white", "grey")
 # lightness limits of the achromatic words: black below, white at or above
-BLACK_BELOW = 27.0
+BLACK_BELOW = 25.0
 WHITE_FROM = 64.0
+BLUE_LIMIT = 5.0  # chroma from which a mid-light bluish pixel is blue (light denim), not grey
 
 @dataclass(frozen=True)
 class ColourLabel:
@@ -83,7 +86,7 @@ def name_pixels(lab: np.ndarray) -> np.ndarray:
     warm = (h >= 40) & (h < 105)
     cool_blue = (h >= 215) & (h < 308)
     limit = np.where(L < 15, 12.0, np.where(warm, np.where(L > 55, 13.0, 7.0),
-                                            np.where(cool_blue, np.where(L >= WHITE_FROM, 9.0, 5.0), 5.5)))
+                                            np.where(cool_blue, np.where(L >= WHITE_FROM, 9.0, BLUE_LIMIT), 5.5)))
     achromatic = C < limit
     red_zone = (h < 48) | (h >= 345)
     names = np.select(
@@ -168,9 +171,17 @@ def garment_colour(image: Image.Image) -> ColourLabel:
     centre = np.exp(-(((yy - (h - 1) / 2) / (0.35 * h)) ** 2 + ((xx - (w - 1) / 2) / (0.35 * w)) ** 2))
     if mask.sum() < max(16, 0.01 * h * w):  # nothing stands out: name the middle of the picture
         mask = centre > 0.5
-    words = name_pixels(lab[mask])
-    weights = centre[mask] * np.where(_IS_CHROMATIC[words], CHROMATIC_WEIGHT, 1.0)
-    votes = np.bincount(words, weights=weights, minlength=len(COLOURS))
+    pixels, weight = lab[mask], centre[mask]
+    if MODE == "clusters":
+        centres, assign = _kmeans(pixels, min(GARMENT_CLUSTERS, len(pixels)))
+        shares = np.bincount(assign, weights=weight, minlength=len(centres))
+        words = name_pixels(centres)
+        votes = np.bincount(words, weights=shares * np.where(_IS_CHROMATIC[words], CHROMATIC_WEIGHT, 1.0),
+                            minlength=len(COLOURS))
+    else:
+        words = name_pixels(pixels)
+        votes = np.bincount(words, weights=weight * np.where(_IS_CHROMATIC[words], CHROMATIC_WEIGHT, 1.0),
+                            minlength=len(COLOURS))
     votes = votes / votes.sum()
     best = int(votes.argmax())
     return ColourLabel(COLOURS[best], float(votes[best]), fraction,
