@@ -114,7 +114,7 @@ def _stage_modules():
 
     names = ["fti4cir.training.captions", "fti4cir.training.caption_split", "fti4cir.features", "fti4cir.gallery",
              "fti4cir.training.trainer", "fti4cir.evaluation.run", "fti4cir.m2c.triplets", "fti4cir.m2c.train",
-             "fti4cir.demo.commands"]
+             "fti4cir.m2c.convert", "fti4cir.demo.commands"]
     return [importlib.import_module(n) for n in names]
 
 

@@ -386,23 +386,19 @@ def two_stages(tiny_backbone, tmp_path_factory):
     stage1_paths = [p for i, p in enumerate(paths) if i % 2 == 0]  # 10 photos per class
     stage1_captions = [c for i, c in enumerate(captions) if i % 2 == 0]
     history1 = train_stage1(model, stage1_paths, stage1_captions,
-                            TrainOptions(epochs=3, batch_size=20, lr=1e-3, warmup=0, num_workers=0), progress=False)
+                            TrainOptions(epochs=5, batch_size=20, lr=1e-3, warmup=0, num_workers=0), progress=False)
     store = FeatureStore.for_model(work / "cache", model, with_patches=True)
     stage1_state = {k: v.clone() for k, v in model.net.state_dict().items()}
     recall1 = triplet_recall(model, held_out, gallery, store, use_adapters=False, num_workers=0)
-    probe = [PIL.Image.open(t.reference).convert("RGB") for t in held_out[:8]]
-    with torch.no_grad():
-        stage1_queries = m2c_compose(model, probe, [t.text for t in held_out[:8]])
 
     model.net.add_adapters()
-    history2 = train_stage2(model, read_triplets(work / "train.jsonl"), store,
-                            TrainOptions(epochs=10, batch_size=40, lr=5e-3, warmup=2, num_workers=0), progress=False)
+    history2 = train_stage2(model, read_triplets(work / "train.jsonl"),
+                            TrainOptions(epochs=10, batch_size=40, lr=5e-3, warmup=2, num_workers=0),
+                            cache_dir=work / "cache", progress=False)
     recall2 = triplet_recall(model, held_out, gallery, store, use_adapters=True, num_workers=0)
-    with torch.no_grad():
-        off_queries = m2c_compose(model, probe, [t.text for t in held_out[:8]], use_adapters=False)
     print(f"\nM2C held-out Recall: stage I {recall1}, stage II {recall2}")
     return {"history1": history1, "history2": history2, "recall1": recall1, "recall2": recall2, "model": model,
-            "stage1_state": stage1_state, "stage1_queries": stage1_queries, "off_queries": off_queries}
+            "stage1_state": stage1_state}
 
 
 def test_stage1_loss_falls(two_stages):
@@ -415,11 +411,16 @@ def test_stage2_loss_falls(two_stages):
     assert losses[-1] < losses[0] - 1.0, losses
 
 
-def test_stage2_leaves_stage1_untouched(two_stages):
+def test_stage2_trains_only_the_adapters_in_the_official_train_mode(two_stages):
+    """Stage-I parameters stay; as in the official stage II, Phi and VSI run in train mode, so the VSI BatchNorm
+    running statistics follow the stage-II batches (and are saved with the stage-II weights)."""
     state = two_stages["model"].net.state_dict()
+    statistics = [k for k in two_stages["stage1_state"] if k.split(".")[-1] in ("running_mean", "running_var",
+                                                                                  "num_batches_tracked")]
     for key, value in two_stages["stage1_state"].items():
-        assert torch.equal(state[key], value), key  # parameters and BatchNorm statistics
-    assert torch.equal(two_stages["off_queries"], two_stages["stage1_queries"])
+        if key not in statistics:
+            assert torch.equal(state[key], value), key
+    assert statistics and all(not torch.equal(state[k], two_stages["stage1_state"][k]) for k in statistics)
 
 
 def test_stage2_beats_stage1_on_held_out_triplets(two_stages):

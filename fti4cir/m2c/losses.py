@@ -27,15 +27,20 @@ def soft_alignment_kl(captions: torch.Tensor, queries: torch.Tensor, images: tor
     return F.kl_div(log_p, log_q, reduction="batchmean", log_target=True)
 
 
-def mixed_hard_negatives(queries: torch.Tensor, targets: torch.Tensor, topk: int) -> torch.Tensor:
+def mixed_hard_negatives(queries: torch.Tensor, targets: torch.Tensor, topk: int,
+                         as_released: bool = False) -> torch.Tensor:
     """Cosines [B, k] between each query and its k mixed hard negatives.
 
     The k non-target images with the highest query logits are each mixed with the query's target:
     w * v_target + (1 - w) * v_negative, where w is the target-negative cosine min-max scaled over the target's row of
     target-target cosines. k = min(topk, B - 1).
-    """
+
+    as_released: the released gather (`torch.gather` over the target features expanded along dim 1) picks row i's
+    own target for every negative, so each "mixed negative" is the positive itself: its cosine repeated k times."""
     b = queries.shape[0]
     k = min(topk, b - 1)
+    if as_released:
+        return (queries * targets).sum(dim=-1, keepdim=True).expand(b, k)
     eye = torch.eye(b, dtype=torch.bool, device=queries.device)
     negatives = (queries @ targets.t()).masked_fill(eye, float("-inf")).topk(k, dim=1).indices  # [B, k]
     similarity = targets @ targets.t()
@@ -46,15 +51,17 @@ def mixed_hard_negatives(queries: torch.Tensor, targets: torch.Tensor, topk: int
 
 
 def hard_negative_info_nce(queries: torch.Tensor, targets: torch.Tensor, temperature: float,
-                           topk: int = 10) -> torch.Tensor:
+                           topk: int = 10, as_released: bool = False) -> torch.Tensor:
     """Stage II composing loss: symmetric InfoNCE between queries and target images; the query->target direction
-    also sees the mixed hard negatives. Their logits are scaled by 1/t like all others: the released code adds them
-    unscaled (cosines in [-1, 1] beside logits in [-100, 100]), which makes them almost irrelevant."""
+    also sees the mixed hard negatives. Their logits are scaled by 1/t like all others; as_released: the released
+    code's negatives (the positive itself, see `mixed_hard_negatives`) appended unscaled (cosines in [-1, 1] beside
+    logits in [-100, 100])."""
     logits = queries @ targets.t() / temperature
     target = torch.arange(queries.shape[0], device=queries.device)
     image_to_text = F.cross_entropy(logits.t(), target)
     if queries.shape[0] > 1:
-        logits = torch.cat([logits, mixed_hard_negatives(queries, targets, topk) / temperature], dim=1)
+        mixed = mixed_hard_negatives(queries, targets, topk, as_released)
+        logits = torch.cat([logits, mixed if as_released else mixed / temperature], dim=1)
     return (image_to_text + F.cross_entropy(logits, target)) / 2
 
 
@@ -82,15 +89,15 @@ def stage1_loss(query: torch.Tensor, view_a: torch.Tensor, view_b: torch.Tensor,
 
 def stage2_loss(query: torch.Tensor, mapping: torch.Tensor, reference: torch.Tensor, target: torch.Tensor,
                 captions: torch.Tensor | None, *, temperature: float = 0.01, topk: int = 10, map_weight: float = 1.0,
-                kl_weight: float = 0.2) -> LossTerms:
+                kl_weight: float = 0.2, as_released: bool = False) -> LossTerms:
     """query: composed features ("a photo of * that {text}", adapters on); mapping: "a photo of *" features (adapters
     on); reference / target: image features; captions: reference caption features (None: no KL term).
 
     The KL term compares the reference caption's distribution over the mapping sentences with its distribution over
-    the reference images. The released code uses the target images there, which do not match the reference caption
-    or the mapping sentence; stage I's form is used instead."""
-    contrastive = hard_negative_info_nce(query, target, temperature, topk)
+    the target images, as the official `get_loss_img2text_stage2`. as_released: the released hard negatives (see
+    `hard_negative_info_nce`)."""
+    contrastive = hard_negative_info_nce(query, target, temperature, topk, as_released)
     anchor = info_nce(reference, mapping, temperature)
-    kl = soft_alignment_kl(captions, mapping, reference, temperature) if captions is not None and kl_weight else \
+    kl = soft_alignment_kl(captions, mapping, target, temperature) if captions is not None and kl_weight else \
         query.new_zeros(())
     return LossTerms(contrastive + map_weight * anchor + kl_weight * kl, contrastive, anchor, kl)
