@@ -33,9 +33,26 @@ def _labels(args) -> int:
     return 0
 
 
+def _captions(args) -> int:
+    from collections import Counter
+
+    from .captions import write_captions
+    from .labels import read_labels
+
+    labels = read_labels(args.labels or Path(args.photos) / "labels.json")
+    records = write_captions(labels, args.split, args.out, args.seed, forms=args.forms, photos_root=args.photos)
+    words = Counter(len(r["caption"].split()) for r in records)
+    print(f"wrote {len(records)} captions of {args.split} to {args.out} ({len(set(r['caption'] for r in records))} "
+          f"distinct; {sum(n for k, n in words.items() if k < 4)} shorter than 4 words)")
+    print(f"next: fti4cir split-captions {args.out} --out PAIRS.jsonl, then train with --images "
+          f"{Path(args.photos) / args.split}")
+    return 0
+
+
 def add_parser(subparsers) -> None:
     from ..cli import positive_int
-    from .photos import MAX_SIDE, QUALITY
+    from .captions import FORM_SETS
+    from .photos import MAX_SIDE, QUALITY, SPLITS
 
     p = subparsers.add_parser("demo-photos", help="copy the clothing photos (<split>/<class>/*.jpg) into the "
                               "repository, downscaled")
@@ -50,3 +67,15 @@ def add_parser(subparsers) -> None:
     p.add_argument("--photos", default=DEFAULT_PHOTOS, help="photo folder (default %(default)s)")
     p.add_argument("--out", default=None, help="labels file (default PHOTOS/labels.json)")
     p.set_defaults(func=_labels)
+
+    p = subparsers.add_parser("demo-captions", help="one caption per demo photo of a split (captions JSONL for "
+                              "split-captions / CLIP training)")
+    p.add_argument("--split", default="train", choices=list(SPLITS), help="photo split (default %(default)s)")
+    p.add_argument("--out", required=True, help="captions JSONL to write (replaced atomically)")
+    p.add_argument("--forms", default="all", choices=list(FORM_SETS),
+                   help="all: FTI4CIR forms and colour-first forms; fti4cir: garment first, colour after only "
+                        "(default %(default)s)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--photos", default=DEFAULT_PHOTOS, help="photo folder (default %(default)s)")
+    p.add_argument("--labels", default=None, help="labels file (default PHOTOS/labels.json)")
+    p.set_defaults(func=_captions)
