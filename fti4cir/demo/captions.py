@@ -64,11 +64,11 @@ COLOUR_FIRST_FORMS: tuple[str, ...] = (
     "a photo of {a}{w} that {is} {c}",
 )
 NO_COLOUR_FORMS: tuple[str, ...] = (
-    "{a}{w} on its own",
+    "{a}{w} on {its} own",
     "{a}{w} just as {it} {is}",
     "{a}{w} laid out to be photographed",
     "{a}{w} instead of {other_a}{other_w}",
-    "{a}{w} in a photo of its own",
+    "{a}{w} in a photo of {its} own",
 )
 FORM_SETS = {"all": FTI4CIR_FORMS + COLOUR_FIRST_FORMS, "fti4cir": FTI4CIR_FORMS}
 
@@ -78,7 +78,7 @@ def _fill(form: str, word: str, colour: str | None, rng: random.Random, others: 
     other_w = rng.choice([w for w in others if w != word]) if "{other_w}" in form else ""
     values = {
         "a": "" if plural else "a ", "is": "are" if plural else "is", "this": "these" if plural else "this",
-        "it": "they" if plural else "it", "w": word, "c": colour or "",
+        "it": "they" if plural else "it", "its": "their" if plural else "its", "w": word, "c": colour or "",
         "other_c": rng.choice([c for c in COLOURS if c != colour]) if "{other_c}" in form else "",
         "other_w": other_w, "other_a": "" if other_w in PLURAL_WORDS else "a ",
     }

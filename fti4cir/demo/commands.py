@@ -49,8 +49,28 @@ def _captions(args) -> int:
     return 0
 
 
+def _benchmark(args) -> int:
+    from collections import Counter
+
+    from .benchmark import generate, write_benchmark
+    from .labels import read_labels
+
+    labels = read_labels(args.labels or Path(args.photos) / "labels.json")
+    benchmark = generate(labels, seed=args.seed, per_type=args.per_type)
+    write_benchmark(benchmark, args.out, args.photos)
+    queries = benchmark["queries"]
+    types = Counter(q["type"] for q in queries)
+    truths = sorted(len(q["ground_truths"]) for q in queries)
+    print(f"{len(queries)} queries ({', '.join(f'{t} {n}' for t, n in types.items())}) over a gallery of "
+          f"{len(benchmark['gallery'])} photos; ground truths per query: median {truths[len(truths) // 2]}, "
+          f"min {truths[0]}, max {truths[-1]}")
+    print(f"wrote {args.out}")
+    return 0
+
+
 def add_parser(subparsers) -> None:
     from ..cli import positive_int
+    from .benchmark import PER_TYPE
     from .captions import FORM_SETS
     from .photos import MAX_SIDE, QUALITY, SPLITS
 
@@ -79,3 +99,13 @@ def add_parser(subparsers) -> None:
     p.add_argument("--photos", default=DEFAULT_PHOTOS, help="photo folder (default %(default)s)")
     p.add_argument("--labels", default=None, help="labels file (default PHOTOS/labels.json)")
     p.set_defaults(func=_captions)
+
+    p = subparsers.add_parser("demo-benchmark", help="the clothing-cir composed-retrieval benchmark from the test "
+                              "photos' labels (queries.json)")
+    p.add_argument("--out", default="data/clothing-cir/queries.json", help="benchmark file (default %(default)s)")
+    p.add_argument("--per-type", type=positive_int, default=PER_TYPE,
+                   help="queries per type: colour, class, both (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--photos", default=DEFAULT_PHOTOS, help="photo folder (default %(default)s)")
+    p.add_argument("--labels", default=None, help="labels file (default PHOTOS/labels.json)")
+    p.set_defaults(func=_benchmark)

@@ -18,6 +18,10 @@ Layouts (``root`` is the folder the official code calls the dataset path):
   ``root/COCO2017_unlabeled/unlabeled2017/<file_name>``. Image names are the COCO ids as decimal strings without
   padding (``"355099"``), as the official CIRCO/SEARLE/FTI4CIR code names them; the 12-digit zero padding only
   appears in the file names.
+* clothing-cir (this project's held-out benchmark of the demo photos, `fti4cir demo-benchmark`):
+  ``root/queries.json``; its ``images`` entry is the image folder relative to ``root`` (``../clothing/test``) and
+  image names are paths relative to that folder (``dress/abc.jpg``). The gallery is its ``gallery`` list. Every
+  query has several ground truths (the first is its ``target``) and a type (``colour``, ``class``, ``both``).
 """
 
 from __future__ import annotations
@@ -36,7 +40,9 @@ FASHIONIQ_CATEGORIES = ("dress", "shirt", "toptee")
 FASHIONIQ_SPLITS = ("train", "val", "test")
 CIRR_SPLITS = ("train", "val", "test1")
 CIRCO_SPLITS = ("val", "test")
-BENCHMARK_NAMES = ("fashioniq", "cirr", "circo")
+CLOTHING_CIR_SPLITS = ("test",)
+CLOTHING_CIR_FILE = "queries.json"
+BENCHMARK_NAMES = ("fashioniq", "cirr", "circo", "clothing-cir")
 
 _MISSING_EXAMPLES = 5  # how many missing files an error message lists
 
@@ -50,8 +56,9 @@ class Query:
     texts: tuple[str, ...]  # FashionIQ: the two relative captions (raw, unmodified); CIRR/CIRCO: one caption
     target: str | None  # None on test splits
     group: tuple[str, ...] = ()  # CIRR img_set members
-    ground_truths: tuple[str, ...] = ()  # CIRCO gt_img_ids (as names), val only
+    ground_truths: tuple[str, ...] = ()  # CIRCO gt_img_ids (as names), val only; clothing-cir: all of them
     category: str = ""  # FashionIQ dress|shirt|toptee
+    kind: str = ""  # clothing-cir query type: colour|class|both
 
 
 @dataclass
@@ -215,6 +222,42 @@ def load_circo(root: str | Path, split: str) -> Benchmark:
     return Benchmark(name="circo", split=split, images=images, queries=queries)
 
 
+def load_clothing_cir(root: str | Path, split: str = "test") -> Benchmark:
+    """Read the clothing-cir benchmark file written by `fti4cir demo-benchmark`."""
+    root = Path(root)
+    _check_split(split, CLOTHING_CIR_SPLITS, "clothing-cir")
+    path = root / CLOTHING_CIR_FILE
+    data = _read_json(path)
+    if not isinstance(data, dict):
+        raise _malformed(path, "expected an object")
+    if data.get("split", split) != split:
+        raise _malformed(path, f"it holds the {data.get('split')!r} split, not {split!r}")
+    image_dir = root / _field(data, "images", str, path, 0)
+    gallery = _string_list(data, "gallery", path, 0)
+    if len(set(gallery)) != len(gallery):
+        raise _malformed(path, "the gallery lists an image twice")
+    images = {name: image_dir / name for name in gallery}
+    queries = []
+    for index, entry in enumerate(_require_list(data.get("queries"), path)):
+        truths = _string_list(entry, "ground_truths", path, index)
+        reference = _field(entry, "reference", str, path, index)
+        if not truths:
+            raise _malformed(path, f"entry {index} has no ground truths")
+        if reference in truths:
+            raise _malformed(path, f"entry {index} lists its reference among its ground truths")
+        queries.append(
+            Query(
+                query_id=_field(entry, "id", str, path, index),
+                reference=reference,
+                texts=(_field(entry, "text", str, path, index),),
+                target=truths[0],
+                ground_truths=truths,
+                kind=_field(entry, "type", str, path, index),
+            )
+        )
+    return Benchmark(name="clothing-cir", split=split, images=images, queries=queries)
+
+
 def load_benchmark(name: str, root: str | Path, split: str, category: str | None = None) -> Benchmark:
     """Dispatch to the reader of ``name`` (fashioniq needs ``category``)."""
     key = name.lower()
@@ -228,6 +271,8 @@ def load_benchmark(name: str, root: str | Path, split: str, category: str | None
         return load_cirr(root, split)
     if key == "circo":
         return load_circo(root, split)
+    if key == "clothing-cir":
+        return load_clothing_cir(root, split)
     raise UserError(f"unknown benchmark {name!r}; expected one of {', '.join(BENCHMARK_NAMES)}")
 
 

@@ -1,4 +1,5 @@
-"""Retrieval metrics of FashionIQ, CIRR and CIRCO, as their official evaluation code defines them.
+"""Retrieval metrics of FashionIQ, CIRR and CIRCO, as their official evaluation code defines them (and of this
+project's clothing-cir benchmark).
 
 All functions take a similarity matrix ``[queries, gallery]`` (numpy array or torch tensor; higher is better) and
 the gallery names in column order, and return percentages.
@@ -19,6 +20,9 @@ Protocol details that change numbers:
   in that global ranking.
 * CIRCO: nothing is removed (the reference can take a top-50 slot). AP@K sums precision at the ranks of ground
   truths within the top K and divides by ``min(#ground truths, K)``; Recall@K only counts the annotated target.
+* clothing-cir: the reference is removed from the ranking (as CIRR); mAP@K as CIRCO over all ground truths;
+  Recall@K = at least one ground truth within the top K (every ground truth is an equally good answer). Also per
+  query type (colour / class / both).
 
 Work is batched over row chunks, so memory stays bounded for 120k-image galleries.
 """
@@ -37,6 +41,8 @@ FASHIONIQ_KS = (10, 50)
 CIRR_KS = (1, 5, 10, 50)
 CIRR_SUBSET_KS = (1, 2, 3)
 CIRCO_KS = (5, 10, 25, 50)
+CLOTHING_MAP_KS = (5, 10, 25)
+CLOTHING_RECALL_KS = (1, 5, 10)
 
 _CHUNK_ELEMENTS = 1 << 22  # similarity entries processed at once (bounds temporaries to tens of MB)
 
@@ -307,3 +313,48 @@ def circo_metrics(
     for k in CIRCO_KS:
         metrics[f"recall@{k}"] = float(np.mean(target_hits[:, :k].any(axis=1)) * 100)
     return metrics
+
+
+def clothing_cir_metrics(
+    similarity: Any,
+    gallery_names: Sequence[str],
+    references: Sequence[str],
+    ground_truths: Sequence[Sequence[str]],
+    kinds: Sequence[str],
+) -> dict[str, Any]:
+    """clothing-cir mAP@5/10/25 and Recall@1/5/10 (percent) with the reference removed from the ranking, overall
+    and under ``by_type`` for each query type (in order of first appearance).
+
+    Ground truths must be in the gallery, unique per query, and not the reference.
+    """
+    matrix = _as_matrix(similarity)
+    n_rows = matrix.shape[0]
+    index = _gallery_index(gallery_names, matrix.shape[1])
+    reference_columns = _columns_of(references, index, "references", n_rows)
+    if any(len(set(truths)) != len(truths) for truths in ground_truths):
+        raise ValueError("a query lists the same ground truth twice")
+    truth_columns = _padded_columns(ground_truths, index, "ground truths", n_rows)
+    truth_counts = (truth_columns >= 0).sum(axis=1)
+    if np.any(truth_counts == 0):
+        raise ValueError("a query has no ground truths")
+    if np.any(truth_columns == reference_columns[:, None]):
+        raise ValueError("a reference is among its query's ground truths")
+    if len(kinds) != n_rows:
+        raise ValueError(f"{len(kinds)} query types for {n_rows} queries")
+
+    depth = min(max(CLOTHING_MAP_KS + CLOTHING_RECALL_KS), matrix.shape[1] - 1)
+    top = _top_columns(matrix, depth, "similarity", excluded=reference_columns)
+    hits = (top[:, :, None] == truth_columns[:, None, :]).any(axis=2)
+    precision_at_hits = np.cumsum(hits, axis=1) * hits / np.arange(1, depth + 1)
+    per_query = {f"map@{k}": precision_at_hits[:, :k].sum(axis=1) / np.minimum(truth_counts, k)
+                 for k in CLOTHING_MAP_KS}
+    per_query.update({f"recall@{k}": hits[:, :k].any(axis=1).astype(np.float64) for k in CLOTHING_RECALL_KS})
+
+    def summary(rows: np.ndarray) -> dict[str, float]:
+        return {name: float(np.mean(values[rows]) * 100) for name, values in per_query.items()}
+
+    kinds = np.asarray(kinds)
+    result: dict[str, Any] = summary(np.arange(n_rows))
+    result["by_type"] = {kind: {"queries": int((kinds == kind).sum()), **summary(np.flatnonzero(kinds == kind))}
+                         for kind in dict.fromkeys(kinds.tolist())}
+    return result

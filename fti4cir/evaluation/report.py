@@ -3,7 +3,8 @@
 The results object (written by :mod:`fti4cir.evaluation.run`) holds ``dataset``, ``split``, ``protocol``
 ("official" or "subset"), ``parts`` (per FashionIQ category, or one entry: query and gallery sizes used / total),
 ``model``, ``prompts``, ``methods`` (method -> metrics, FashionIQ: method -> category/"average" -> metrics),
-``features`` (visual passes run) and ``seconds``. Metrics are percentages.
+``features`` (visual passes run) and ``seconds``. Metrics are percentages. clothing-cir metrics also hold
+``by_type`` (query type -> its query count and metrics), shown as a second table with one row per method and type.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from fti4cir.atomic import write_json_atomic, write_text_atomic
 
 JSON_NAME = "results.json"
 MARKDOWN_NAME = "results.md"
-_TITLES = {"fashioniq": "FashionIQ", "cirr": "CIRR", "circo": "CIRCO"}
+_TITLES = {"fashioniq": "FashionIQ", "cirr": "CIRR", "circo": "CIRCO", "clothing-cir": "clothing-cir"}
 
 
 def metric_columns(results: Mapping[str, Any]) -> list[tuple[str, tuple[str, ...]]]:
@@ -32,6 +33,8 @@ def metric_columns(results: Mapping[str, Any]) -> list[tuple[str, tuple[str, ...
     if dataset == "circo":
         return [*((f"mAP@{k}", (f"map@{k}",)) for k in (5, 10, 25, 50)),
                 *((f"R@{k}", (f"recall@{k}",)) for k in (5, 10, 25, 50))]
+    if dataset == "clothing-cir":
+        return [*((f"mAP@{k}", (f"map@{k}",)) for k in (5, 10, 25)), *((f"R@{k}", (f"recall@{k}",)) for k in (1, 5, 10))]
     raise ValueError(f"unknown dataset {dataset!r}")
 
 
@@ -74,6 +77,15 @@ def to_markdown(results: Mapping[str, Any]) -> str:
     for method, metrics in results["methods"].items():
         cells = " | ".join(f"{_lookup(metrics, path):.2f}" for _, path in columns)
         lines.append(f"| {method} | {cells} |")
+    by_type = [(method, kind, values) for method, metrics in results["methods"].items()
+               for kind, values in metrics.get("by_type", {}).items()]
+    if by_type:
+        lines += ["", "Per query type:", "",
+                  "| method | type | queries | " + " | ".join(header for header, _ in columns) + " |",
+                  "|---|---|---:|" + "---:|" * len(columns)]
+        for method, kind, values in by_type:
+            cells = " | ".join(f"{_lookup(values, path):.2f}" for _, path in columns)
+            lines.append(f"| {method} | {kind} | {values['queries']} | {cells} |")
     return "\n".join(lines) + "\n"
 
 

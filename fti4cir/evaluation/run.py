@@ -65,7 +65,10 @@ REFERENCE_POLICY = {
     "fashioniq": "the reference image stays in the gallery (official FashionIQ code)",
     "cirr": "the reference image is removed from the ranking (official CIRR protocol)",
     "circo": "the reference image stays in the ranking (official CIRCO/FTI4CIR validation code)",
+    "clothing-cir": "the reference image is removed from the ranking; a query's ground truths are every other test "
+                    "photo of the target class and colour",
 }
+EVALUATE_SPLITS = {"fashioniq": ("val",), "cirr": ("val",), "circo": ("val",), "clothing-cir": ("test",)}
 
 
 # ---- queries and galleries ----------------------------------------------------------------------------------------
@@ -135,7 +138,7 @@ def query_texts(dataset: str, queries: Sequence[Query]) -> list[str | tuple[str,
 def resolve_prompt(value: str | None, dataset: str) -> str:
     """The fti4cir template: a name from `prompts.PROMPTS`, a template with `*` placeholders, or the dataset default."""
     if value is None:
-        return prompts.PROMPTS[dataset]
+        return prompts.PROMPTS.get(dataset, prompts.DEFAULT)
     template = prompts.PROMPTS.get(value, value)
     if "*" not in template or template_fields(template) - {ATTRS_FIELD} != {"text"}:
         raise UserError(f"--prompt must be one of {', '.join(prompts.PROMPTS)} or a template with '*' placeholders "
@@ -146,7 +149,7 @@ def resolve_prompt(value: str | None, dataset: str) -> str:
 def method_prompts(methods: Sequence[str], fti4cir_prompt: str, dataset: str) -> dict[str, str]:
     """The template each pseudo-token method encodes (the other methods use no template)."""
     chosen = {"fti4cir": fti4cir_prompt, "subject-only": prompts.SUBJECT_ONLY,
-              **{method: m2c.PROMPTS[dataset] for method in m2c.M2C_METHODS}}
+              **{method: m2c.PROMPTS.get(dataset, m2c.PROMPTS["default"]) for method in m2c.M2C_METHODS}}
     return {m: chosen[m] for m in methods if m in chosen}
 
 
@@ -309,6 +312,9 @@ def part_metrics(dataset: str, part: Part, similarity: np.ndarray) -> dict[str, 
                                       [x.group for x in q])
         result["avg"] = mean((result["recall@5"], result["recall_subset@1"]))  # the CIRR paper's "Avg"
         return result
+    if dataset == "clothing-cir":
+        return metrics.clothing_cir_metrics(similarity, part.gallery, [x.reference for x in q],
+                                            [x.ground_truths for x in q], [x.kind for x in q])
     return metrics.circo_metrics(similarity, part.gallery, [x.target for x in q], [x.ground_truths for x in q])
 
 
@@ -393,6 +399,10 @@ def _methods_from_args(args, config: m2c.M2CConfig | None) -> list[str]:
 def _evaluate_command(args) -> int:
     from fti4cir.cli import model_from_args
 
+    allowed = EVALUATE_SPLITS[args.dataset]
+    args.split = args.split or allowed[0]
+    if args.split not in allowed:
+        raise UserError(f"{args.dataset} is evaluated on its {' / '.join(allowed)} split, not {args.split!r}")
     m2c_config = m2c_config_from_args(args)
     methods = _methods_from_args(args, m2c_config)
     check_m2c_methods(methods, m2c_config, args.m2c_weights)
@@ -497,9 +507,12 @@ def _add_common_args(parser: argparse.ArgumentParser) -> None:
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("evaluate", help="FashionIQ / CIRR / CIRCO validation metrics, all methods in one table")
-    p.add_argument("--dataset", required=True, choices=["fashioniq", "cirr", "circo"])
-    p.add_argument("--split", default="val", choices=["val"])
+    p = subparsers.add_parser("evaluate", help="FashionIQ / CIRR / CIRCO validation metrics (clothing-cir: test), all "
+                              "methods in one table")
+    p.add_argument("--dataset", required=True, choices=list(EVALUATE_SPLITS),
+                   help="clothing-cir: --root data/clothing-cir (the demo photos' benchmark)")
+    p.add_argument("--split", default=None, choices=["val", "test"],
+                   help="default: val (clothing-cir: test, its only split)")
     p.add_argument("--methods", default=None, help="comma-separated, from: " + ", ".join(ALL_METHODS) +
                    " (default: the five FTI4CIR methods, plus the M2C methods --m2c-weights can run)")
     p.add_argument("--categories", default=",".join(FASHIONIQ_CATEGORIES), help="FashionIQ categories")
