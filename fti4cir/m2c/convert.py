@@ -4,7 +4,9 @@ The official checkpoint is a `torch.save` of a dict: `epoch`, `name`, `args` (th
 `state_dict` (the frozen CLIP, not needed: the backbone comes from open_clip), `state_dict_img2text` (Phi, the patch
 projection and the VSI modules, as `IM2TEXT`), `state_dict_lora` (stage II: the composing adapters, as `LoRA`) and
 `optimizer`; keys carry DistributedDataParallel's `module.` prefix. It is unpickled by a restricted unpickler that
-rebuilds tensors and the Namespace only: every other global is refused before anything of it is imported or run.
+rebuilds tensors, plain containers and the Namespace only: every other global is refused before anything of it is
+imported or run (the same policy as `fti4cir.convert` for the FTI4CIR release, with the Namespace allowed and no
+module classes). Reading needs memory for the whole file (CLIP's tensors included: ~1 GB for ViT-L/14 in fp16).
 The 188 tensors of a stage-II checkpoint (176 + 12) map one to one onto ours, shapes unchanged.
 """
 from __future__ import annotations
@@ -20,7 +22,6 @@ from pathlib import Path
 
 import torch
 
-from ..convert import STORAGE_DTYPES, TENSOR_REBUILDERS, RestrictedUnpickler
 from ..errors import UserError
 from .model import DEFAULT_ADAPTER_LAYERS, DEFAULT_VSI_LAYERS, M2CConfig, M2CNetwork, save_m2c_weights
 
@@ -50,8 +51,21 @@ def official_name(ours: str) -> str:
     raise KeyError(f"no official name for {ours}")
 
 
-class CheckpointUnpickler(RestrictedUnpickler):
-    """Tensors, plain containers and the run's argparse Namespace; every other global is refused."""
+TENSOR_REBUILDERS = ("_rebuild_tensor_v2", "_rebuild_parameter", "_rebuild_parameter_with_state")
+STORAGE_DTYPES = {
+    "FloatStorage": torch.float32, "HalfStorage": torch.float16, "BFloat16Storage": torch.bfloat16,
+    "DoubleStorage": torch.float64, "LongStorage": torch.int64, "IntStorage": torch.int32,
+    "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8, "BoolStorage": torch.bool,
+}
+
+
+class CheckpointUnpickler(pickle.Unpickler):
+    """Tensors, plain containers and the run's argparse Namespace; every other global is refused (nothing of it
+    is imported or called). Storages are read from the archive when the pickle refers to them."""
+
+    def __init__(self, file, archive: zipfile.ZipFile, prefix: str):
+        super().__init__(file)
+        self.archive, self.prefix, self.storages = archive, prefix, {}
 
     def find_class(self, module: str, name: str):
         if (module, name) == ("argparse", "Namespace"):
@@ -64,6 +78,21 @@ class CheckpointUnpickler(RestrictedUnpickler):
             return STORAGE_DTYPES[name]
         raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed in an M2C checkpoint")
 
+    def persistent_load(self, saved_id):
+        if not (isinstance(saved_id, tuple) and len(saved_id) == 5 and saved_id[0] == "storage"):
+            raise pickle.UnpicklingError("a persistent id that is not a tensor storage")
+        _, dtype, key, _location, numel = saved_id
+        if not isinstance(dtype, torch.dtype) or not isinstance(key, str) or not isinstance(numel, int):
+            raise pickle.UnpicklingError("a malformed tensor storage reference")
+        if key not in self.storages:
+            data = bytearray(self.archive.read(f"{self.prefix}{key}"))
+            if len(data) != numel * dtype.itemsize:
+                raise pickle.UnpicklingError(f"storage {key} has {len(data)} bytes, its tensor needs "
+                                             f"{numel * dtype.itemsize}")
+            untyped = torch.UntypedStorage.from_buffer(data, dtype=torch.uint8) if data else torch.UntypedStorage(0)
+            self.storages[key] = torch.storage.TypedStorage(wrap_storage=untyped, dtype=dtype, _internal=True)
+        return self.storages[key]
+
 
 def read_checkpoint(path: str | os.PathLike) -> dict:
     """Safely unpickle a `torch.save` zip archive holding tensors, containers and an argparse Namespace."""
@@ -75,17 +104,14 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
                         f"re-save it with torch >= 1.6)")
     try:
         with zipfile.ZipFile(path) as zf:
-            names = zf.namelist()
-            pkl = next((n for n in names if n.endswith("data.pkl") and n.count("/") == 1), None)
+            pkl = next((n for n in zf.namelist() if n.endswith("data.pkl") and n.count("/") == 1), None)
             if pkl is None:
                 raise UserError(f"{path.name} has no data.pkl: not a torch.save checkpoint")
-            prefix = pkl[: -len("data.pkl")] + "data/"
-            storages = {n[len(prefix):]: zf.read(n) for n in names if n.startswith(prefix) and not n.endswith("/")}
-            result = CheckpointUnpickler(io.BytesIO(zf.read(pkl)), storages).load()
-    except (zipfile.BadZipFile, EOFError, KeyError, ValueError, RuntimeError) as e:
-        raise UserError(f"{path.name} is corrupted or truncated: {e}") from e
+            result = CheckpointUnpickler(io.BytesIO(zf.read(pkl)), zf, pkl[: -len("data.pkl")] + "data/").load()
     except pickle.UnpicklingError as e:
-        raise UserError(f"Refusing to load {path.name}: {e}") from e
+        raise UserError(f"Refusing to load {path.name}: {e}") from None
+    except (zipfile.BadZipFile, EOFError, KeyError, ValueError, TypeError, RuntimeError, AttributeError) as e:
+        raise UserError(f"{path.name} is corrupted or malformed ({type(e).__name__}: {str(e)[:100]})") from None
     if not isinstance(result, dict) or "state_dict_img2text" not in result:
         raise UserError(f"{path.name} is not an official M2C checkpoint (no state_dict_img2text)")
     return result

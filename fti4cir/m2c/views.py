@@ -119,7 +119,7 @@ def collate_views(items):
 
 def view_loader(paths: list[Path], size: int, batches: list[list[tuple]], num_workers: int) -> DataLoader:
     return DataLoader(ViewJobs(paths, size), batch_sampler=batches, num_workers=num_workers,
-                      collate_fn=collate_views)
+                      collate_fn=collate_views, generator=torch.Generator())  # the global RNG stays untouched
 
 
 class ViewCache:
