@@ -58,7 +58,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError, features
 from fti4cir.errors import UserError
 
 __all__ = ["MAX_UPLOAD_BYTES", "MAX_IMAGE_PIXELS", "MAX_TEXT_CHARS", "load_image", "clean_text", "describe_limits",
-           "decoded_bytes"]
+           "decoded_bytes", "quote"]
 
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 MAX_IMAGE_PIXELS = 40_000_000
@@ -130,6 +130,15 @@ def clean_text(text: str | None, *, max_chars: int = MAX_TEXT_CHARS) -> str:
     if len(cleaned) > max_chars:
         raise UserError(too_long)
     return cleaned
+
+
+def quote(value: object, limit: int = 40) -> str:
+    """A user's value for a message: the repr of at most `limit` characters of it (with "..." when cut).
+
+    Messages never repeat a whole input back: it may be a megabyte long, or text meant to look like our own."""
+    text = value if isinstance(value, str) else repr(value)[: 4 * limit]
+    shown = repr(text[:limit])
+    return shown + "..." if len(text) > limit else shown
 
 
 def describe_limits() -> str:

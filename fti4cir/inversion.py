@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config_checks import INVERSION_RELATIONS, INVERSION_RULES, check_fields
+
 FORMAT_VERSION = 1
 
 
@@ -40,11 +42,8 @@ class InversionConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "InversionConfig":
-        known = {f for f in cls.__dataclass_fields__}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"Unknown config keys: {sorted(unknown)}")
-        return cls(**d)
+        """The config read from a file, every value checked (types, ranges, finiteness); ValueError otherwise."""
+        return cls(**check_fields(cls, d, INVERSION_RULES, "FTI4CIR", INVERSION_RELATIONS))
 
     @classmethod
     def for_backbone(cls, backbone, **overrides) -> "InversionConfig":

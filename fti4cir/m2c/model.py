@@ -28,6 +28,7 @@ from torch import nn
 
 from ..backbone import DEFAULT_MODEL, Backbone, VisualFeatures, load_backbone
 from ..compose import average_text_variants, split_text_variants
+from ..config_checks import M2C_RELATIONS, M2C_RULES, check_fields
 from ..errors import UserError
 from ..model import BackboneModel
 from ..tokens import tokenize_prompts
@@ -120,6 +121,7 @@ class M2CConfig:
             raise ValueError(f"Unknown config keys: {sorted(unknown)}")
         if d.get("method", METHOD) != METHOD:
             raise ValueError(f"not an M2C config (method {d.get('method')!r})")
+        check_fields(cls, d, M2C_RULES, "M2C", M2C_RELATIONS)  # types, ranges, finiteness (fti4cir.config_checks)
         return cls(**d)
 
     @classmethod

@@ -1,0 +1,18 @@
+"""Generated hostile inputs (fti4cir.fuzz, hypothesis): a bounded number per target here; `python -m fti4cir.fuzz
+--examples 2000` runs longer. Each target's property: a defined result or a UserError, nothing else."""
+from __future__ import annotations
+
+import pytest
+
+from fti4cir import fuzz
+
+EXAMPLES = {"images": 80, "texts": 300, "configs": 120, "pickles": 300}
+
+
+@pytest.mark.parametrize("target", fuzz.TARGETS)
+def test_generated_inputs_give_results_or_user_errors(target):
+    tally = fuzz.run_target(target, EXAMPLES[target])
+    assert tally.failure is None, tally.failure
+    assert tally.examples >= EXAMPLES[target] // 2  # hypothesis may stop early once it has covered the space
+    assert set(tally.outcomes) - {"ok", "refused", "valid config, file refused"} == set()
+    assert tally.outcomes.get("refused", 0) > 0  # the generators do reach the refusals
