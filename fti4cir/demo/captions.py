@@ -49,7 +49,7 @@ FTI4CIR_FORMS: tuple[str, ...] = (
     "{a}{w}, {c} all over",
     "{a}{w} in plain {c}",
     "{a}{w} photographed in {c}",
-    "{a}{w} that is all {c}",
+    "{a}{w} that {is} all {c}",
     "{this} {w} {is} {c}",
     "the {w} {is} {c}",
     "{a}{w}, they make {it} in {c}",
