@@ -6,6 +6,7 @@ Data path position: image -> **visual features** (global + patch tokens); token 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import zipfile
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from torch import nn
 
 from .errors import UserError
 from .tokens import EOT_ID, PLACEHOLDER_ID, SOT_ID
+from .towers import attach_conv_stem
 
 TINY_MODEL = "fti4cir-tiny"
 DEFAULT_MODEL = "ViT-L-14"
@@ -92,9 +94,12 @@ class Backbone(nn.Module):
         """What makes features from this backbone comparable: used as a cache / gallery key. A random-weight
         backbone is named by a digest of its values (no tag names them)."""
         if self._identity is None:
-            from .weights import parameter_digest
+            from .weights import file_digest, parameter_digest
 
-            self._identity = {"backbone": self.name, "pretrained": str(self.pretrained), "embed_dim": self.embed_dim}
+            # a local checkpoint is named by its content, so a gallery built here matches in any clone or folder
+            pretrained = f"sha256:{file_digest(self.pretrained)}" if self.pretrained and \
+                os.path.isfile(self.pretrained) else str(self.pretrained)
+            self._identity = {"backbone": self.name, "pretrained": pretrained, "embed_dim": self.embed_dim}
             if self.pretrained is None:
                 self._identity["backbone_digest"] = parameter_digest(self.clip)
         return dict(self._identity)
@@ -197,6 +202,22 @@ def _online() -> bool:
         return False
 
 
+class _RandomInitNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded")
+
+
+@contextlib.contextmanager
+def _without_random_init_notice():
+    """open_clip says the model is "initialized randomly" before we load a local checkpoint into it: not so."""
+    notice, root = _RandomInitNotice(), logging.getLogger()
+    root.addFilter(notice)
+    try:
+        yield
+    finally:
+        root.removeFilter(notice)
+
+
 def _load_local_checkpoint(model: nn.Module, path: Path) -> None:
     if _is_jit_archive(path):
         # OpenAI's release files are TorchScript archives; torch.jit.load runs no Python pickle code.
@@ -239,7 +260,9 @@ def load_backbone(
 
     kwargs = dict(precision="fp32", device="cpu", force_quick_gelu=bool(quick_gelu), cache_dir=cache_dir)
     if pretrained is None or local is not None:
-        model, _, _ = open_clip.create_model_and_transforms(name, pretrained=None, **kwargs)
+        with _without_random_init_notice() if local is not None else contextlib.nullcontext():
+            model, _, _ = open_clip.create_model_and_transforms(name, pretrained=None, **kwargs)
+        attach_conv_stem(model, name)
         if local is not None:
             try:
                 _load_local_checkpoint(model, local)
