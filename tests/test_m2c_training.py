@@ -91,6 +91,19 @@ def test_official_schedule_is_not_capped():
     assert official_lr(5, 1e-4, 0, 10) == pytest.approx(5e-5)
 
 
+def test_command_line_options_reach_training():
+    parser = argparse.ArgumentParser()
+    m2c_train.add_parser(parser.add_subparsers())
+    args = parser.parse_args(["m2c-train", "--stage", "2", "--out", "x.safetensors", "--as-released", "--augment",
+                              "views", "--views", "3", "--beta2", "0.95"])
+    options = m2c_train._options(args)
+    assert (options.as_released, options.augment, options.views, options.warmup) == (True, "views", 3, None)
+    assert options.resolved(2, "ViT-L-14") == (100, 0.01, (0.9, 0.95), 1e-6)
+    defaults = m2c_train._options(parser.parse_args(["m2c-train", "--stage", "1", "--out", "x.safetensors"]))
+    assert (defaults.as_released, defaults.augment) == (False, "online")
+    assert defaults.resolved(1, "ViT-B-32") == (10000, 0.07, (0.9, 0.98), 1e-6)
+
+
 def test_official_names_cover_the_188_tensors_one_to_one():
     config = M2CConfig(embed_dim=768, token_dim=768, text_layers=12, grid=(16, 16), adapter_layers=(1, 3, 5, 7, 9, 11))
     keys = list(M2CNetwork(config).state_dict())
@@ -139,6 +152,28 @@ def test_cached_views_are_exactly_the_visual_towers_features(tiny_backbone, tmp_
     again = cached_views(model, paths, tmp_path / "cache", VIEW_B, 2, 5, with_patches=True, num_workers=0,
                          progress=False)
     assert np.array_equal(again.rows, cache.rows)  # found in the cache, not recomputed
+
+
+@pytest.mark.parametrize("augment", ["views", "none"])
+def test_stage1_trains_from_cached_views_or_centre_crops(tiny_backbone, data, augment):
+    """Cached modes: the visual tower runs only to fill the cache, an unreadable image is left out before
+    training."""
+    paths = sorted((data / "photos").rglob("*.png"))
+    broken = data / f"broken-{augment}.png"
+    broken.write_bytes(b"not an image")
+    model = M2CModel(tiny_backbone, random_m2c(tiny_backbone, 1))
+    calls = []
+    encode = tiny_backbone.encode_visual
+    tiny_backbone.encode_visual = lambda images: calls.append(len(images)) or encode(images)
+    try:
+        options = TrainOptions(epochs=2, batch_size=4, lr=1e-3, warmup=0, num_workers=0, augment=augment, views=2)
+        history = m2c_train.train_stage1(model, paths + [broken], ["a photo"] * (len(paths) + 1), options,
+                                         cache_dir=data / f"cache-{augment}", progress=False)
+    finally:
+        del tiny_backbone.encode_visual
+    assert [h["steps"] for h in history] == [3, 3] and all(np.isfinite(h["total"]) for h in history)
+    # the cache fill only: 2 crops x views A and B, or one centre crop for both
+    assert sum(calls) == len(paths) * (4 if augment == "views" else 1)
 
 
 # ---- converter ----------------------------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """M2C, "From Mapping to Composing" (arXiv 2504.17990): a second zero-shot CIR method on the shared backbone.
 
 Stage I maps an image to one pseudo-word token with visual semantic injection (`model`), stage II adds composing
-adapters to the text tower; `m2c_compose` is its query path (methods "m2c" and "m2c+compose"). Training: `train`,
-losses: `losses`, triplet data: `triplets`. See docs/m2c.md.
+adapters to the text tower; `m2c_compose` is its query path (methods "m2c" and "m2c+compose"). Training: `train`
+(crops: `views`, several processes: `distributed`), losses: `losses` (official re-statement: `official`), triplet
+data: `triplets`, official checkpoints: `convert`. See docs/m2c.md.
 """
 from .model import (
     M2C_METHODS,

@@ -357,31 +357,39 @@ def train_stage1(model: M2CModel, paths: Sequence[Path], captions: Sequence[str]
     net.requires_grad_(True).train()
     temperature = options.resolved(1, model.backbone.name)[1]
     online = _OnlineViews(model, paths, options, world) if options.augment == "online" else None
-    caches = None
+    caches, images = None, np.arange(len(paths))  # images: the training examples' indices into paths
     if online is None:
-        spec_a, spec_b = (VIEW_A, VIEW_B) if options.augment == "views" else (None, None)
-        with main_first(world):
+        with main_first(world):  # views: A with patch tokens, B global only; none: one centre crop for both
             caches = [cached_views(model, paths, cache_dir, spec, options.views, options.seed, with_patches=patches,
                                    num_workers=options.num_workers, progress=progress and world.is_main)
-                      for spec, patches in ((spec_a, True), (spec_b, False))]
-    local_batches = _local_batches(len(paths), options, world)
+                      for spec, patches in (((VIEW_A, True), (VIEW_B, False)) if options.augment == "views" else
+                                            ((None, True),))]
+        caches = caches * (2 // len(caches))  # [A, B], or the centre crop twice
+        images = np.flatnonzero(caches[0].readable() & caches[1].readable())
+        if len(images) < len(paths):
+            print(f"{len(paths) - len(images)} unreadable images are left out", file=sys.stderr)
+        if len(images) < 2:
+            raise UserError("Stage I needs at least two readable images")
+    local_batches = _local_batches(len(images), options, world)
 
     def visual(epoch: int, step: int, rows: np.ndarray):
-        """(view A features, view B global features, usable rows) of this process's rows."""
+        """(view A features, view B global features, indices into paths of the usable images) of this process's
+        rows."""
         if online is not None:
-            views = online.pairs(epoch, step, local_batches, lambda r, e: (r, VIEW_A, derived_seed(options.seed, e, "A", r)),
+            views = online.pairs(epoch, step, local_batches,
+                                 lambda r, e: (r, VIEW_A, derived_seed(options.seed, e, "A", r)),
                                  lambda r, e: (r, VIEW_B, derived_seed(options.seed, e, "B", r)))
             if views is None:
                 return None
             with torch.no_grad():
                 return (model.backbone.encode_visual(views[0].to(model.device)),
                         model.backbone.encode_image(views[1].to(model.device)), rows[views[2]])
-        usable = rows[caches[0].readable()[rows] & caches[1].readable()[rows]]
         if options.augment == "views":
-            va, vb = (_view_choice(options, epoch, step, role, len(usable)) for role in ("A", "B"))
+            va, vb = (_view_choice(options, epoch, step, role, len(rows)) for role in ("A", "B"))
         else:
-            va = vb = np.zeros(len(usable), dtype=np.int64)
-        return caches[0].get(usable, va), caches[1].get(usable, vb).global_features.to(model.device), usable
+            va = vb = np.zeros(len(rows), dtype=np.int64)
+        index = images[rows]
+        return caches[0].get(index, va), caches[1].get(index, vb).global_features.to(model.device), index
 
     def step_loss(epoch: int, step: int, rows: np.ndarray):
         seen = visual(epoch, step, rows)
@@ -400,7 +408,7 @@ def train_stage1(model: M2CModel, paths: Sequence[Path], captions: Sequence[str]
                                kl_weight=options.kl_weight)
 
     digest = _digest([[str(p) for p in paths], list(captions) if captions is not None else None])
-    history = _loop(1, model, net, "", options, len(paths), digest, step_loss, Run(_path(out), resume), world,
+    history = _loop(1, model, net, "", options, len(images), digest, step_loss, Run(_path(out), resume), world,
                     progress)
     net.eval()
     return history
