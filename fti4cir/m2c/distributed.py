@@ -5,7 +5,8 @@ autograd graph), and each process evaluates the loss over the whole gathered bat
 process, equal to the one-process loss on the global batch. Each process's backward reaches only its own rows, so
 the gradients are summed over processes (not averaged, as DistributedDataParallel would): the sum is exactly the
 gradient of the global-batch loss. The official code averages them (DDP), i.e. its step uses that gradient divided
-by the number of processes; AdamW is almost insensitive to that scale (only through eps).
+by the number of processes (`average=True`, with --as-released); AdamW is almost insensitive to that scale (only
+through eps).
 """
 from __future__ import annotations
 
@@ -59,8 +60,9 @@ def gather_rows(x: torch.Tensor, world: World) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def sum_gradients(params: Iterable[torch.nn.Parameter], world: World) -> None:
-    """Sum every gradient over the processes (one flat all-reduce)."""
+def sum_gradients(params: Iterable[torch.nn.Parameter], world: World, average: bool = False) -> None:
+    """Sum every gradient over the processes (one flat all-reduce); average=True divides by the number of processes,
+    as DistributedDataParallel does in the official training."""
     if world.size == 1:
         return
     grads = [p.grad for p in params if p.grad is not None]
@@ -68,6 +70,8 @@ def sum_gradients(params: Iterable[torch.nn.Parameter], world: World) -> None:
         return
     flat = torch.cat([g.reshape(-1) for g in grads])
     dist.all_reduce(flat)
+    if average:
+        flat /= world.size
     offset = 0
     for g in grads:
         g.copy_(flat[offset:offset + g.numel()].view_as(g))

@@ -93,7 +93,7 @@ class TrainOptions:
     topk: int = 10  # stage II mixed hard negatives
     augment: str = "online"  # online | views | none (see fti4cir.m2c.views)
     views: int = 8  # augment "views": crops cached per image
-    as_released: bool = False  # the released hard negatives (the positive itself, unscaled)
+    as_released: bool = False  # the released hard negatives (the positive itself, unscaled), DDP's gradient average
     seed: int = 0
     num_workers: int | None = None
     amp: bool = False  # bfloat16 autocast on CUDA
@@ -232,7 +232,7 @@ def _loop(stage: int, model: M2CModel, module: torch.nn.Module, prefix: str, opt
             terms = step_loss(epoch, step, rows)
             if terms is not None:
                 terms.total.backward()
-                sum_gradients(params, world)
+                sum_gradients(params, world, average=options.as_released)
                 optimizer.step()
                 for k, v in terms.detached().items():
                     state["sums"][k] = state["sums"].get(k, 0.0) + v
@@ -652,8 +652,9 @@ def add_parser(subparsers) -> None:
                         "the cached centre crop (default %(default)s)")
     p.add_argument("--views", type=positive_int, default=8, help="crops per image for --augment views")
     p.add_argument("--as-released", action="store_true",
-                   help="stage 2: the released hard negatives (the positive itself, logits without 1/t) instead "
-                        "of the intended mixed negatives; see docs/m2c.md")
+                   help="the released training where it differs from the intended one: stage-2 hard negatives "
+                        "(the positive itself, logits without 1/t) and, with torchrun, gradients averaged over the "
+                        "processes (DDP) instead of summed; see docs/m2c.md")
     p.add_argument("--cache-dir", default="cache/features", help="visual feature cache (cached views, held-out "
                    "eval)")
     p.add_argument("--val-triplets", help="held-out triplets JSONL: print Recall@k after training")
