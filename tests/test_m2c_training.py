@@ -69,6 +69,69 @@ def test_stage2_loss_equals_the_official(batch, topk, as_released):
     assert abs(float(ours.total - other)) > 1e-3  # the two variants differ on these batches
 
 
+def _fixed_views(model, paths, spec, role, rows):
+    """The crops step 0 of epoch 0 (seed 0) trains on, and their visual features."""
+    views = torch.stack([augment(PIL.Image.open(paths[r]), spec, model.backbone.image_size,
+                                 derived_seed(0, 0, role, int(r))) for r in rows])
+    with torch.no_grad():
+        return model.backbone.encode_visual(views)
+
+
+def test_stage1_training_step_equals_the_official_loss_on_its_views(tiny_backbone, data):
+    """The first step's loss (before any update) equals the official loss on the features of the same views: view
+    A to Phi / VSI and the view-A term, view B to the contrastive target and the KL. Dropout 0 (BatchNorm still on
+    batch statistics) so that both sides compute the same features."""
+    paths = sorted((data / "photos").rglob("*.png"))[:6]
+    captions = [f"a photo of thing {i}" for i in range(6)]
+    torch.manual_seed(0)
+    model = M2CModel(tiny_backbone, M2CNetwork(M2CConfig.for_backbone(tiny_backbone, dropout=0.0)))
+    start = {k: v.clone() for k, v in model.net.state_dict().items()}
+    history = m2c_train.train_stage1(model, paths, captions, TrainOptions(epochs=1, batch_size=6, num_workers=0),
+                                     progress=False)
+    model.net.load_state_dict(start)
+    model.net.train()
+    rows = np.arange(6)
+    visual_a, view_b = (_fixed_views(model, paths, spec, role, rows) for spec, role in ((VIEW_A, "A"),
+                                                                                       (VIEW_B, "B")))
+    with torch.no_grad():
+        image_a, patches = model.visual_inputs(visual_a)
+        query = model.encode("a photo of *", None, image_a, patches, use_adapters=False)
+        official = official_stage1_loss(view_b.global_features, image_a, query, tiny_backbone.encode_text(captions))
+    assert history[0]["total"] == pytest.approx(float(official), rel=1e-5)
+
+
+@pytest.mark.parametrize("as_released", [False, True])
+def test_stage2_training_step_equals_the_official_loss_on_its_views(tiny_backbone, data, as_released):
+    """Stage II likewise: reference and target crops of the first step, the composed and the mapping sentence (each
+    encoded on its own here: the training's joint pass of both over duplicated images gives the same BatchNorm
+    statistics), the target images in the KL; intended and as-released hard negatives."""
+    triplets = m2c_train.read_triplets(data / "triplets.jsonl")[:6]
+    torch.manual_seed(0)
+    model = M2CModel(tiny_backbone, M2CNetwork(M2CConfig.for_backbone(tiny_backbone, dropout=0.0)))
+    model.net.add_adapters(rank=8)
+    start = {k: v.clone() for k, v in model.net.state_dict().items()}
+    options = TrainOptions(epochs=1, batch_size=6, num_workers=0, topk=3, as_released=as_released)
+    history = m2c_train.train_stage2(model, triplets, options, cache_dir=data / "cache", progress=False)
+    model.net.load_state_dict(start)
+    model.net.train()
+    images = sorted({p for t in triplets for p in (t.reference, t.target)})
+    position = {p: i for i, p in enumerate(images)}
+    rows = np.arange(6)
+    reference = torch.stack([augment(PIL.Image.open(t.reference), VIEW_B, tiny_backbone.image_size,
+                                     derived_seed(0, 0, "ref", int(r))) for r, t in zip(rows, triplets)])
+    target = torch.stack([augment(PIL.Image.open(t.target), VIEW_B, tiny_backbone.image_size,
+                                  derived_seed(0, 0, "tgt", int(r))) for r, t in zip(rows, triplets)])
+    assert len(position) > 6  # references and targets are different images
+    with torch.no_grad():
+        image, patches = model.visual_inputs(tiny_backbone.encode_visual(reference))
+        query = model.encode(m2c_train.TRAIN_PROMPT, [t.text for t in triplets], image, patches, use_adapters=True)
+        mapping = model.encode("a photo of *", None, image, patches, use_adapters=True)
+        official = official_stage2_loss(tiny_backbone.encode_image(target), image, query, mapping,
+                                        tiny_backbone.encode_text([t.reference_caption for t in triplets]),
+                                        topk=3, fixed=not as_released)
+    assert history[0]["total"] == pytest.approx(float(official), rel=1e-5)
+
+
 # ---- optimizer, schedule ------------------------------------------------------------------------------------------
 def test_official_optimizer_settings(tiny_backbone):
     assert official_adam("ViT-L-14") == official_adam("ViT-B-32") == (0.9, 0.98, 1e-6)
