@@ -32,7 +32,8 @@ class Int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ValueError(f"{name} must be a whole number, not {_what(value)}")
         if not self.low <= value <= self.high:
-            raise ValueError(f"{name} must be in {self.low}..{self.high}, not {value if abs(value) < 10**12 else '...'}")
+            shown = value if abs(value) < 10**12 else "a huge number"
+            raise ValueError(f"{name} must be in {self.low}..{self.high}, not {shown}")
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -46,6 +47,7 @@ from .atomic import atomic_path, write_json_atomic, write_text_atomic
 from .backbone import VisualFeatures
 from .errors import UserError
 from .explain import patch_attention
+from .inputs import quote
 from .inversion import PseudoTokens
 from .weights import file_digest, parameter_digest
 
@@ -69,7 +71,7 @@ def is_valid_name(name) -> bool:
 def validate_name(name: str) -> str:
     """Gallery names are exposed by the app: letters, digits, '.', '_', '-'; no separators, no '..', no leading dot."""
     if not is_valid_name(name):
-        raise UserError(f"Invalid gallery name {name!r}: use 1-100 letters, digits, '.', '_' or '-' (not starting "
+        raise UserError(f"Invalid gallery name {quote(name)}: use 1-100 letters, digits, '.', '_' or '-' (not starting "
                         f"with '.', no '..', no path separators)")
     return name
 
@@ -554,9 +556,15 @@ class Gallery:
             raise UserError(_corrupt(directory, "manifest.json", "its checksum in CURRENT does not match"))
         try:
             manifest = json.loads(data)
-            files = manifest["files"]
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, RecursionError):
             raise UserError(_corrupt(directory, "manifest.json", "it is not a gallery manifest")) from None
+        if isinstance(manifest, dict) and manifest.get("format") == FORMAT_VERSION:
+            problem = _manifest_problem(manifest)
+            if problem:
+                raise UserError(_corrupt(directory, "manifest.json", problem))
+        files = manifest.get("files") if isinstance(manifest, dict) else None
+        if not isinstance(files, dict):
+            raise UserError(_corrupt(directory, "manifest.json", "it is not a gallery manifest"))
         if manifest.get("format") != FORMAT_VERSION:
             raise UserError(f"Gallery {directory} has format {manifest.get('format')}; this version of fti4cir "
                             f"reads format {FORMAT_VERSION}: rebuild it with fti4cir index")
@@ -617,7 +625,7 @@ class Gallery:
         try:
             return self._row_of_name[name]
         except KeyError:
-            raise UserError(f"'{name}' is not in gallery '{self.name}'") from None
+            raise UserError(f"{quote(name, 80)} is not in gallery '{self.name}'") from None
 
     def tokens_of(self, rows) -> PseudoTokens:
         """Cached pseudo tokens of some rows (a reference picked from the gallery needs no visual pass)."""
@@ -655,6 +663,47 @@ class Gallery:
         k = max(1, min(int(k), len(self)))
         scores, ids = self.index.search(q, k, exclude_ids=exclude)
         return torch.from_numpy(scores), torch.from_numpy(ids)
+
+
+_MANIFEST_FILES = frozenset([*(f"{k}.npy" for k in ARRAYS), INDEX_FILE, "identity.json"])
+
+
+def _manifest_problem(manifest: dict) -> str | None:
+    """What is wrong with the structure of a (format 1) manifest, or None: every field the loader reads has its
+    type, the files are exactly the version's own (plain names: no path is taken from the manifest) and the row
+    counts agree. The manifest is checksummed, but a gallery folder may come from anywhere."""
+    def plain(value) -> bool:
+        return isinstance(value, str) and 0 < len(value) <= 4096 and "\0" not in value
+
+    count = manifest.get("count")
+    entries, files, source = manifest.get("entries"), manifest.get("files"), manifest.get("source")
+    index, explain = manifest.get("index"), manifest.get("explain")
+    if not (isinstance(count, int) and not isinstance(count, bool) and count >= 0):
+        return "its count is not a number of rows"
+    if not plain(manifest.get("name")) or not isinstance(manifest.get("identity"), dict):
+        return "its name or identity is missing"
+    if not (isinstance(source, dict) and plain(source.get("root")) and plain(source.get("root_from_gallery"))):
+        return "its source is not a folder"
+    grid = explain.get("grid") if isinstance(explain, dict) else None
+    if not (isinstance(index, dict) and index.get("file") == INDEX_FILE and isinstance(grid, list) and len(grid) == 2
+            and all(isinstance(g, int) and 0 < g <= 4096 for g in grid)
+            and isinstance(explain.get("epsilon"), (int, float)) and math.isfinite(explain["epsilon"])):
+        return "its index or explanation settings are malformed"
+    if not isinstance(entries, list) or len(entries) != count:
+        return f"it lists {len(entries) if isinstance(entries, list) else 'no'} rows for a count of {count}"
+    for e in entries:
+        if not (isinstance(e, dict) and plain(e.get("name")) and plain(e.get("sha1"))
+                and ("path" not in e or plain(e["path"]))):
+            return "a row is not a name, path and sha1"
+    if not isinstance(files, dict) or set(files) != _MANIFEST_FILES:
+        return "its files are not the version's own"
+    for file, meta in files.items():
+        if not (isinstance(meta, dict) and isinstance(meta.get("bytes"), int) and plain(meta.get("sha256"))):
+            return f"{file} has no size or checksum"
+        if file.endswith(".npy") and not (isinstance(meta.get("shape"), list) and meta["shape"][:1] == [count]
+                                          and isinstance(meta.get("dtype"), str)):
+            return f"{file} has no shape of {count} rows"
+    return None
 
 
 def _corrupt(directory: Path, file: str, why: str) -> str:
