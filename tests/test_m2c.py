@@ -393,7 +393,8 @@ def two_stages(tiny_backbone, tmp_path_factory):
 
     model.net.add_adapters()
     history2 = train_stage2(model, read_triplets(work / "train.jsonl"),
-                            TrainOptions(epochs=10, batch_size=40, lr=5e-3, warmup=2, num_workers=0),
+                            TrainOptions(epochs=10, batch_size=40, lr=5e-3, warmup=2, num_workers=0, augment="views",
+                                         views=2),
                             cache_dir=work / "cache", progress=False)
     recall2 = triplet_recall(model, held_out, gallery, store, use_adapters=True, num_workers=0)
     print(f"\nM2C held-out Recall: stage I {recall1}, stage II {recall2}")
