@@ -1,14 +1,19 @@
 #!/usr/bin/env bash
-# One-command set-up: a virtual environment in .venv with everything the app, the CLI and the tests need.
+# One-command set-up: a virtual environment in .venv with everything the app, the CLI and the tests need
+# (requirements-dev.txt: the runtime pins of requirements.txt plus the test tools).
 # Usage: bash setup.sh            (VENV=path to use another location)
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV="${VENV:-.venv}"
 PYTHON="${PYTHON:-python3}"
 
+if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+    echo "error: $PYTHON is not Python >= 3.11 (numpy 2.4 needs it); run PYTHON=python3.11 bash setup.sh" >&2
+    exit 1
+fi
 "$PYTHON" -m venv "$VENV"
 "$VENV/bin/pip" install --quiet --upgrade pip
-"$VENV/bin/pip" install --quiet -r requirements.txt
+"$VENV/bin/pip" install --quiet -r requirements-dev.txt
 "$VENV/bin/pip" install --quiet --no-deps -e .
 
 # Headless Chromium for the browser test (Debian package; the test skips with a clear reason when it is absent).
