@@ -26,6 +26,7 @@ import json
 import math
 import os
 import random
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,7 @@ from ..training.checkpoint import (
     write_state_tensors,
 )
 from .captions import caption
+from .benchmark import labels_digest
 from .labels import read_labels
 from .world import COLOURS
 
@@ -67,6 +69,7 @@ class ClipTrainConfig:
     min_scale: float = 0.35  # random resized crop: smallest share of the image area
     load_size: int = 80  # photos are decoded once at this size; crops are resized to the model's input size
     colourless: float = 0.25  # share of captions naming only the garment
+    corrected: float = 0.25  # share of captions that correct a wrong description ("... but it is a red dress")
     seed: int = 0
 
     RESUMABLE = ("photos", "out", "epochs")
@@ -170,10 +173,11 @@ def _autocast(device: torch.device) -> torch.autocast:
 class CaptionSampler:
     """Draws one caption per photo (global `random` RNG) and keeps the token ids; remembers every token used."""
 
-    def __init__(self, words: list[str], colourless: float, context_length: int):
+    def __init__(self, words: list[str], colourless: float, corrected: float, context_length: int):
         from open_clip.tokenizer import SimpleTokenizer
 
-        self.words, self.colourless, self.context_length = words, colourless, context_length
+        self.words, self.colourless, self.corrected = words, colourless, corrected
+        self.context_length = context_length
         self.tokenizer = SimpleTokenizer(context_length=context_length)
         self._ids: dict[str, torch.Tensor] = {}
 
@@ -188,13 +192,48 @@ class CaptionSampler:
         for c, colour in zip(classes.tolist(), colours.tolist()):
             if colour >= 0 and random.random() < self.colourless:
                 colour = -1
-            text = caption(self.words[c], COLOURS[colour] if colour >= 0 else None, random, others=tuple(self.words))
+            word, colour_word = self.words[c], COLOURS[colour] if colour >= 0 else None
+            if colour_word and random.random() < self.corrected:
+                text = corrected_caption(word, colour_word, self.words, random)
+            else:
+                text = caption(word, colour_word, random, others=tuple(self.words))
             ids.append(self.ids(text))
             named.append(colour)
         return torch.stack(ids), torch.tensor(named)
 
     def used_tokens(self) -> torch.Tensor:
         return torch.unique(torch.stack(list(self._ids.values())))
+
+
+# Captions that first name something else and then correct it, as people write ("not a skirt but a red dress"):
+# every one still describes ONE photo (the garment after the correction), never a pair of photos. They are how the
+# small world's text learns that what follows "but" / "instead" wins, the language of modification texts.
+# {ow}/{oc}: a wrong garment / colour.
+CORRECTED_FORMS = (
+    "a photo of {oa}{oc} {w} but {is} {c}",
+    "a photo of {oa}{ow} but {is} {a}{c} {w} instead",
+    "a photo of {oa}{oc} {ow} but {is} {a}{c} {w}",
+    "not {oa}{oc} {w} but {a}{c} one",
+    "not {oa}{ow} but {a}{c} {w}",
+    "{oa}{ow}? no, {a}{c} {w}",
+    "a {w} that looks {oc} but {is} {c}",
+    "it was {oa}{oc} {ow}, now {is} {a}{c} {w}",
+)
+
+
+def corrected_caption(word: str, colour: str, words: list[str], rng) -> str:
+    """A caption of a `colour` `word` phrased as a correction of a wrong garment and/or colour."""
+    from .world import PLURAL_WORDS
+
+    other_word = rng.choice([w for w in words if w != word])
+    other_colour = rng.choice([c for c in COLOURS if c != colour])
+    form = rng.choice(CORRECTED_FORMS)
+    article = lambda w: "" if w in PLURAL_WORDS else "a "  # noqa: E731
+    plural = word in PLURAL_WORDS
+    text = form.format(w=word, c=colour, ow=other_word, oc=other_colour, a=article(word),
+                       oa=article(other_word if "{ow}" in form else word), **{"is": "they are" if plural else "it is"})
+    text = text.replace(" one", " ones" if plural else " one")
+    return re.sub(r"\ba (?=[aeiou])", "an ", text)
 
 
 def label_aware_targets(classes: torch.Tensor, colours: torch.Tensor, named: torch.Tensor) -> torch.Tensor:
@@ -251,7 +290,7 @@ def train_clip(config: ClipTrainConfig, *, resume: bool = True, device: str | No
     model = create_clip(config.model).to(device)
     size = model.visual.image_size[0] if isinstance(model.visual.image_size, tuple) else model.visual.image_size
     data = load_photos(config.photos, labels, "train", config.load_size, progress)
-    sampler = CaptionSampler(data.words, config.colourless, model.context_length)
+    sampler = CaptionSampler(data.words, config.colourless, config.corrected, model.context_length)
     optimizer = _optimizer(model, config)
     steps_per_epoch = max(len(data.images) // config.batch_size, 1)
     total, warmup = steps_per_epoch * config.epochs, int(config.warmup_epochs * steps_per_epoch)
@@ -294,10 +333,11 @@ def train_clip(config: ClipTrainConfig, *, resume: bool = True, device: str | No
             "format": 1, "tensors": name, "config": config.to_dict(), "epoch": epoch + 1, "history": history,
             "optimizer": optimizer_state, "rng": rng_state(), "captions": sorted(sampler._ids)}, indent=None)
         remove_stale_tensors(run_dir, name)
-    return save_clip(model.eval(), sampler.used_tokens(), config, history, final)
+    return save_clip(model.eval(), sampler.used_tokens(), config, history, labels_digest(labels), final)
 
 
-def save_clip(model, used_tokens: torch.Tensor, config: ClipTrainConfig, history: list, path: Path) -> Path:
+def save_clip(model, used_tokens: torch.Tensor, config: ClipTrainConfig, history: list, labels_sha1: str,
+              path: Path) -> Path:
     """fp16 safetensors (token rows no caption used set to zero) + `<stem>.json` describing the run."""
     from safetensors.torch import save_file
 
@@ -308,8 +348,8 @@ def save_clip(model, used_tokens: torch.Tensor, config: ClipTrainConfig, history
     unused = torch.ones(state["token_embedding.weight"].shape[0], dtype=torch.bool)
     unused[used_tokens] = False
     state["token_embedding.weight"][unused] = 0
-    meta = {"model": config.model, "training": config.to_dict(), "tokens_used": int((~unused).sum()),
-            "history": history}
+    meta = {"model": config.model, "training": config.to_dict(), "labels_sha1": labels_sha1,
+            "tokens_used": int((~unused).sum()), "history": history}
     with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata={"fti4cir_clip": json.dumps(meta)})
     write_json_atomic(path.with_suffix(".json"), meta)

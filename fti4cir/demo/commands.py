@@ -93,8 +93,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--split", default="train", choices=list(SPLITS), help="photo split (default %(default)s)")
     p.add_argument("--out", required=True, help="captions JSONL to write (replaced atomically)")
     p.add_argument("--forms", default="all", choices=list(FORM_SETS),
-                   help="all: FTI4CIR forms and colour-first forms; fti4cir: garment first, colour after only "
-                        "(default %(default)s)")
+                   help="all: FTI4CIR, contrast ('in red instead of blue') and colour-first forms, for CLIP; "
+                        "fti4cir: garment first, colour after, for split-captions (default %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--photos", default=DEFAULT_PHOTOS, help="photo folder (default %(default)s)")
     p.add_argument("--labels", default=None, help="labels file (default PHOTOS/labels.json)")
@@ -109,3 +109,42 @@ def add_parser(subparsers) -> None:
     p.add_argument("--photos", default=DEFAULT_PHOTOS, help="photo folder (default %(default)s)")
     p.add_argument("--labels", default=None, help="labels file (default PHOTOS/labels.json)")
     p.set_defaults(func=_benchmark)
+
+    from .rebuild import STAGES
+
+    p = subparsers.add_parser("demo-rebuild", help="rebuild the embedded demo: CLIP -> captions -> FTI4CIR -> M2C "
+                              "-> gallery -> benchmark table (resumable)",
+                              description="Every learned file of the embedded demo from the committed photos, each "
+                                          "stage skipped when done and the training stages resumed after a kill: "
+                                          "rerun the same command to continue. " + ", ".join(STAGES) + ".")
+    p.add_argument("--out", default="runs/demo", help="work folder (default %(default)s; --quick: runs/demo-quick)")
+    p.add_argument("--photos", default=DEFAULT_PHOTOS, help="photo folder with labels.json (default %(default)s)")
+    p.add_argument("--benchmark", default="data/clothing-cir", help="clothing-cir folder (default %(default)s)")
+    p.add_argument("--only", default=None, help="comma-separated stages to run (default: all that are not done)")
+    p.add_argument("--quick", action="store_true", help="a few photos per class and a handful of steps (CI smoke "
+                   "run); never installs")
+    p.add_argument("--install", action="store_true", help="when every stage is done, copy the weights into "
+                   "weights/ and build the demo gallery in galleries/ (the embedded default)")
+    p.add_argument("--seed", type=int, default=0, help="seed of every stage (default %(default)s)")
+    p.add_argument("--device", default=None, help="cpu, cuda (default: cuda when available)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_rebuild)
+
+
+def _rebuild(args) -> int:
+    from ..errors import UserError
+    from .rebuild import STAGES, Rebuild, Settings
+
+    only = [s.strip() for s in args.only.split(",")] if args.only else None
+    unknown = sorted(set(only or ()) - set(STAGES))
+    if unknown:
+        raise UserError(f"unknown stage(s) {', '.join(unknown)}; stages: {', '.join(STAGES)}")
+    if args.quick and args.install:
+        raise UserError("--quick results are not a demo model; --install needs a full run")
+    out = "runs/demo-quick" if args.quick and args.out == "runs/demo" else args.out
+    rebuild = Rebuild(out, args.photos, args.benchmark, Settings.quick() if args.quick else Settings(),
+                      seed=args.seed, device=args.device, progress=not args.quiet)
+    rebuild.run(only)
+    if args.install:
+        rebuild.install()
+    return 0

@@ -37,6 +37,7 @@ from .clip_train import DEMO_MODEL, ClipTrainConfig, train_clip
 STAGES = ("clip", "zero-shot", "captions", "pairs", "fti4cir", "m2c-1", "triplets", "m2c-2", "gallery",
           "benchmark")
 GALLERY = "clothing"
+REPORT = "clothing-report.md"
 CLIP_FILE, FTI4CIR_FILE, M2C_FILE = "clothing-clip.safetensors", "clothing-fti4cir.safetensors", \
     "clothing-m2c.safetensors"
 
@@ -64,6 +65,27 @@ class Settings:
                    per_class=6)
 
 
+def subset_photos(photos: str | os.PathLike, out: str | os.PathLike, per_class: int) -> dict:
+    """Copy the first `per_class` photos of each class and split (in labels order) with their labels into `out`;
+    returns the subset's labels."""
+    from .labels import read_labels, write_labels
+
+    photos, out = Path(photos), Path(out)
+    labels = read_labels(photos / "labels.json")
+    seen: dict[tuple[str, str], int] = {}
+    kept = []
+    for p in labels["photos"]:
+        key = (p["split"], p["class"])
+        if seen.get(key, 0) < per_class:
+            seen[key] = seen.get(key, 0) + 1
+            kept.append(p)
+            (out / p["path"]).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(photos / p["path"], out / p["path"])
+    labels = {**labels, "photos": kept}
+    write_labels(labels, out / "labels.json")
+    return labels
+
+
 def _cli(argv: list[str]) -> None:
     from ..cli import main
 
@@ -84,28 +106,14 @@ class Rebuild:
             self._use_subset()
 
     def _use_subset(self) -> None:
-        """Quick runs: the first `per_class` photos of each class and split, copied with their labels, and a
-        benchmark generated from them, so that every stage (the gallery and the benchmark too) stays small."""
+        """Quick runs: a few photos of each class and split, and a benchmark generated from them, so that every
+        stage (the gallery and the benchmark too) stays small."""
         from .benchmark import generate, write_benchmark
-        from .labels import read_labels, write_labels
 
-        labels = read_labels(self.photos / "labels.json")
-        seen: dict[tuple[str, str], int] = {}
-        kept = []
-        for p in labels["photos"]:
-            key = (p["split"], p["class"])
-            if seen.get(key, 0) < self.settings.per_class:
-                seen[key] = seen.get(key, 0) + 1
-                kept.append(p)
         subset = self.out / "photos"
-        for p in kept:
-            (subset / p["path"]).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(self.photos / p["path"], subset / p["path"])
-        labels = {**labels, "photos": kept}
-        write_labels(labels, subset / "labels.json")
-        per_type = self.settings.benchmark_queries // 3
-        write_benchmark(generate(labels, seed=self.seed, per_type=per_type), self.out / "clothing-cir/queries.json",
-                        subset)
+        labels = subset_photos(self.photos, subset, self.settings.per_class)
+        write_benchmark(generate(labels, seed=self.seed, per_type=self.settings.benchmark_queries // 3),
+                        self.out / "clothing-cir/queries.json", subset)
         self.photos, self.benchmark_root = subset, self.out / "clothing-cir"
 
     # ---- paths ----------------------------------------------------------------------------------------------------
@@ -253,9 +261,35 @@ class Rebuild:
             for a, b in ((src, dst), (src.with_suffix(".json"), dst.with_suffix(".json"))):
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(a, b)
+        write_text_atomic(weights_dir / REPORT, self.report())
+        definition = galleries_dir / f"{GALLERY}.json"
+        rel = lambda p: os.path.relpath(Path(p).resolve(), galleries_dir.resolve())  # noqa: E731
+        write_json_atomic(definition, {
+            "description": "The embedded demo: the clothing test photos indexed with the demo model "
+                           "(fti4cir demo-rebuild --install)",
+            "source": rel(self.photos / "test"), "backbone": DEMO_MODEL, "pretrained": rel(weights_dir / CLIP_FILE),
+            "weights": rel(weights_dir / FTI4CIR_FILE)})
         target = galleries_dir / GALLERY
-        if target.exists():
+        if target.exists():  # rebuilt from scratch: a gallery keeps old versions, the repository needs one
             shutil.rmtree(target)
-        shutil.copytree(self.path(f"galleries/{GALLERY}"), target,
-                        ignore=shutil.ignore_patterns(".lock", ".staging-*"))
+        _cli(["index", "--definition", definition, "--quiet", *(["--device", self.device] if self.device else [])])
         print(f"installed weights into {weights_dir} and gallery '{GALLERY}' into {galleries_dir}")
+
+    def report(self) -> str:
+        """The measured numbers of this run, as Markdown: wall time per stage, zero-shot accuracy, the
+        benchmark table, decoded-word hit rates."""
+        timings = json.loads(self.path("timings.json").read_text()) if self.path("timings.json").exists() else {}
+        words = json.loads(self.path("benchmark.json").read_text())["decoded_words"]
+        lines = ["# The demo model: measured numbers", "",
+                 "Written by `fti4cir demo-rebuild --install` from the run it installs (seed "
+                 f"{self.seed}); wall times on the machine that ran it.", "",
+                 "## Wall time per stage", "", "| stage | seconds |", "|---|---:|"]
+        lines += [f"| {name} | {seconds:.0f} |" for name, seconds in timings.items()]
+        lines += ["", "## The CLIP, zero-shot", "", self.path("zero-shot.md").read_text().strip(), "",
+                  "## clothing-cir (held-out test photos)", "",
+                  (self.path("evaluate") / "results.md").read_text().strip(), "", "## Decoded words", "",
+                  f"Of {words['photos']} test photos, the subject token's nearest word is the class word for "
+                  f"{words['subject_is_class']:.1%}; of the {words['coloured_photos']} with a colour label, the colour "
+                  f"word is among the top-3 words of a kept attribute token for {words['colour_in_attribute_top3']:.1%}.",
+                  ""]
+        return "\n".join(lines)
