@@ -35,6 +35,16 @@ def test_captions_are_varied_and_deterministic():
         assert phrase in phrasings
 
 
+def test_fti4cir_forms_name_only_what_the_photo_shows():
+    others = set(CLASS_WORDS.values()) - {"dress"}
+    for seed in range(300):
+        words = caption("dress", "red", random.Random(seed), forms="fti4cir").replace(",", "").split()
+        assert not (set(words) & (set(COLOURS) - {"red"})) and not (set(words) & others)
+        assert "instead" not in words
+    for seed in range(100):
+        assert not set(caption("dress", None, random.Random(seed)).split()) & others
+
+
 def test_plural_garments_agree_in_number():
     made = {caption("pants", "blue", random.Random(seed)) for seed in range(300)}
     assert not any(c.startswith("a pants") or " pants is " in c or "pants that is " in c for c in made)

@@ -5,11 +5,14 @@ cover the language modification texts use ("is blue", "in blue", "coloured blue"
 instead", "make it ...") so a model that learned from the captions can read such texts, but every caption describes
 ONE photo: no caption names a reference and a target (zero-shot: no composed-retrieval pairs enter training).
 
-Two families of forms:
+Families of forms:
 
 - FTI4CIR forms (`FTI4CIR_FORMS`) put the garment first and the colour after it ("a dress that is red"), so
   `fti4cir split-captions` (subject = up to the first noun) gives subject = the garment phrase ("a dress") and
   attribute = the rest ("that is red"): the subject pseudo token learns the garment, the attribute tokens the colour;
+- contrast forms (`CONTRAST_FORMS`: "a dress in red instead of blue", "a dress instead of a skirt, in red") also
+  name a colour or garment the photo does not show, as modification texts do; true of the photo, but only in the
+  "all" set (CLIP's text side), not in the FTI4CIR set, whose attributes should only describe the photo;
 - colour-first forms (`COLOUR_FIRST_FORMS`: "a red dress", "a photo of a red dress") are the plainest way to say
   it, for CLIP's contrastive training; their split puts the colour into the subject (or has no attribute at all,
   and split-captions drops it).
@@ -44,8 +47,6 @@ FTI4CIR_FORMS: tuple[str, ...] = (
     "{a}{w} made of {c} fabric",
     "{a}{w} whose colour is {c}",
     "{a}{w} in a {c} shade",
-    "{a}{w} in {c} instead of {other_c}",
-    "{a}{w} that {is} {c} rather than {other_c}",
     "{a}{w}, {c} all over",
     "{a}{w} in plain {c}",
     "{a}{w} photographed in {c}",
@@ -53,6 +54,13 @@ FTI4CIR_FORMS: tuple[str, ...] = (
     "{this} {w} {is} {c}",
     "the {w} {is} {c}",
     "{a}{w}, they make {it} in {c}",
+)
+# garment first too, but naming a colour or garment the photo does NOT show ("blue instead of red", "a skirt
+# instead"): the phrasing of modification texts, for CLIP's text side; left out of the FTI4CIR set, whose attribute
+# should only describe the photo
+CONTRAST_FORMS: tuple[str, ...] = (
+    "{a}{w} in {c} instead of {other_c}",
+    "{a}{w} that {is} {c} rather than {other_c}",
     "{a}{w} instead of {other_a}{other_w}, in {c}",
 )
 COLOUR_FIRST_FORMS: tuple[str, ...] = (
@@ -67,10 +75,9 @@ NO_COLOUR_FORMS: tuple[str, ...] = (
     "{a}{w} on {its} own",
     "{a}{w} just as {it} {is}",
     "{a}{w} laid out to be photographed",
-    "{a}{w} instead of {other_a}{other_w}",
     "{a}{w} in a photo of {its} own",
 )
-FORM_SETS = {"all": FTI4CIR_FORMS + COLOUR_FIRST_FORMS, "fti4cir": FTI4CIR_FORMS}
+FORM_SETS = {"all": FTI4CIR_FORMS + CONTRAST_FORMS + COLOUR_FIRST_FORMS, "fti4cir": FTI4CIR_FORMS}
 
 
 def _fill(form: str, word: str, colour: str | None, rng: random.Random, others: tuple[str, ...]) -> str:
@@ -89,8 +96,8 @@ def caption(word: str, colour: str | None, rng: random.Random, *, forms: str = "
             others: tuple[str, ...] | None = None) -> str:
     """One caption of a garment `word` in `colour` (None: a form without colour), the form drawn with `rng`.
 
-    forms: "all" (FTI4CIR forms and colour-first forms) or "fti4cir" (garment first, colour after: the forms whose
-    spaCy split is subject = garment phrase, attribute = the rest). others: garment words for the "instead of a
+    forms: "all" (FTI4CIR, contrast and colour-first forms) or "fti4cir" (garment first, colour after, nothing the
+    photo does not show: the forms whose spaCy split is subject = garment phrase, attribute = the rest). others: garment words for the "instead of a
     ..." forms (default: the class words of the clothing world)."""
     if forms not in FORM_SETS:
         raise UserError(f"unknown caption forms {forms!r} (choose from {', '.join(FORM_SETS)})")
