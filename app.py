@@ -12,17 +12,21 @@ GRADIO_SERVER_NAME / GRADIO_SERVER_PORT / PORT that hosting platforms such as Hu
 """
 
 import argparse
+import dataclasses
 import functools
 import html
 import logging
 import os
 import sys
+import threading
+import time
 import warnings
 from dataclasses import dataclass
 
 import numpy as np
 
 from fti4cir.errors import UserError
+from fti4cir.inputs import quote
 from fti4cir.m2c.model import M2C_METHODS
 from fti4cir.tokens import TextTruncatedWarning
 
@@ -35,6 +39,14 @@ GENERIC_ERROR = ("Something went wrong while handling this request (the details 
                  "Please try again.")
 NO_REFERENCE = "Upload a reference image or click a gallery image first."
 SUBJECT_SWITCH = "subject"
+# Cleanup. Per-session state lives at most SESSION_TTL_S, and at most --max-sessions sessions are kept (the least
+# recently active go first). What one session holds: our lean reference and last result (tens of kB), plus gradio's
+# copy of the page config with the last value of every output (the chart as an image, the result and heatmap
+# galleries): about 1.5 MB with the tiny model (measured over 30 new sessions), so 256 sessions hold roughly 400 MB
+# at most (tests/test_reliability_app.py: flat once the bound is reached). gradio's upload and result-image
+# cache is swept every min(CACHE_SWEEP_S, age), deleting files older than --cache-max-age (all of it at shutdown).
+SESSION_TTL_S = 3600
+CACHE_SWEEP_S = 600
 
 
 # ---- configuration -----------------------------------------------------------------------------------------------
@@ -67,6 +79,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="requests computed at the same time; the rest wait in the queue (default %(default)s)")
     parser.add_argument("--max-queue", type=int, default=int(env("FTI4CIR_MAX_QUEUE", "64")),
                         help="waiting requests beyond which new ones are refused (default %(default)s)")
+    parser.add_argument("--cache-max-age", type=int, default=int(env("FTI4CIR_CACHE_MAX_AGE", "3600")),
+                        help="seconds an uploaded or result file stays in gradio's cache (default %(default)s)")
+    parser.add_argument("--max-sessions", type=int, default=int(env("FTI4CIR_MAX_SESSIONS", "256")),
+                        help="browser sessions whose state is kept; the least recently active are dropped beyond "
+                             "this (default %(default)s)")
     args = parser.parse_args(argv)
     if args.tiny:
         from fti4cir import TINY_MODEL
@@ -226,8 +243,14 @@ def api_top_k(value) -> int:
     except (TypeError, ValueError):
         k = float("nan")
     if not k.is_integer():  # nan, inf, 2.5, "ten"
-        raise UserError(f"k must be a whole number of results, not {repr(value)[:40]}.")
+        raise UserError(f"k must be a whole number of results, not {quote(value)}.")
     return int(k)
+
+
+def lean_result(result):
+    """A result as the session keeps it: its reference without the decoded image and the heatmaps (shown once when
+    the reference is new, never read again), which are most of a session's memory."""
+    return dataclasses.replace(result, reference=result.reference.lean())
 
 
 def browser_rows(size: int, limit: int = BROWSER_IMAGES) -> list[int]:
@@ -293,8 +316,53 @@ class GalleryFilesOnly:
         return True
 
 
+class ServingHeaders:
+    """ASGI middleware: `X-Content-Type-Options: nosniff` on every response, so that no browser runs an upload named
+    `.jpg` that holds HTML as a page; files from gradio's file routes (uploads, cached results, gallery images) are
+    served as attachments, so that opening one directly downloads it instead of rendering it (an <img> on the page
+    shows it all the same)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        is_file = any(route in scope.get("path", "") for route in FILE_ROUTES)
+
+        async def send_with_headers(message):
+            if message["type"] == "http.response.start":
+                from starlette.datastructures import MutableHeaders
+
+                headers = MutableHeaders(scope=message)
+                headers["X-Content-Type-Options"] = "nosniff"
+                if is_file:
+                    disposition = headers.get("content-disposition", "")
+                    name = disposition[disposition.find("filename"):] if "filename" in disposition else ""
+                    headers["Content-Disposition"] = "attachment" + (f"; {name}" if name else "")
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+def sweep_cache(demo, age: int, every: int) -> None:
+    """gradio's cache deletion (files older than `age` seconds), every `every` seconds, forever; run in a daemon
+    thread. gradio's own scheduled deletion (`delete_cache`) runs every CACHE_SWEEP_S too, but it iterates the
+    cache's file sets while requests may add to them, and an error there ("set changed size during iteration")
+    ends its task for good; here such a round is simply tried again next time."""
+    from gradio.route_utils import delete_files_created_by_app
+
+    while True:
+        time.sleep(every)
+        try:
+            delete_files_created_by_app(demo, age)
+        except Exception:  # noqa: BLE001 - a race with a request adding files; the next round catches up
+            log.debug("cache sweep failed; retrying next round", exc_info=True)
+
+
 # ---- the page ----------------------------------------------------------------------------------------------------
-def build_demo(setup: Setup):
+def build_demo(setup: Setup, cache_max_age: int = 3600):
     import gradio as gr
 
     from fti4cir.app_service import MAX_K, rank_changes, summarize_moves
@@ -306,14 +374,17 @@ def build_demo(setup: Setup):
     shown_rows = browser_rows(size)
     banner = "\n\n".join(setup.problems + setup.notes)
 
-    with gr.Blocks(title="FTI4CIR composed image retrieval") as demo:
+    # gradio deletes cached files older than the age every CACHE_SWEEP_S and all of them at shutdown; `sweep_cache`
+    # adds the rounds that survive its races (and sweeps sooner for short ages)
+    with gr.Blocks(title="FTI4CIR composed image retrieval", delete_cache=(CACHE_SWEEP_S, max(1, cache_max_age))) \
+            as demo:
         gr.Markdown("## FTI4CIR · composed image retrieval\nGive a reference image and say what to change; the "
                     "image is turned into pseudo words (a subject and a few attributes) that are read together with "
                     "your text.")
         gr.Markdown(banner, visible=bool(banner), elem_id="banner")
-        reference_state = gr.State(None, time_to_live=3600)  # app_service.Reference of this session
-        base_state = gr.State(None, time_to_live=3600)  # Result with every token on: what switches compare to
-        shown_state = gr.State([], time_to_live=3600)  # gallery rows of the displayed results
+        reference_state = gr.State(None, time_to_live=SESSION_TTL_S)  # lean app_service.Reference of this session
+        base_state = gr.State(None, time_to_live=SESSION_TTL_S)  # lean Result, all tokens on: what switches compare to
+        shown_state = gr.State([], time_to_live=SESSION_TTL_S)  # gallery rows of the displayed results
 
         with gr.Row(equal_height=False):
             with gr.Column(scale=1, min_width=280):
@@ -384,17 +455,22 @@ def build_demo(setup: Setup):
                 raise UserError("Search is disabled: " + (setup.problems[0].split("\n")[0].replace("**", "")
                                                           if setup.problems else "no model"))
 
-        def show(result) -> dict:
-            """Every output of a fresh search (all tokens on): it becomes the base of the switches."""
+        def show(result, new_reference: bool) -> dict:
+            """Every output of a fresh search (all tokens on): it becomes the base of the switches. The chart and
+            heatmaps are drawn for a new reference only (the session keeps the reference without them)."""
             explanation = result.reference.explanation
             choices = switch_choices(explanation)
+            drawn = {
+                chart: relevance_figure(explanation),
+                heatmaps: [(image, f"q{a.query} {a.word}")
+                           for image, a in zip(explanation.heatmaps, explanation.attributes)],
+            } if new_reference else {}
+            result = lean_result(result)
             return {
                 sentence: sentence_html(result),
                 timing: f"**Query time:** {result.timing_text()}",
                 results: [(str(h.path), h.caption) for h in result.hits],
-                chart: relevance_figure(explanation),
-                heatmaps: [(image, f"q{a.query} {a.word}")
-                           for image, a in zip(explanation.heatmaps, explanation.attributes)],
+                **drawn,
                 switches: gr.update(choices=choices, value=[value for _, value in choices]),
                 moved: f"{len(result.hits)} results; untick a token above to see which ones move.",
                 status: "",
@@ -402,30 +478,33 @@ def build_demo(setup: Setup):
                 shown_state: [h.index for h in result.hits],
             }
 
+        def new_reference(result) -> dict:
+            """A search that prepared a new reference: all of `show`, the reference image and the lean reference."""
+            shown = show(result, True)
+            return {**shown, reference_state: shown[base_state].reference, reference_view: result.reference.image}
+
         @guarded
         def on_search(reference, text_value, method_value, k):
             require_service()
             if reference is None:
                 raise UserError(NO_REFERENCE)
-            return show(service.search(reference, text_value, method_value, int(k)))
+            return show(service.search(reference, text_value, method_value, int(k)), False)
 
         @guarded
         def on_settings(reference, text_value, method_value, k):
             """Method or top-k changed: search again if there is a reference, else wait quietly."""
             if service is None or reference is None:
                 return gr.skip()
-            return show(service.search(reference, text_value, method_value, int(k)))
+            return show(service.search(reference, text_value, method_value, int(k)), False)
 
         @guarded
         def on_upload(path, text_value, method_value, k):
             require_service()
-            result = service.search(path, text_value, method_value, int(k))
-            return {**show(result), reference_state: result.reference, reference_view: result.reference.image}
+            return new_reference(service.search(path, text_value, method_value, int(k)))
 
         def pick(row: int, text_value, method_value, k):
             require_service()
-            result = service.search(int(row), text_value, method_value, int(k))
-            return {**show(result), reference_state: result.reference, reference_view: result.reference.image}
+            return new_reference(service.search(int(row), text_value, method_value, int(k)))
 
         @guarded
         def on_browser_select(evt: gr.SelectData, text_value, method_value, k):
@@ -505,17 +584,22 @@ def main(argv: list[str] | None = None) -> int:
     setup = load_service(args)
     for problem in setup.problems:
         log.warning("search disabled: %s", problem.replace("**", ""))
-    demo = build_demo(setup)
+    demo = build_demo(setup, args.cache_max_age)
+    age = max(1, args.cache_max_age)
+    threading.Thread(target=sweep_cache, args=(demo, age, min(CACHE_SWEEP_S, age)), name="cache-sweep",
+                     daemon=True).start()
     demo.queue(default_concurrency_limit=max(1, args.concurrency), max_size=max(1, args.max_queue))
-    allowed, middleware = [], []
-    if setup.service:
-        from starlette.middleware import Middleware
+    from starlette.middleware import Middleware
 
+    allowed, middleware = [], [Middleware(ServingHeaders)]
+    if setup.service:
         gallery = setup.service.gallery
         allowed = [str(gallery.root)]
-        middleware = [Middleware(GalleryFilesOnly, root=gallery.root, images=gallery.paths)]
+        middleware.append(Middleware(GalleryFilesOnly, root=gallery.root, images=gallery.paths))
+    # enable_monitoring=False: gradio's /monitoring routes (traffic summary and dashboard) answer 403 to everyone
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, max_file_size=MAX_UPLOAD_BYTES,
-                allowed_paths=allowed, show_error=False, css=CSS, app_kwargs={"middleware": middleware})
+                allowed_paths=allowed, show_error=False, css=CSS, app_kwargs={"middleware": middleware},
+                state_session_capacity=max(1, args.max_sessions), enable_monitoring=False)
     return 0
 
 

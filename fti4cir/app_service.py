@@ -17,7 +17,7 @@ pass over its file the first time an M2C method needs them.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal, Sequence
 
@@ -31,7 +31,7 @@ from .compose import METHODS, compose
 from .decode import decode
 from .errors import UserError
 from .explain import AttributeEvidence, Explanation, explain, m2c_sentence, query_sentence
-from .inputs import clean_text, load_image
+from .inputs import clean_text, load_image, quote
 from .inversion import PseudoTokens
 from .m2c import model as m2c
 from .tokens import bpe, tokenize_prompts
@@ -56,6 +56,11 @@ class Reference:
     @property
     def num_kept(self) -> int:
         return len(self.explanation.attributes)
+
+    def lean(self) -> "Reference":
+        """This reference without what only its first display needs (the image and the heatmaps): what a session
+        keeps to search again."""
+        return replace(self, image=None, explanation=replace(self.explanation, heatmaps=[]))
 
 
 @dataclass(frozen=True)
@@ -223,7 +228,7 @@ class SearchService:
         """Rank the gallery for one query. keep_attributes: one switch per kept attribute token (prompt order); the
         switches act on FTI4CIR's pseudo tokens and leave the other methods' queries as they are."""
         if method not in self.methods:
-            raise UserError(f"Unknown method {method!r}; choose one of {', '.join(self.methods)}.")
+            raise UserError(f"Unknown method {quote(method)}; choose one of {', '.join(self.methods)}.")
         prepared_here = not isinstance(reference, Reference)
         reference = self.reference(reference)
         text = clean_text(text)

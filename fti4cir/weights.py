@@ -1,7 +1,6 @@
 """Inversion-network weights: safetensors + a JSON config (ours), official release files, hub ids."""
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -10,8 +9,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from . import hub
 from .atomic import atomic_path, write_json_atomic
 from .errors import UserError
+from .hub import file_digest, parameter_digest  # noqa: F401 - their public home is fti4cir.hub
 from .inputs import quote
 from .inversion import InversionConfig, InversionNetwork
 
@@ -126,46 +127,33 @@ def _looks_like_hub_id(source: str) -> bool:
         (len(parts) > 2 or Path(source).suffix not in OFFICIAL_SUFFIXES + (".safetensors",))
 
 
-def _hub_download(spec: str) -> Path:
-    """'org/repo' (file fti4cir.safetensors) or 'org/repo/path/in/repo.safetensors'; cache first, then network."""
-    from huggingface_hub import hf_hub_download
-
-    from .backbone import _hub_offline, _online
-
+def _hub_download(spec: str, revision: str | None = None) -> Path:
+    """'org/repo' (file fti4cir.safetensors) or 'org/repo/path/in/repo.safetensors', optionally '@revision' (or
+    `revision`); cache first, then the network (`fti4cir.hub`)."""
+    spec, at = hub.split_revision(spec)
+    if at is not None and revision is not None and at != revision:
+        raise UserError(f"Weights {quote(spec, 200)} name revision {quote(at, 60)} and --weights-revision "
+                        f"{quote(revision, 60)}; give one")
+    revision = revision or at
     parts = spec.split("/")
     repo, filename = "/".join(parts[:2]), "/".join(parts[2:]) or "fti4cir.safetensors"
-
-    def fetch() -> Path:
-        weights = hf_hub_download(repo, filename)
-        if filename.endswith(".safetensors"):
-            hf_hub_download(repo, str(Path(filename).with_suffix(".json")))
-        return Path(weights)
-
-    errors = []
-    try:
-        with _hub_offline():
-            return fetch()
-    except Exception as e:  # noqa: BLE001 - any hub failure becomes the same actionable message
-        errors.append(f"cache: {type(e).__name__}")
-    if _online():
-        try:
-            return fetch()
-        except Exception as e:  # noqa: BLE001
-            errors.append(f"download: {e}")
-    else:
-        errors.append("download: hub unreachable (offline)")
-    raise UserError(f"Weights '{spec}' are not a local file and could not be fetched from hub repo '{repo}', file "
-                    f"'{filename}' ({'; '.join(errors)}). Download them elsewhere and pass the local path, e.g. "
-                    f"--weights weights/fti4cir_vit-l-14.safetensors")
+    weights = hub.download(repo, filename, revision=revision, what="weights")
+    if filename.endswith(".safetensors"):
+        try:  # the config travels in the file's metadata too
+            hub.download(repo, str(Path(filename).with_suffix(".json")), revision=revision, what="weights config")
+        except UserError:
+            pass
+    return weights
 
 
-def load_weights(source: str | os.PathLike, *, expect_backbone=None) -> InversionNetwork:
-    """Our .safetensors (+ .json), an official release .pth (read safely, see `fti4cir.convert`), or a hub id."""
+def load_weights(source: str | os.PathLike, *, expect_backbone=None, revision: str | None = None) -> InversionNetwork:
+    """Our .safetensors (+ .json), an official release .pth (read safely, see `fti4cir.convert`), or a hub id
+    ('org/repo[/file][@revision]'; `revision`: a branch, tag or commit of the hub repository)."""
     path = Path(source)
     if not path.exists():
-        if not _looks_like_hub_id(str(source)):
+        if not _looks_like_hub_id(str(source).split("@")[0]):
             raise UserError(f"Weights file not found: {quote(str(source), 200)}")
-        path = _hub_download(str(source))
+        path = _hub_download(str(source), revision)
     if path.suffix in OFFICIAL_SUFFIXES:
         from .convert import read_official
 
@@ -179,21 +167,3 @@ def load_weights(source: str | os.PathLike, *, expect_backbone=None) -> Inversio
                             f"{c.token_dim}, patch {c.patch_dim}) but '{b.name}' is loaded (embed {b.embed_dim}, "
                             f"token {b.token_dim}, patch {b.patch_dim}); pass the matching --backbone")
     return net
-
-
-def parameter_digest(module: torch.nn.Module) -> str:
-    """sha256 over a module's state (names, dtypes, shapes, values): equal digests = identical weights."""
-    h = hashlib.sha256()
-    for key, value in sorted(module.state_dict().items()):
-        value = value.detach().cpu().contiguous().reshape(-1)
-        h.update(f"{key}|{value.dtype}|{tuple(value.shape)}\n".encode())
-        h.update(value.view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def file_digest(path: str | os.PathLike, algorithm: str = "sha256", chunk: int = 1 << 20) -> str:
-    h = hashlib.new(algorithm)
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()

@@ -6,7 +6,7 @@ import pytest
 
 from fti4cir import fuzz
 
-EXAMPLES = {"images": 80, "texts": 300, "configs": 120, "pickles": 300}
+EXAMPLES = {"images": 50, "texts": 200, "configs": 80, "pickles": 200}
 
 
 @pytest.mark.parametrize("target", fuzz.TARGETS)
