@@ -146,3 +146,22 @@ def test_evaluate_refuses_a_split_clothing_cir_does_not_have(tmp_path):
     with pytest.raises(UserError, match="test"):
         run_subcommand(run, ["evaluate", "--dataset", "clothing-cir", "--root", str(ROOT), "--split", "val",
                              "--backbone", "fti4cir-tiny", "--pretrained", "none"])
+
+
+def test_a_ranking_by_the_labels_scores_full_marks_and_the_reference_alone_scores_none(labels, committed):
+    benchmark = load_benchmark("clothing-cir", ROOT, "test")
+    gallery = list(benchmark.images)
+    by_name = {p["path"].removeprefix("test/"): p for p in labels["photos"] if p["split"] == "test"}
+    queries = {q["id"]: q for q in committed["queries"]}
+    oracle = np.array([[float((by_name[n]["class"], by_name[n]["colour"]) == (queries[q.query_id]["target_class"],
+                                                                              queries[q.query_id]["target_colour"]))
+                        for n in gallery] for q in benchmark.queries])
+    refs, truths, kinds = ([q.reference for q in benchmark.queries], [q.ground_truths for q in benchmark.queries],
+                           [q.kind for q in benchmark.queries])
+    perfect = clothing_cir_metrics(oracle, gallery, refs, truths, kinds)
+    assert all(perfect[k] == pytest.approx(100) for k in ("map@5", "map@10", "map@25", "recall@1", "recall@10"))
+    # the reference itself ranked first: removed from the ranking, so it earns nothing and costs nothing
+    with_reference = oracle + np.array([[2.0 * (n == q.reference) for n in gallery] for q in benchmark.queries])
+    assert clothing_cir_metrics(with_reference, gallery, refs, truths, kinds)["map@10"] == pytest.approx(100)
+    worst = clothing_cir_metrics(-oracle, gallery, refs, truths, kinds)
+    assert worst["recall@10"] < 5 and worst["map@10"] < 5
