@@ -17,13 +17,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import hub
 from .errors import UserError
+from .presets import DEFAULT_MODEL, DEFAULT_PRETRAINED, TINY_MODEL
 from .tokens import EOT_ID, PLACEHOLDER_ID, SOT_ID
 from .towers import attach_conv_stem
 
-TINY_MODEL = "fti4cir-tiny"
-DEFAULT_MODEL = "ViT-L-14"
-DEFAULT_PRETRAINED = "openai"
+HF_HUB_PREFIX = "hf-hub:"  # open_clip's name form for a model repository on the Hub (config + weights in the repo)
 
 open_clip.add_model_config(Path(__file__).parent / "model_configs")
 
@@ -94,7 +94,7 @@ class Backbone(nn.Module):
         """What makes features from this backbone comparable: used as a cache / gallery key. A random-weight
         backbone is named by a digest of its values (no tag names them)."""
         if self._identity is None:
-            from .weights import file_digest, parameter_digest
+            from .hub import file_digest, parameter_digest
 
             # a local checkpoint is named by its content, so a gallery built here matches in any clone or folder
             pretrained = f"sha256:{file_digest(self.pretrained)}" if self.pretrained and \
@@ -176,32 +176,6 @@ def _is_jit_archive(path: Path) -> bool:
         return any(n.endswith("constants.pkl") or "/code/" in n for n in zf.namelist())
 
 
-@contextlib.contextmanager
-def _hub_offline():
-    """Make huggingface_hub answer from its cache only (no network), restoring the setting afterwards."""
-    import huggingface_hub.constants as hf_constants
-
-    old = hf_constants.HF_HUB_OFFLINE
-    hf_constants.HF_HUB_OFFLINE = True
-    try:
-        yield
-    finally:
-        hf_constants.HF_HUB_OFFLINE = old
-
-
-def _online() -> bool:
-    """Whether the Hugging Face hub looks reachable; answers fast so a closed network never hangs a load."""
-    import socket
-
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-        return False
-    try:
-        socket.create_connection(("huggingface.co", 443), timeout=3).close()
-        return True
-    except OSError:
-        return False
-
-
 class _RandomInitNotice(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return not record.getMessage().startswith("No pretrained weights loaded")
@@ -231,7 +205,9 @@ def _load_local_checkpoint(model: nn.Module, path: Path) -> None:
 
 def resolve_pretrained(name: str, pretrained: str | os.PathLike | None) -> str | os.PathLike | None:
     """The command lines' default tag ("openai") means random weights for the tiny model, which has no pretrained
-    weights anywhere; every other value is kept."""
+    weights anywhere, and "the repository's weights" for an `hf-hub:org/repo` backbone; every other value is kept."""
+    if pretrained == DEFAULT_PRETRAINED and name.startswith(HF_HUB_PREFIX):
+        return "hf-hub"
     return None if name == TINY_MODEL and pretrained == DEFAULT_PRETRAINED else pretrained
 
 
@@ -245,12 +221,17 @@ def load_backbone(
 ) -> Backbone:
     """Load a frozen CLIP by open_clip model name and pretrained tag, or from a local checkpoint file.
 
+    name: an open_clip model name, or `hf-hub:org/repo` (open_clip's form for a Hub repository holding
+        `open_clip_config.json` and the weights; `pretrained` is then "hf-hub", the repository's own weights).
     pretrained: an open_clip tag ("openai", "laion2b_s32b_b82k", ...), a local file (OpenAI JIT archive, OpenAI or
         open_clip state dict, .safetensors), or None for random weights (tests, benchmarks of timing).
     quick_gelu: OpenAI weights were trained with QuickGELU; default: on for the "openai" tag and OpenAI JIT files.
     Raises BackboneUnavailable (with what was tried and how to give a local path) when weights cannot be had.
     """
     device = torch.device(device) if device is not None else default_device()
+    if name.startswith(HF_HUB_PREFIX):
+        model = _load_hf_hub(name, pretrained, cache_dir)
+        return Backbone(model.to(device), name, "hf-hub", dict(getattr(model.visual, "preprocess_cfg", {})))
     name = name.replace("/", "-")
     if name not in open_clip.list_models():
         raise UserError(f"Unknown backbone '{name}'. Known: {', '.join(open_clip.list_models()[:12])}, ...")
@@ -273,20 +254,39 @@ def load_backbone(
         if not open_clip.get_pretrained_cfg(name, tag):
             tags = open_clip.list_pretrained_tags_by_model(name)
             raise UserError(f"'{tag}' is neither a file nor a pretrained tag of {name}. Tags: {tags}")
-        model = None
-        with _hub_offline():  # cache first: no network, no hang
-            with contextlib.suppress(Exception):
-                model, _, _ = open_clip.create_model_and_transforms(name, pretrained=tag, **kwargs)
-        if model is None:
-            if not _online():
-                raise BackboneUnavailable(_offline_message(name, tag, cache_dir))
-            try:
-                model, _, _ = open_clip.create_model_and_transforms(name, pretrained=tag, **kwargs)
-            except Exception as e:
-                raise BackboneUnavailable(_offline_message(name, tag, cache_dir) + f"\nDownload error: {e}") from e
+        model = _cache_then_hub(lambda: open_clip.create_model_and_transforms(name, pretrained=tag, **kwargs)[0],
+                                lambda: _offline_message(name, tag, cache_dir))
     preprocess_cfg = dict(getattr(model.visual, "preprocess_cfg", {}))
     model = model.to(device)
     return Backbone(model, name, None if pretrained is None else str(pretrained), preprocess_cfg)
+
+
+def _cache_then_hub(create, message):
+    """`create()` answered from the Hugging Face cache only (no network, no hang), else with the network when
+    huggingface_hub's settings let it reach the Hub; BackboneUnavailable with `message()` otherwise."""
+    with hub.offline(), contextlib.suppress(Exception):
+        return create()
+    if not hub.reachable():
+        raise BackboneUnavailable(message())
+    try:
+        return create()
+    except Exception as e:
+        raise BackboneUnavailable(message() + f"\nDownload error: {str(e)[:300]}") from e
+
+
+def _load_hf_hub(name: str, pretrained, cache_dir: str | None) -> nn.Module:
+    """An open_clip model from a Hub repository (`hf-hub:org/repo`): its config and weights, cache first."""
+    repo = name[len(HF_HUB_PREFIX):]
+    if repo.count("/") != 1 or not all(repo.split("/")):
+        raise UserError(f"Backbone {name[:200]!r} must look like hf-hub:org/repo")
+    if pretrained not in (None, "hf-hub", DEFAULT_PRETRAINED):
+        raise UserError(f"Backbone {name[:200]!r} brings its own weights; leave out --pretrained")
+    if pretrained is None:
+        raise UserError(f"Backbone {name[:200]!r} has no random-weight form; use a model name with --pretrained none")
+    message = lambda: (f"CLIP {name} is not available offline. Tried: the Hugging Face cache ({hub.cache_dir()}); "  # noqa
+                       f"hub repo '{repo}' ({hub.endpoint()}). Run once with network access to fill the cache.")
+    return _cache_then_hub(lambda: open_clip.create_model_and_transforms(name, precision="fp32", device="cpu",
+                                                                          cache_dir=cache_dir)[0], message)
 
 
 def _offline_message(name: str, tag: str, cache_dir: str | None) -> str:

@@ -2,9 +2,13 @@
 from __future__ import annotations
 
 import argparse
+import importlib
+import logging
 import sys
 
 from .errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 def positive_int(value: str) -> int:
@@ -30,16 +34,21 @@ def _none_or_str(value: str) -> str | None:
 
 def add_model_args(parser: argparse.ArgumentParser, weights: bool = True) -> None:
     """The backbone/weights/device flags every model-using stage shares."""
-    from .backbone import DEFAULT_MODEL, DEFAULT_PRETRAINED
+    from .presets import DEFAULT_MODEL, DEFAULT_PRETRAINED, PRESETS
 
-    parser.add_argument("--backbone", default=DEFAULT_MODEL, help="open_clip model name (default %(default)s; "
-                        "fti4cir-tiny for a tiny random model)")
+    parser.add_argument("--backbone", default=DEFAULT_MODEL, help="open_clip model name or hf-hub:org/repo (default "
+                        "%(default)s; fti4cir-tiny for a tiny random model)")
     parser.add_argument("--pretrained", type=_none_or_str, default=DEFAULT_PRETRAINED,
                         help="open_clip pretrained tag or local checkpoint file; 'none' for random weights")
     if weights:
+        parser.add_argument("--model", choices=sorted(PRESETS), default=None,
+                            help="a preset instead of --backbone/--weights: fti4cir-official = ViT-L-14/openai + the "
+                                 "official FTI4CIR weights from the Hugging Face Hub (downloaded and converted once)")
         parser.add_argument("--weights", type=_none_or_str, default=None,
                             help="inversion weights: .safetensors, official .pth release, or hub id "
-                                 "(default: random init)")
+                                 "org/repo[/file][@revision] (default: random init)")
+        parser.add_argument("--weights-revision", default=None,
+                            help="branch, tag or commit of a hub id given to --weights (default: main)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
     parser.add_argument("--preprocess", default="targetpad", choices=["targetpad", "clip"],
                         help="image preprocessing: targetpad (default, as the official FTI4CIR code) or clip "
@@ -49,12 +58,23 @@ def add_model_args(parser: argparse.ArgumentParser, weights: bool = True) -> Non
 
 
 def model_from_args(args):
+    """The model the flags of `add_model_args` describe; a preset (--model) fills args.backbone/pretrained/weights.
+    Without weights the inversion network is random: said on stderr (the fti4cir logger)."""
     from .backbone import resolve_pretrained
     from .model import create_model
+    from .presets import resolve_model
 
-    args.pretrained = resolve_pretrained(args.backbone, args.pretrained)  # callers read it back (gallery identity)
-    return create_model(args.backbone, args.pretrained, getattr(args, "weights", None), device=args.device,
-                        preprocess=args.preprocess, seed=args.seed)
+    args.backbone, args.pretrained, weights = resolve_model(getattr(args, "model", None), args.backbone,
+                                                            args.pretrained, getattr(args, "weights", None))
+    if hasattr(args, "weights"):
+        args.weights = weights  # callers read it back (gallery identity)
+    args.pretrained = resolve_pretrained(args.backbone, args.pretrained)
+    if weights is None:
+        log.warning("note: no --weights: the inversion network is randomly initialised (seed %s), so the pseudo "
+                    "words and rankings are meaningless; pass --weights or --model fti4cir-official",
+                    getattr(args, "seed", 0))
+    return create_model(args.backbone, args.pretrained, weights, device=args.device, preprocess=args.preprocess,
+                        seed=args.seed, weights_revision=getattr(args, "weights_revision", None))
 
 
 def _convert(args) -> int:
@@ -85,41 +105,110 @@ def _inspect(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fti4cir", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+# command -> (module whose `add_parser(subparsers)` registers it, the one-line help `fti4cir --help` lists). Only the
+# module of the command being run is imported, so `fti4cir --help` and `fti4cir CMD --help` import no torch (a stage
+# module imports its heavy dependencies in its handlers). tests/test_cli_conventions.py checks the lines against the
+# modules' own help.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "convert": ("fti4cir.cli", "convert an official FTI4CIR release .pth to safetensors + JSON (safely)"),
+    "inspect": ("fti4cir.cli", "decode one image's pseudo-word tokens"),
+    "search": ("fti4cir.search_command", "rank a gallery for a reference image (file or gallery image) and a text"),
+    "deploy-space": ("fti4cir.space", "upload the app to a Hugging Face Space (--dry-run: list and check only)"),
+    "caption": ("fti4cir.training.captions", "BLIP captions for a folder of images (resumable JSONL)"),
+    "split-captions": ("fti4cir.training.caption_split", "split captions into subject/attribute pairs (spaCy)"),
+    "features": ("fti4cir.features", "extract and cache visual features (one visual pass per image)"),
+    "index": ("fti4cir.gallery", "build or update a gallery: features, pseudo tokens, explanations, index"),
+    "train": ("fti4cir.training.trainer", "train the inversion network on subject/attribute pairs"),
+    "evaluate": ("fti4cir.evaluation.run", "FashionIQ / CIRR / CIRCO validation metrics (clothing-cir: test), all "
+                 "methods in one table"),
+    "submit": ("fti4cir.evaluation.run", "CIRR / CIRCO test-server prediction files"),
+    "triplets": ("fti4cir.m2c.triplets", "synthetic composed-retrieval triplets from a labelled image folder (M2C "
+                 "stage II)"),
+    "m2c-train": ("fti4cir.m2c.train", "train M2C (From Mapping to Composing): stage 1 mapping, stage 2 composing "
+                  "adapters"),
+    "convert-m2c": ("fti4cir.m2c.convert", "convert an official M2C checkpoint (.pt) to our safetensors"),
+    "demo-photos": ("fti4cir.demo.commands", "copy the clothing photos (<split>/<class>/*.jpg) into the repository, "
+                    "downscaled"),
+    "demo-labels": ("fti4cir.demo.commands", "class and colour labels of the demo photos (labels.json)"),
+    "demo-captions": ("fti4cir.demo.commands", "one caption per demo photo of a split (captions JSONL for "
+                      "split-captions / CLIP training)"),
+    "demo-benchmark": ("fti4cir.demo.commands", "the clothing-cir composed-retrieval benchmark from the test photos' "
+                       "labels (queries.json)"),
+    "demo-rebuild": ("fti4cir.demo.commands", "rebuild the embedded demo: CLIP -> captions -> FTI4CIR -> M2C -> "
+                     "gallery -> benchmark table (resumable)"),
+}
 
-    p = sub.add_parser("convert", help="convert an official FTI4CIR release .pth to safetensors + JSON (safely)")
-    p.add_argument("src")
-    p.add_argument("out")
-    p.add_argument("--backbone", default="ViT-L-14", help="backbone the release was trained with")
-    p.add_argument("--pretrained", default="openai")
+
+def add_parser(subparsers) -> None:
+    """This module's own commands."""
+    p = subparsers.add_parser("convert", help=COMMANDS["convert"][1])
+    p.add_argument("src", help="the official release file (.pth: a pickle of the whole module, read safely)")
+    p.add_argument("out", help="output .safetensors (the config is written beside it as .json)")
+    p.add_argument("--backbone", default="ViT-L-14", help="backbone the release was trained with (default "
+                   "%(default)s)")
+    p.add_argument("--pretrained", default="openai", help="its pretrained tag (default %(default)s)")
     p.set_defaults(func=_convert)
 
-    p = sub.add_parser("inspect", help="decode one image's pseudo-word tokens")
-    p.add_argument("image")
-    p.add_argument("--text", default="")
+    p = subparsers.add_parser("inspect", help=COMMANDS["inspect"][1])
+    p.add_argument("image", help="image file")
+    p.add_argument("--text", default="", help="modification text shown after the decoded tokens")
     p.add_argument("-k", type=int, default=3, help="vocabulary words per token")
     add_model_args(p)
     p.set_defaults(func=_inspect)
 
-    for stage in _stage_modules():
-        stage.add_parser(sub)
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The `fti4cir` parser. With `command`, only that command's module is imported and its parser built; the other
+    commands are listed by name and help line (what `fti4cir --help` needs). Without, every command is built."""
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="fti4cir", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, dest="verbosity",
+                        help="more log output (-v: debug messages of fti4cir, -vv: of every library)")
+    parser.add_argument("-q", "--quiet", action="store_const", const=-1, dest="verbosity",
+                        help="errors only on stderr (results still go to stdout)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    if command is None:
+        modules = _stage_modules()
+    else:
+        modules = [importlib.import_module(COMMANDS[command][0])] if command in COMMANDS else []
+    for module in modules:
+        module.add_parser(sub)
+    for name, (_, summary) in COMMANDS.items():  # the rest: listed only
+        if name not in sub.choices:
+            sub.add_parser(name, help=summary, add_help=False)
     return parser
 
 
 def _stage_modules():
-    """Pipeline stages that bring their own subcommands."""
-    import importlib
+    """The modules that register commands (every one of them is imported)."""
+    return [importlib.import_module(m) for m in dict.fromkeys(m for m, _ in COMMANDS.values())]
 
-    names = ["fti4cir.training.captions", "fti4cir.training.caption_split", "fti4cir.features", "fti4cir.gallery",
-             "fti4cir.training.trainer", "fti4cir.evaluation.run", "fti4cir.m2c.triplets", "fti4cir.m2c.train",
-             "fti4cir.m2c.convert", "fti4cir.demo.commands"]
-    return [importlib.import_module(n) for n in names]
+
+def _command_of(argv: list[str]) -> str | None:
+    """The command named in argv: the first word that is not an option (the main parser's options take no value)."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
+def setup_logging(verbosity: int) -> None:
+    """One logging set-up for every command: warnings and notices of fti4cir on stderr by default; -q errors only;
+    -v fti4cir's debug messages; -vv every library's."""
+    level = {-1: logging.ERROR, 0: logging.INFO, 1: logging.DEBUG}.get(verbosity, logging.DEBUG)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s" if verbosity > 0 else "%(message)s"))
+    root = logging.getLogger("fti4cir")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+    if verbosity > 1:
+        logging.basicConfig(level=logging.DEBUG, stream=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(_command_of(argv)).parse_args(argv)
+    setup_logging(args.verbosity)
     try:
         return int(args.func(args) or 0)
     except UserError as e:

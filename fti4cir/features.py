@@ -359,8 +359,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("images", help="image folder (searched recursively)")
     p.add_argument("--cache-dir", default="cache/features", help="feature cache root (default %(default)s)")
     p.add_argument("--no-patches", action="store_true", help="store global features only (galleries)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--num-workers", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=32, help="images per visual pass (default %(default)s)")
+    p.add_argument("--num-workers", type=int, default=None, help="image decoding processes (default: up to 4)")
     add_model_args(p, weights=False)
     p.set_defaults(func=_features_command)
 

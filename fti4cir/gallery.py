@@ -734,8 +734,8 @@ def _read_current(directory: Path) -> tuple[str, str]:
 
 
 # ---- CLI ----------------------------------------------------------------------------------------------------------
-MODEL_SPEC_KEYS = ("backbone", "pretrained", "weights", "device", "preprocess", "seed")
-DEFINITION_KEYS = {"source", "backbone", "pretrained", "weights", "preprocess", "index", "description"}
+MODEL_SPEC_KEYS = ("model", "backbone", "pretrained", "weights", "weights_revision", "device", "preprocess", "seed")
+DEFINITION_KEYS = {"source", "backbone", "pretrained", "weights", "m2c_weights", "preprocess", "index", "description"}
 
 
 def model_from_spec(spec: dict):
@@ -765,7 +765,7 @@ def read_definition(path: str | os.PathLike) -> dict:
     else:
         source = str((base / source).resolve())
     definition["source"] = source
-    for key in ("pretrained", "weights"):
+    for key in ("pretrained", "weights", "m2c_weights"):
         value = definition.get(key)
         if isinstance(value, str) and (base / value).exists():
             definition[key] = str((base / value).resolve())
@@ -787,7 +787,7 @@ def add_parser(subparsers) -> None:
     add_model_args(p)
     p.add_argument("--index", choices=INDEX_KINDS, default=None,
                    help="search index: exact inner product, approximate, or auto (exact unless large; default)")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32, help="images per visual pass (default %(default)s)")
     p.add_argument("--num-workers", type=int, default=None, help="image decoding processes (default: up to 4)")
     p.add_argument("--shard-size", type=int, default=256,
                    help="images per staged shard: the unit of resumed work and of Ray tasks (default %(default)s)")
@@ -796,8 +796,8 @@ def add_parser(subparsers) -> None:
                         "a cluster running here, or a new local instance (give SOURCE before a bare --ray)")
     p.add_argument("--ray-workers", type=int, default=None,
                    help="Ray actors, each holding one model (default: cluster CPUs / --ray-cpus-per-worker)")
-    p.add_argument("--ray-cpus-per-worker", type=float, default=1.0)
-    p.add_argument("--ray-gpus-per-worker", type=float, default=0.0)
+    p.add_argument("--ray-cpus-per-worker", type=float, default=1.0, help="CPUs each Ray actor reserves (default %(default)s)")
+    p.add_argument("--ray-gpus-per-worker", type=float, default=0.0, help="GPUs each Ray actor reserves, fractions allowed (default %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_index_command)
 
@@ -820,6 +820,11 @@ def _index_command(args) -> int:
         raise UserError("fti4cir index needs SOURCE and --name, or --definition galleries/<name>.json")
     validate_name(args.name)
     source = resolve_source(args.source)  # before loading a model: a wrong path fails fast
+    from .presets import resolve_model
+
+    args.backbone, args.pretrained, args.weights = resolve_model(args.model, args.backbone, args.pretrained,
+                                                                 args.weights)  # a preset's weights: a local file
+    args.model = None
     spec = {k: getattr(args, k) for k in MODEL_SPEC_KEYS}
     if spec["weights"] is not None and Path(spec["weights"]).exists():
         spec["weights"] = str(Path(spec["weights"]).resolve())  # Ray workers may run elsewhere

@@ -10,8 +10,9 @@ import PIL.Image
 import torch
 from torch import nn
 
-from .backbone import DEFAULT_MODEL, DEFAULT_PRETRAINED, Backbone, VisualFeatures, load_backbone
+from .backbone import Backbone, VisualFeatures, load_backbone
 from .inversion import InversionConfig, InversionNetwork, PseudoTokens
+from .presets import DEFAULT_MODEL, DEFAULT_PRETRAINED
 from .preprocess import make_transform, preprocess_batch
 
 
@@ -55,10 +56,12 @@ def create_model(
     device: str | torch.device | None = None,
     preprocess: str = "targetpad",
     seed: int | None = 0,
+    weights_revision: str | None = None,
 ) -> CIRModel:
     """Build a ready model. `weights`: our .safetensors, an official release .pth (converted on the fly, safely), a
-    Hugging Face hub id ("org/repo" or "org/repo/file.safetensors"), or None for a randomly initialised inversion
-    network (for tests, training from scratch and offline demos). `seed` seeds every random initialisation."""
+    Hugging Face hub id ("org/repo" or "org/repo/file.safetensors", optionally "@revision"; or `weights_revision`),
+    or None for a randomly initialised inversion network (for tests, training from scratch and offline demos). `seed`
+    seeds every random initialisation. The preset of the official weights: `fti4cir.presets.official_weights()`."""
     from .weights import load_weights
 
     if seed is not None:  # makes random backbones (pretrained=None) and random inversion networks reproducible
@@ -67,5 +70,5 @@ def create_model(
     if weights is None:
         net = InversionNetwork(InversionConfig.for_backbone(bb))
     else:
-        net = load_weights(weights, expect_backbone=bb)
+        net = load_weights(weights, expect_backbone=bb, revision=weights_revision)
     return CIRModel(bb, net.eval(), preprocess)

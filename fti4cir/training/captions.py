@@ -105,7 +105,7 @@ def load_blip(model_id_or_path: str = DEFAULT_MODEL, device: str | torch.device 
     A hub id is looked up in the local cache first; the network is tried only when the hub answers quickly (and
     HF_HUB_OFFLINE is not set), so a closed network raises a UserError at once instead of hanging in retries.
     """
-    from ..backbone import _online
+    from ..hub import reachable
 
     device = torch.device(device)
     if model_id_or_path == TINY_MODEL:
@@ -126,7 +126,7 @@ def load_blip(model_id_or_path: str = DEFAULT_MODEL, device: str | torch.device 
         return model.eval().to(device), processor
     except (OSError, ValueError) as e:
         errors.append(f"hub id '{model_id_or_path}' in the Hugging Face cache: not found ({type(e).__name__})")
-    if not _online():
+    if not reachable():
         errors.append("download: hub unreachable or HF_HUB_OFFLINE set")
     else:
         try:
@@ -379,9 +379,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--out", required=True, help="captions JSONL file; appended to and resumed when it exists")
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"hub id or local folder of a BLIP captioner (default %(default)s; {TINY_MODEL} for tests)")
-    p.add_argument("--batch-size", type=positive_int, default=16)
+    p.add_argument("--batch-size", type=positive_int, default=16, help="images per captioning batch (default %(default)s)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default %(default)s)")
-    p.add_argument("--num-beams", type=positive_int, default=3)
+    p.add_argument("--num-beams", type=positive_int, default=3, help="beam search width (default %(default)s, as the paper)")
     p.add_argument("--min-length", type=positive_int, default=10, help="in tokens, counting the prompt")
     p.add_argument("--max-length", type=positive_int, default=25, help="in tokens, counting the prompt")
     p.add_argument("--prompt", default=PROMPT, help="decoder prompt, removed from the captions (default '%(default)s')")

@@ -282,13 +282,13 @@ def add_parser(subparsers) -> None:
     p.add_argument("--pairs", help="pairs JSONL from `fti4cir split-captions`")
     p.add_argument("--out", required=True, help="run directory (checkpoints, log.jsonl, final weights)")
     p.add_argument("--cache-dir", default="cache/features", help="feature cache root (default %(default)s)")
-    p.add_argument("--epochs", type=int, default=80)
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--lr", type=float, default=4e-5)
-    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--epochs", type=int, default=80, help="training epochs (default %(default)s, as the paper)")
+    p.add_argument("--batch-size", type=int, default=256, help="pairs per step (default %(default)s)")
+    p.add_argument("--lr", type=float, default=4e-5, help="AdamW learning rate (default %(default)s)")
+    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (default %(default)s)")
     p.add_argument("--lr-decay-epoch", type=int, default=10, help="epoch (0-based) from which lr is multiplied "
                    "by --lr-decay (default %(default)s)")
-    p.add_argument("--lr-decay", type=float, default=0.1)
+    p.add_argument("--lr-decay", type=float, default=0.1, help="learning-rate factor at the decay epoch (default %(default)s)")
     p.add_argument("--checkpoint-steps", type=int, default=0, help="also checkpoint every N steps inside an epoch")
     p.add_argument("--num-workers", type=int, default=None, help="worker processes for image decoding (feature "
                    "extraction; default automatic) and cached-feature reading (default 2 on CUDA, 0 on CPU)")
