@@ -18,6 +18,7 @@ Targets and the property each must keep (any other outcome is a failure, reporte
   a real release-structured pickle. `read_official` gives a network or a UserError, never another exception.
 
 The test suite runs each target with a few dozen examples (tests/test_fuzz_inputs.py); this command runs longer.
+It needs hypothesis, a development requirement (requirements-dev.txt).
 """
 from __future__ import annotations
 
