@@ -32,21 +32,25 @@ def _none_or_str(value: str) -> str | None:
     return None if value.lower() in ("none", "random", "") else value
 
 
-def add_model_args(parser: argparse.ArgumentParser, weights: bool = True) -> None:
-    """The backbone/weights/device flags every model-using stage shares."""
+def add_model_args(parser: argparse.ArgumentParser, weights: bool = True, hub: bool | None = None) -> None:
+    """The backbone/weights/device flags every model-using stage shares. hub (default: = weights): also --model (a
+    preset) and --weights-revision, for stages that build their model with `model_from_args`."""
+    hub = weights if hub is None else hub
     from .presets import DEFAULT_MODEL, DEFAULT_PRETRAINED, PRESETS
 
     parser.add_argument("--backbone", default=DEFAULT_MODEL, help="open_clip model name or hf-hub:org/repo (default "
                         "%(default)s; fti4cir-tiny for a tiny random model)")
     parser.add_argument("--pretrained", type=_none_or_str, default=DEFAULT_PRETRAINED,
                         help="open_clip pretrained tag or local checkpoint file; 'none' for random weights")
-    if weights:
+    if hub:
         parser.add_argument("--model", choices=sorted(PRESETS), default=None,
                             help="a preset instead of --backbone/--weights: fti4cir-official = ViT-L-14/openai + the "
                                  "official FTI4CIR weights from the Hugging Face Hub (downloaded and converted once)")
+    if weights:
         parser.add_argument("--weights", type=_none_or_str, default=None,
                             help="inversion weights: .safetensors, official .pth release, or hub id "
                                  "org/repo[/file][@revision] (default: random init)")
+    if hub:
         parser.add_argument("--weights-revision", default=None,
                             help="branch, tag or commit of a hub id given to --weights (default: main)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
@@ -207,7 +211,7 @@ def setup_logging(verbosity: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser(_command_of(argv)).parse_args(argv)
+    args = build_parser(_command_of(argv) or "").parse_args(argv)  # no command: the listing only
     setup_logging(args.verbosity)
     try:
         return int(args.func(args) or 0)

@@ -22,15 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
-from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
 from .atomic import atomic_path, write_json_atomic
-from .backbone import VisualFeatures
 from .errors import UserError
-from .inversion import PseudoTokens
-from .weights import file_digest
+from .hub import file_digest
+
+# torch, the model modules and tqdm are imported where used: `fti4cir features --help` stays fast
 
 HASH_CHARS = 40  # sha1 hex
 
@@ -183,6 +180,8 @@ class FeatureStore:
 
     def add(self, hashes: list[str], features: VisualFeatures) -> np.ndarray:
         """Append rows (already-present hashes are skipped); returns the row of every hash."""
+        import torch
+
         with self._locked():
             self._repair()
             new, pending = [], set()
@@ -211,10 +210,16 @@ class FeatureStore:
         return np.memmap(file, dtype=np.float16, mode="r", shape=(len(self),) + shape)
 
     def global_features(self, rows) -> torch.Tensor:
+        import torch
+
         rows = np.asarray(rows, dtype=np.int64)
         return torch.from_numpy(np.asarray(self._memmap(self._global_file, (self.dims[0],))[rows], np.float32))
 
     def get(self, rows) -> VisualFeatures:
+        import torch
+
+        from .backbone import VisualFeatures
+
         rows = np.asarray(rows, dtype=np.int64)
         if (rows < 0).any():
             raise KeyError("some rows are not in the feature store")
@@ -250,6 +255,8 @@ class TokenCache:
         return content_hash in self._row_of
 
     def add(self, hashes: list[str], tokens: PseudoTokens) -> None:
+        import torch
+
         from safetensors.torch import save_file
 
         new = {k: getattr(tokens, k).detach().cpu() for k in self.FIELDS}
@@ -262,11 +269,15 @@ class TokenCache:
                       metadata={"hashes": json.dumps(ordered)})
 
     def get(self, hashes: list[str]) -> PseudoTokens:
+        import torch
+
+        from .inversion import PseudoTokens
+
         index = torch.tensor([self._row_of[h] for h in hashes], dtype=torch.long)
         return PseudoTokens(*(self._tensors[k][index] for k in self.FIELDS))
 
 
-class _ImageFiles(Dataset):
+class _ImageFiles:  # a map-style dataset (what DataLoader indexes)
     """Decode + preprocess in DataLoader workers; a bad file yields its error message instead of a tensor."""
 
     def __init__(self, paths: list[Path], transform):
@@ -287,6 +298,8 @@ class _ImageFiles(Dataset):
 
 
 def _collate(items):
+    import torch
+
     ok = [(i, t) for i, t, _ in items if t is not None]
     failed = [(i, msg) for i, _, msg in items if msg is not None]
     index = [i for i, _ in ok]
@@ -295,6 +308,8 @@ def _collate(items):
 
 
 def _worker_init(_):
+    import torch
+
     torch.set_num_threads(1)  # decoding workers should not fight the encoder for cores
 
 
@@ -305,6 +320,8 @@ def default_num_workers(items: int, batch_size: int) -> int:
 
 def image_loader(paths: list[Path], transform, batch_size: int, num_workers: int | None = None) -> DataLoader:
     """Batches of (indices into paths, preprocessed images, failures) decoded in worker processes."""
+    from torch.utils.data import DataLoader
+
     if num_workers is None:
         num_workers = default_num_workers(len(paths), batch_size)
     return DataLoader(_ImageFiles(paths, transform), batch_size=batch_size, num_workers=num_workers,
@@ -323,6 +340,11 @@ class ExtractResult:
 def extract_features(model, paths: list[str | os.PathLike], store: FeatureStore, *, batch_size: int = 32,
                      num_workers: int | None = None, progress: bool = True) -> ExtractResult:
     """Make sure every readable file in `paths` has a row in `store`: one visual pass per new image."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from .backbone import VisualFeatures
+
     paths = [Path(p) for p in paths]
     hashes = hash_files(paths)
     failures = [(p, f"{p.name}: cannot read the file") for p, h in zip(paths, hashes) if h is None]

@@ -39,17 +39,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from .atomic import atomic_path, write_json_atomic, write_text_atomic
-from .backbone import VisualFeatures
 from .errors import UserError
-from .explain import patch_attention
+from .hub import file_digest, parameter_digest
 from .inputs import quote
-from .inversion import PseudoTokens
-from .weights import file_digest, parameter_digest
+
+# torch, the model modules and tqdm are imported where used: `fti4cir index --help` stays fast
 
 FORMAT_VERSION = 1
 CURRENT = "CURRENT"
@@ -189,6 +185,12 @@ def explain_meta(model) -> dict:
 
 def shard_arrays(model, visual: VisualFeatures, batch_size: int = 64) -> dict[str, np.ndarray]:
     """Pseudo tokens and explanation data of images from their visual features, in the gallery's row format."""
+    import torch
+    import torch.nn.functional as F
+
+    from .backbone import VisualFeatures
+    from .explain import patch_attention
+
     parts: dict[str, list[np.ndarray]] = {k: [] for k in ARRAYS}
     with torch.inference_mode():
         for start in range(0, visual.global_features.shape[0], batch_size):
@@ -276,6 +278,8 @@ def _hash_all(paths: list[Path], progress: bool) -> list[str | None]:
     from .features import hash_files
 
     hashes: list[str | None] = []
+    from tqdm.auto import tqdm
+
     with tqdm(total=len(paths), desc="hashing", unit="img", disable=not progress) as bar:
         for start in range(0, len(paths), 1024):
             hashes += hash_files(paths[start:start + 1024])
@@ -344,6 +348,8 @@ def build_gallery(model, source: str | Source, name: str, *, galleries_dir: str 
                 seen.add(h)
 
         if todo:
+            from tqdm.auto import tqdm
+
             with tqdm(total=len(todo), desc=f"indexing {name}", unit="img", disable=not progress) as bar:
                 if ray is not None:
                     new_failures = ray.compute(identity, todo, staging, shard_size=shard_size, bar=bar)
@@ -519,6 +525,8 @@ class Gallery:
         self.hashes: list[str] = [e["sha1"] for e in entries]
         self.root = self._resolve_root(manifest["source"])
         self.paths: list[Path] = [self.root / e.get("path", e["name"]) for e in entries]
+        import torch
+
         self.features = torch.from_numpy(np.array(arrays["features"], dtype=np.float32))
         self._tokens: PseudoTokens | None = None
         self._row_of_name = {n: i for i, n in enumerate(self.names)}
@@ -629,6 +637,10 @@ class Gallery:
 
     def tokens_of(self, rows) -> PseudoTokens:
         """Cached pseudo tokens of some rows (a reference picked from the gallery needs no visual pass)."""
+        import torch
+
+        from .inversion import PseudoTokens
+
         rows = np.atleast_1d(np.asarray(rows, dtype=np.int64))
         get = lambda k, dtype=torch.float32: torch.from_numpy(np.array(self._arrays[k][rows])).to(dtype)  # noqa
         return PseudoTokens(get("subject"), get("attributes"), get("num_kept", torch.long), self.features[rows])
@@ -657,6 +669,8 @@ class Gallery:
         exclude: rows never returned (e.g. the reference itself): one list per query, or one flat list of rows for
         every query. Returns (scores [B, k'], indices [B, k']) with k' = min(k, rows); where exclusions leave fewer
         than k' rows, the tail is padded with index -1 and score -inf."""
+        import torch
+
         q = torch.as_tensor(query).detach().float().cpu().reshape(-1, self.features.shape[1]).numpy()
         if exclude is not None and all(isinstance(e, (int, np.integer)) for e in exclude):
             exclude = [list(exclude)] * len(q)

@@ -54,7 +54,9 @@ def gallery_model_spec(name_or_dir: str, galleries_dir: str | Path = "galleries"
     if isinstance(pretrained, str) and pretrained.startswith("sha256:"):
         pretrained = _unknown("a local CLIP checkpoint", pretrained, "--pretrained /path/to/checkpoint")
     weights, seed = identity.get("weights"), 0
-    if isinstance(weights, str) and weights.startswith("random-init:"):
+    if weights in (None, "unknown"):  # provenance not recorded: the digest check at load decides
+        weights = None
+    elif isinstance(weights, str) and weights.startswith("random-init:"):
         weights, seed = None, int(weights.split(":", 1)[1] or 0)
     elif isinstance(weights, str) and weights.startswith("sha256:"):
         weights = _unknown("a local weights file", weights, "--weights FILE.safetensors")

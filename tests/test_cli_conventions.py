@@ -27,7 +27,24 @@ def _subparsers(parser):
     return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
 
 
-@pytest.mark.parametrize("command", [None, *cli.COMMANDS])
+# modules whose import (or add_parser) still loads torch; each owner moves the heavy imports into the handlers, then the
+# entry goes (strict: a fixed module fails here until it is removed)
+NOT_YET_LIGHT = {
+    "fti4cir.training.trainer": "imports torch, the losses and the feature store at module level",
+    "fti4cir.evaluation.run": "imports torch and the M2C model at module level",
+    "fti4cir.m2c.triplets": "the fti4cir.m2c package imports its model (torch) in __init__",
+    "fti4cir.m2c.train": "imports torch and the M2C model at module level",
+    "fti4cir.m2c.convert": "imports torch and the M2C model at module level",
+    "fti4cir.demo.commands": "add_parser imports fti4cir.demo.rebuild (torch) for its stage names",
+}
+
+
+def _help_case(command):
+    reason = NOT_YET_LIGHT.get(cli.COMMANDS[command][0]) if command else None
+    return pytest.param(command, marks=pytest.mark.xfail(strict=True, reason=reason)) if reason else command
+
+
+@pytest.mark.parametrize("command", [_help_case(c) for c in [None, *cli.COMMANDS]])
 def test_help_answers_within_a_second_without_torch(command):
     """Measured in a fresh interpreter (best of 3: the machine is shared); and no heavy module was imported."""
     argv = ["--help"] if command is None else [command, "--help"]
@@ -43,8 +60,8 @@ def test_help_answers_within_a_second_without_torch(command):
         best = min(best, time.perf_counter() - start)
         assert done.returncode == 0, done.stderr
         assert "usage: fti4cir" in done.stdout
-        if best < HELP_LIMIT_S:
-            break
+        if best < HELP_LIMIT_S or "HEAVY []" not in done.stdout:
+            break  # fast, or slow for a reason no retry changes
     assert "HEAVY []" in done.stdout, done.stdout[-300:]
     assert best < HELP_LIMIT_S, f"fti4cir {' '.join(argv)}: {best:.2f} s"
 

@@ -31,14 +31,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import PIL.Image
-import torch
-from tqdm import tqdm
-
 from ..cli import positive_int
 from ..errors import UserError
 from ..imagefiles import list_images
-from ..preprocess import make_transform, to_rgb
+
+# torch, PIL, the image transform and tqdm are imported where used: `fti4cir caption --help` stays fast
 
 DEFAULT_MODEL = "Salesforce/blip-image-captioning-large"
 TINY_MODEL = "tiny-random"
@@ -60,6 +57,7 @@ def make_tiny_blip(seed: int = 0):
 
     The weight init is wider than BLIP's default so that the captions depend visibly on the image.
     """
+    import torch
     from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
 
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"]
@@ -83,6 +81,8 @@ def make_tiny_blip(seed: int = 0):
 
 
 def resolve_device(name: str = "auto") -> torch.device:
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -105,6 +105,8 @@ def load_blip(model_id_or_path: str = DEFAULT_MODEL, device: str | torch.device 
     A hub id is looked up in the local cache first; the network is tried only when the hub answers quickly (and
     HF_HUB_OFFLINE is not set), so a closed network raises a UserError at once instead of hanging in retries.
     """
+    import torch
+
     from ..hub import reachable
 
     device = torch.device(device)
@@ -164,6 +166,10 @@ class CaptionBatch:
 
 def _load(path: Path, transform) -> tuple[Path, str, torch.Tensor] | BadImage:
     """Read, hash and preprocess one image; anything that fails to decode becomes a BadImage."""
+    import PIL.Image
+
+    from ..preprocess import to_rgb
+
     try:
         data = path.read_bytes()
         with PIL.Image.open(io.BytesIO(data)) as image:
@@ -193,7 +199,6 @@ def image_size(processor) -> int:
     return int(size["height"])
 
 
-@torch.no_grad()
 def caption_images(
     image_paths: Iterable[str | os.PathLike],
     model,
@@ -210,6 +215,10 @@ def caption_images(
     Images that cannot be read or decoded are returned in `bad` and never stop the run. Images are decoded by a few
     threads while the model runs.
     """
+    import torch
+
+    from ..preprocess import make_transform
+
     device = next(model.parameters()).device
     transform = make_transform("targetpad", image_size(processor))
     tokenizer = processor.tokenizer
@@ -225,10 +234,11 @@ def caption_images(
         good = [item for item in chunk if not isinstance(item, BadImage)]
         if good:
             pixels = torch.stack([pixels for _, _, pixels in good]).to(device, next(model.parameters()).dtype)
-            output = model.generate(
-                pixel_values=pixels, input_ids=prompt_ids.repeat(len(good), 1).to(device), num_beams=num_beams,
-                min_length=min_length, max_length=max_length, do_sample=False, repetition_penalty=1.0,
-            )
+            with torch.no_grad():
+                output = model.generate(
+                    pixel_values=pixels, input_ids=prompt_ids.repeat(len(good), 1).to(device), num_beams=num_beams,
+                    min_length=min_length, max_length=max_length, do_sample=False, repetition_penalty=1.0,
+                )
             texts = tokenizer.batch_decode(output[:, kept_prefix:], skip_special_tokens=True)
             batch.captioned = [Captioned(path, sha1, text.strip()) for (path, sha1, _), text in zip(good, texts)]
         yield batch
@@ -331,6 +341,8 @@ def caption_folder(
     **generate_kwargs,
 ) -> CaptionSummary:
     """Caption every image under `images_dir` not yet in `out`, appending to `out` batch by batch."""
+    from tqdm import tqdm
+
     images_dir = Path(images_dir)
     paths = list_images(images_dir)
     if limit is not None:

@@ -295,7 +295,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--deterministic", action="store_true", help="deterministic CUDA kernels where torch has "
                    "them (for a bit-exact resume on GPU too; slower); CPU runs are always deterministic")
-    add_model_args(p, weights=True)
+    add_model_args(p, weights=True, hub=False)  # the run's config names its model: no presets here
     fields = [f.name for f in dataclasses.fields(TrainConfig)]
     p.set_defaults(func=_train_command, train_defaults={name: p.get_default(name) for name in fields})
 
