@@ -117,5 +117,5 @@ def test_the_labels_rerun_the_labeller_on_a_few_committed_photos():
         with Image.open(DATA / record["path"]) as image:
             label = garment_colour(image)
         assert label.colour == record["colour_guess"]
-        assert record["colour"] == (label.colour if label.confidence >= MIN_CONFIDENCE
-                                    and label.reliable else None)
+        assert record["colour"] == (label.colour if label.reliable else None)
+        assert label.reliable == (label.confidence >= MIN_CONFIDENCE and label.garment_fraction >= 0.04)

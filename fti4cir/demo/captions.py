@@ -97,8 +97,8 @@ def caption(word: str, colour: str | None, rng: random.Random, *, forms: str = "
     """One caption of a garment `word` in `colour` (None: a form without colour), the form drawn with `rng`.
 
     forms: "all" (FTI4CIR, contrast and colour-first forms) or "fti4cir" (garment first, colour after, nothing the
-    photo does not show: the forms whose spaCy split is subject = garment phrase, attribute = the rest). others: garment words for the "instead of a
-    ..." forms (default: the class words of the clothing world)."""
+    photo does not show: the forms whose spaCy split is subject = garment phrase, attribute = the rest).
+    others: garment words for the "instead of a ..." forms (default: the class words of the clothing world)."""
     if forms not in FORM_SETS:
         raise UserError(f"unknown caption forms {forms!r} (choose from {', '.join(FORM_SETS)})")
     if others is None:

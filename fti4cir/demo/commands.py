@@ -1,7 +1,6 @@
 """CLI stages of the demo world: `demo-photos`, `demo-labels`, `demo-captions`, `demo-benchmark`."""
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 DEFAULT_PHOTOS = "data/clothing"
@@ -78,7 +77,8 @@ def add_parser(subparsers) -> None:
                               "repository, downscaled")
     p.add_argument("source", help="clothing-dataset-small folder with train/validation/test/<class>/*.jpg")
     p.add_argument("--out", default=DEFAULT_PHOTOS, help="destination (default %(default)s)")
-    p.add_argument("--max-side", type=positive_int, default=MAX_SIDE, help="longer side in pixels (default %(default)s)")
+    p.add_argument("--max-side", type=positive_int, default=MAX_SIDE,
+                   help="longer side in pixels (default %(default)s)")
     p.add_argument("--quality", type=positive_int, default=QUALITY, help="JPEG quality (default %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="rewrite photos that already exist")
     p.set_defaults(func=_photos)

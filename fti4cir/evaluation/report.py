@@ -34,7 +34,8 @@ def metric_columns(results: Mapping[str, Any]) -> list[tuple[str, tuple[str, ...
         return [*((f"mAP@{k}", (f"map@{k}",)) for k in (5, 10, 25, 50)),
                 *((f"R@{k}", (f"recall@{k}",)) for k in (5, 10, 25, 50))]
     if dataset == "clothing-cir":
-        return [*((f"mAP@{k}", (f"map@{k}",)) for k in (5, 10, 25)), *((f"R@{k}", (f"recall@{k}",)) for k in (1, 5, 10))]
+        return [*((f"mAP@{k}", (f"map@{k}",)) for k in (5, 10, 25)),
+                *((f"R@{k}", (f"recall@{k}",)) for k in (1, 5, 10))]
     raise ValueError(f"unknown dataset {dataset!r}")
 
 
