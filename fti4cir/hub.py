@@ -30,18 +30,23 @@ def offline():
 
 
 def reachable() -> bool:
-    """Whether the Hub (huggingface_hub's configured endpoint) answers: False at once when huggingface_hub is set
-    offline, else one short request through its own HTTP session (proxies, certificates, headers as it uses them)."""
+    """Whether the Hub (huggingface_hub's configured endpoint, HF_ENDPOINT) answers: False at once when
+    huggingface_hub is set offline (HF_HUB_OFFLINE, also when set in the environment after it was imported), else one
+    short request through its own HTTP session (proxies, certificates, headers as it uses them)."""
     import huggingface_hub.constants as hf_constants
     from huggingface_hub.utils import get_session
 
-    if hf_constants.HF_HUB_OFFLINE:
+    if hf_constants.HF_HUB_OFFLINE or _truthy(os.environ.get("HF_HUB_OFFLINE")):  # also when set after import
         return False
     try:
         get_session().head(hf_constants.ENDPOINT, timeout=REACH_TIMEOUT_S)
         return True
     except Exception:  # noqa: BLE001 - any connection failure means "not reachable"
         return False
+
+
+def _truthy(value: str | None) -> bool:
+    return (value or "").strip().lower() in ("1", "on", "yes", "true")
 
 
 def split_revision(spec: str) -> tuple[str, str | None]:

@@ -125,3 +125,10 @@ def test_hf_hub_backbone_offline_message(hub_cache):
         load_backbone("hf-hub:org/fashion-clip", "hf-hub", "cpu")
     with pytest.raises(UserError, match="hf-hub:org/repo"):
         load_backbone("hf-hub:bad", "hf-hub", "cpu")
+
+
+def test_offline_set_in_the_environment_after_import_is_honoured(hub_cache, monkeypatch):
+    monkeypatch.setattr(hf_constants, "ENDPOINT", "http://10.255.255.1")  # would wait for the timeout
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    start = time.perf_counter()
+    assert not hub.reachable() and time.perf_counter() - start < 0.1

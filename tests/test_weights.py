@@ -68,5 +68,6 @@ def test_only_safetensors_are_written(tmp_path):
 def test_missing_file_and_offline_hub_id_give_clear_errors(tmp_path):
     with pytest.raises(UserError, match="not found"):
         load_weights(tmp_path / "nope.safetensors")
-    with pytest.raises(UserError, match="could not be fetched from hub repo 'someone/fti4cir-weights'"):
+    with pytest.raises(UserError, match="Could not get weights 'fti4cir.safetensors' of Hub repository "
+                                        "'someone/fti4cir-weights'"):
         load_weights("someone/fti4cir-weights")
