@@ -109,6 +109,7 @@ def _inspect(args) -> int:
     return 0
 
 
+_SELF = "fti4cir.cli"  # this module's name, also when run as `python -m fti4cir.cli`
 # command -> (module whose `add_parser(subparsers)` registers it, the one-line help `fti4cir --help` lists). Only the
 # module of the command being run is imported, so `fti4cir --help` and `fti4cir CMD --help` import no torch (a stage
 # module imports its heavy dependencies in its handlers). tests/test_cli_conventions.py checks the lines against the
@@ -173,10 +174,12 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_const", const=-1, dest="verbosity",
                         help="errors only on stderr (results still go to stdout)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_parser(sub)  # this module's own commands (light)
     if command is None:
         modules = _stage_modules()
     else:
-        modules = [importlib.import_module(COMMANDS[command][0])] if command in COMMANDS else []
+        stage = COMMANDS.get(command, (_SELF,))[0]
+        modules = [importlib.import_module(stage)] if stage != _SELF else []
     for module in modules:
         module.add_parser(sub)
     for name, (_, summary) in COMMANDS.items():  # the rest: listed only
@@ -186,8 +189,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 
 def _stage_modules():
-    """The modules that register commands (every one of them is imported)."""
-    return [importlib.import_module(m) for m in dict.fromkeys(m for m, _ in COMMANDS.values())]
+    """The other modules that register commands (every one of them is imported)."""
+    return [importlib.import_module(m) for m in dict.fromkeys(m for m, _ in COMMANDS.values()) if m != _SELF]
 
 
 def _command_of(argv: list[str]) -> str | None:
