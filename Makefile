@@ -14,6 +14,6 @@ test: $(READY)
 
 setup: $(READY)
 
-$(READY): setup.sh requirements.txt pyproject.toml
+$(READY): setup.sh requirements.txt requirements-dev.txt pyproject.toml
 	VENV=$(VENV) bash setup.sh
 	touch $(READY)

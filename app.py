@@ -22,6 +22,7 @@ import threading
 import time
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -46,6 +47,18 @@ SUBJECT_SWITCH = "subject"
 # at most (tests/test_reliability_app.py: flat once the bound is reached). gradio's upload and result-image
 # cache is swept every min(CACHE_SWEEP_S, age), deleting files older than --cache-max-age (all of it at shutdown).
 SESSION_TTL_S = 3600
+UNSET = object()  # a model flag that was not given
+# One-click examples on the embedded demo gallery (gallery image name, modification text); chosen among queries the
+# demo model answers well and kept honest by tests/test_demo_model.py, which checks their top results.
+EXAMPLES: list[tuple[str, str]] = [
+    ("shoes/f5ed50b6-79b3-4d9d-84a9-8010f5e1c581.jpg", "in black"),
+    ("shorts/97620b7f-54ba-445a-9817-b39c8684f890.jpg", "make them blue"),
+    ("shoes/9b61a6bd-1456-459e-a5f9-00c4c1989b94.jpg", "is a jacket of the same colour"),
+    ("skirt/0558b2c5-be00-49de-b27f-8c88114ac36f.jpg", "are shoes of the same colour"),
+    ("t-shirt/56c195bd-7685-4666-9a45-05a755758335.jpg", "a sweater in grey instead"),
+    ("longsleeve/d5bd0641-fa5e-4757-ae93-000a0439fd38.jpg", "are black shoes instead"),
+]
+DEMO_GALLERY = "clothing"  # the embedded demo (fti4cir demo-rebuild --install)
 CACHE_SWEEP_S = 600
 
 
@@ -56,10 +69,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     env = os.environ.get
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(parser)
-    parser.set_defaults(backbone=env("FTI4CIR_BACKBONE", parser.get_default("backbone")),
-                        pretrained=env("FTI4CIR_PRETRAINED", parser.get_default("pretrained")),
-                        weights=env("FTI4CIR_WEIGHTS") or None)
-    parser.add_argument("--m2c-weights", default=env("FTI4CIR_M2C_WEIGHTS") or None,
+    # model flags left out (and no FTI4CIR_* variable): the model the gallery was built with (see gallery_model)
+    parser.set_defaults(backbone=env("FTI4CIR_BACKBONE", UNSET), pretrained=env("FTI4CIR_PRETRAINED", UNSET),
+                        weights=env("FTI4CIR_WEIGHTS") or UNSET)
+    parser.add_argument("--m2c-weights", default=env("FTI4CIR_M2C_WEIGHTS") or UNSET,
                         help="M2C weights (.safetensors from `fti4cir m2c-train`, same backbone): adds the methods m2c "
                              "and, for stage-2 weights, m2c+compose")
     parser.add_argument("--tiny", action="store_true", default=env("FTI4CIR_TINY", "") not in ("", "0"),
@@ -89,7 +102,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         from fti4cir import TINY_MODEL
 
         args.backbone, args.pretrained, args.weights = TINY_MODEL, None, None
+    gallery_model(args)
     return args
+
+
+def gallery_model(args) -> None:
+    """Without model flags, the model the gallery's definition names (`<galleries-dir>/<gallery>.json`, written when
+    it was built), M2C weights included: `python app.py` serves the embedded demo model on its gallery, `--gallery
+    NAME` alone builds NAME's model. Model flags that are given win (the rest take the usual defaults); `Gallery.load`
+    then names both sides of any mismatch."""
+    from fti4cir.backbone import DEFAULT_MODEL, DEFAULT_PRETRAINED
+    from fti4cir.gallery import list_galleries, read_definition
+
+    if args.gallery is None:
+        available = list_galleries(args.galleries_dir)
+        if len(available) == 1 or DEMO_GALLERY in available:
+            args.gallery = available[0] if len(available) == 1 else DEMO_GALLERY
+    chosen = any(getattr(args, key) is not UNSET for key in ("backbone", "pretrained", "weights"))
+    definition = Path(args.galleries_dir) / f"{args.gallery}.json" if args.gallery and not chosen else None
+    values = {}
+    if definition is not None and definition.is_file():
+        try:
+            values = read_definition(definition)
+        except UserError as e:
+            log.warning("%s", e)
+    for key, fallback in (("backbone", DEFAULT_MODEL), ("pretrained", DEFAULT_PRETRAINED), ("weights", None),
+                          ("m2c_weights", None)):
+        if getattr(args, key) is UNSET:
+            setattr(args, key, values.get(key, fallback))
 
 
 def create_app_model(args):
@@ -232,6 +272,14 @@ def switch_choices(explanation) -> list[tuple[str, str]]:
 def switches_from_values(values: list[str] | None, num_attributes: int) -> tuple[list[bool], bool]:
     values = set(values or [])
     return [f"attr-{i}" in values for i in range(num_attributes)], SUBJECT_SWITCH in values
+
+
+def example_queries(service) -> list[tuple[int, str]]:
+    """The one-click examples that exist in the service's gallery: (gallery row, modification text)."""
+    if service is None:
+        return []
+    rows = {name: i for i, name in enumerate(service.gallery.names)}
+    return [(rows[name], query) for name, query in EXAMPLES if name in rows]
 
 
 def api_top_k(value) -> int:
@@ -414,6 +462,12 @@ def build_demo(setup: Setup, cache_max_age: int = 3600):
                             scale=1)
             heatmaps = gr.Gallery(label="Attention of each kept attribute token", columns=4, height="auto",
                                   allow_preview=False, interactive=False, buttons=[], elem_id="heatmaps", scale=1)
+        example_rows = example_queries(service)
+        example_image = gr.Image(visible=False, type="filepath")  # what an example row holds: a gallery photo
+        if example_rows:
+            gr.Examples([[str(service.gallery.paths[row]), query] for row, query in example_rows],
+                        [example_image, text], label="Try an example (a gallery photo and a change)",
+                        elem_id="examples", examples_per_page=len(example_rows))
         with gr.Accordion(f"Gallery: click an image to use it as the reference ({len(shown_rows)} of {size} "
                           "shown)", open=True):
             browser = gr.Gallery(value=[(str(service.gallery.paths[i]), service.gallery.names[i])
@@ -507,6 +561,15 @@ def build_demo(setup: Setup, cache_max_age: int = 3600):
             return new_reference(service.search(int(row), text_value, method_value, int(k)))
 
         @guarded
+        def on_example(path, text_value, method_value, k):
+            """An example row was clicked: its photo is a gallery image, searched as such (cached tokens)."""
+            require_service()
+            if not path:
+                return gr.skip()
+            rows = {Path(p).name: i for i, p in ((row, service.gallery.paths[row]) for row, _ in example_rows)}
+            return pick(rows[Path(path).name], text_value, method_value, k)
+
+        @guarded
         def on_browser_select(evt: gr.SelectData, text_value, method_value, k):
             return pick(shown_rows[evt.index], text_value, method_value, k)
 
@@ -567,6 +630,8 @@ def build_demo(setup: Setup, cache_max_age: int = 3600):
                        **ui)
         results.select(on_result_select, [shown_state, text, method, top_k],
                        result_outputs + [reference_state, reference_view], **ui)
+        example_image.change(on_example, [example_image, text, method, top_k],
+                             result_outputs + [reference_state, reference_view], **ui)
         switches.input(on_switch, [switches, base_state],
                        [sentence, timing, results, moved, status, shown_state], **ui)
         api_trigger.click(api_search, [api_image, api_gallery_name, text, api_method, api_k], [api_out],

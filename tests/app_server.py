@@ -144,12 +144,13 @@ def stop(process: subprocess.Popen) -> None:
 
 @contextlib.contextmanager
 def running_app(tmp: Path, galleries: Path | None, *, gallery: str | None = GALLERY,
-                extra_args: Sequence[str] = (), cwd: Path = REPO) -> Iterator[AppServer]:
-    """`python app.py --tiny` on a free loopback port, with its own gradio upload dir (tmp/gradio-uploads) and log
-    (tmp/app-<port>.log); the process is always stopped on exit. gallery=None omits --gallery."""
+                extra_args: Sequence[str] = (), cwd: Path = REPO, tiny: bool = True) -> Iterator[AppServer]:
+    """`python app.py --tiny` (tiny=False: the embedded demo model) on a free loopback port, with its own gradio
+    upload dir (tmp/gradio-uploads) and log (tmp/app-<port>.log); the process is always stopped on exit.
+    gallery=None omits --gallery, galleries=None --galleries-dir."""
     port = free_port()
-    command = [sys.executable, str(REPO / "app.py"), "--tiny", "--device", "cpu", "--host", "127.0.0.1",
-               "--port", str(port)]
+    command = [sys.executable, str(REPO / "app.py"), *(["--tiny"] if tiny else []), "--device", "cpu",
+               "--host", "127.0.0.1", "--port", str(port)]
     if gallery is not None:
         command += ["--gallery", gallery]
     if galleries is not None:

@@ -1,9 +1,11 @@
-"""End to end in a real browser: `python app.py --tiny` on a small gallery, driven by headless Chromium (Playwright).
+"""End to end in a real browser, driven by headless Chromium (Playwright).
 
-Upload (a bad file, then a photo), type a text, search; the sentence, the relevance chart, the heatmaps and k results
-appear; switching a token off re-ranks (the "moved" summary and the sentence update); clicking a result makes it the
-reference. Screenshots go to the test's tmp folder; with FTI4CIR_UPDATE_SCREENSHOT=1 also to docs/screenshot.png
-(the README's picture), so that a plain test run leaves the checkout unchanged.
+`python app.py --tiny` on a small gallery: upload (a bad file, then a photo), type a text, search; the sentence, the
+relevance chart, the heatmaps and k results appear; switching a token off re-ranks (the "moved" summary and the
+sentence update); clicking a result makes it the reference. `python app.py` (the embedded demo, no flags): one click
+on an example gives results of the asked class and colour. Screenshots go to the test's tmp folder; the demo's, with
+FTI4CIR_UPDATE_SCREENSHOT=1, also to docs/screenshot.png (the README's picture), so that a plain test run leaves the
+checkout unchanged.
 """
 from __future__ import annotations
 
@@ -33,12 +35,14 @@ def app_url(tmp_path):
     assert "Traceback" not in server.log_text(), server.log_text()[-3000:]
 
 
-def save_screenshot(page, tmp_path: Path) -> None:
+def save_screenshot(page, tmp_path: Path, *, readme: bool = False) -> None:
+    """Into the test's tmp folder; the README's picture (the embedded demo) also into docs/screenshot.png with
+    FTI4CIR_UPDATE_SCREENSHOT=1."""
     for close in page.locator(".toast-close").all():  # the bad upload's warning would cover the banner
         close.click()
     shot = tmp_path / "app.png"
     page.screenshot(path=str(shot), full_page=True)
-    if os.environ.get("FTI4CIR_UPDATE_SCREENSHOT") != "1":
+    if not readme or os.environ.get("FTI4CIR_UPDATE_SCREENSHOT") != "1":
         return
     docs = REPO / "docs"
     docs.mkdir(exist_ok=True)
@@ -124,3 +128,32 @@ def test_search_explain_switch_and_pick_in_a_browser(app_url, tmp_path):
             page.screenshot(path=str(tmp_path / "picked.png"), full_page=True)
         finally:
             browser.close()
+
+
+def test_the_embedded_demo_answers_an_example_in_a_browser(tmp_path):
+    """No flags: the embedded model and gallery; clicking the first example searches it at once."""
+    from playwright.sync_api import expect, sync_playwright
+
+    import app
+
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} is not installed (apt-get install chromium)")
+    _, text = app.EXAMPLES[0]
+    with running_app(tmp_path, None, gallery=None, tiny=False) as server, sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.set_default_timeout(TIMEOUT_MS)
+            page.goto(server.url)
+            examples = page.locator("#examples button, #examples tr.tr-body")
+            expect(examples.first).to_be_visible()
+            examples.first.click()
+            expect(page.locator("#results img")).to_have_count(K)
+            expect(page.locator("#text textarea")).to_have_value(text)
+            sentence = text_of(page, "#sentence .sentence")
+            assert sentence.startswith("a photo of [") and sentence.endswith(f"but {text}"), sentence
+            assert "random" not in text_of(page, "#banner").lower() if page.locator("#banner").is_visible() else True
+            save_screenshot(page, tmp_path, readme=True)
+        finally:
+            browser.close()
+    assert "Traceback" not in server.log_text(), server.log_text()[-3000:]

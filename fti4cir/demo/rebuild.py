@@ -11,8 +11,10 @@ kill, so rerunning the command continues where it stopped):
 6. ``m2c-1``     M2C stage I on the train photos and their captions (`fti4cir m2c-train --stage 1`)
 7. ``triplets``  train-split triplets from the labels (colour, class and both changes; M2C stage II only)
 8. ``m2c-2``     M2C stage II (`fti4cir m2c-train --stage 2`)
-9. ``gallery``   the demo gallery of the test photos (`fti4cir index`)
-10. ``benchmark`` clothing-cir, every method in one table (`fti4cir evaluate`), and the decoded-word hit rates
+9. ``compact``   fp16 copies of the FTI4CIR and M2C weights: the files that ship (the CLIP is saved in fp16 already);
+                 the gallery and the benchmark use them, so the numbers are those of the shipped files
+10. ``gallery``  the demo gallery of the test photos (`fti4cir index`)
+11. ``benchmark`` clothing-cir, every method in one table (`fti4cir evaluate`), and the decoded-word hit rates
 
 Everything is seeded. No reference/target pair enters the CLIP or FTI4CIR training (zero-shot); only M2C stage II
 uses triplets, and those come from the train photos: the benchmark's test photos are never trained on.
@@ -34,7 +36,7 @@ from ..atomic import write_json_atomic, write_text_atomic
 from ..errors import UserError
 from .clip_train import DEMO_MODEL, ClipTrainConfig, train_clip
 
-STAGES = ("clip", "zero-shot", "captions", "pairs", "fti4cir", "m2c-1", "triplets", "m2c-2", "gallery",
+STAGES = ("clip", "zero-shot", "captions", "pairs", "fti4cir", "m2c-1", "triplets", "m2c-2", "compact", "gallery",
           "benchmark")
 GALLERY = "clothing"
 REPORT = "clothing-report.md"
@@ -47,13 +49,14 @@ class Settings:
     """Sizes of each stage: the full demo, or --quick."""
 
     clip: ClipTrainConfig = field(default_factory=ClipTrainConfig)
-    fti4cir_epochs: int = 40
+    fti4cir_epochs: int = 30
     fti4cir_batch: int = 128
     fti4cir_lr: float = 5e-4
     m2c1_epochs: int = 10
     m2c2_epochs: int = 10
     m2c_batch: int = 128
     m2c_lr: float = 5e-4
+    m2c_augment: tuple[str, ...] = ("--augment", "views", "--views", "4")  # 4 crops per photo, cached
     triplets_per_type: int = 1000
     per_class: int = 0  # quick runs: photos per class and split for every stage (0: all)
     benchmark_queries: int = 0  # quick runs: queries of the benchmark generated from those photos
@@ -61,8 +64,8 @@ class Settings:
     @classmethod
     def quick(cls) -> "Settings":
         return cls(clip=ClipTrainConfig(epochs=2, batch_size=16), fti4cir_epochs=1, fti4cir_batch=16,
-                   m2c1_epochs=1, m2c2_epochs=1, m2c_batch=16, triplets_per_type=8, benchmark_queries=9,
-                   per_class=6)
+                   m2c1_epochs=1, m2c2_epochs=1, m2c_batch=16, m2c_augment=("--augment", "none"),
+                   triplets_per_type=8, benchmark_queries=9, per_class=6)
 
 
 def subset_photos(photos: str | os.PathLike, out: str | os.PathLike, per_class: int) -> dict:
@@ -84,6 +87,24 @@ def subset_photos(photos: str | os.PathLike, out: str | os.PathLike, per_class: 
     labels = {**labels, "photos": kept}
     write_labels(labels, out / "labels.json")
     return labels
+
+
+def half_precision_copy(src: Path, dst: Path) -> None:
+    """`src` (.safetensors + .json) with its floating-point tensors in fp16 (loading casts them back to the
+    network's fp32): half the bytes in the repository."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from ..atomic import atomic_path
+
+    with safe_open(str(src), "pt") as f:
+        metadata = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tensors = {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}
+    with atomic_path(dst.with_suffix(".json")) as tmp:
+        shutil.copyfile(src.with_suffix(".json"), tmp)
+    with atomic_path(dst) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
 
 
 def _cli(argv: list[str]) -> None:
@@ -110,11 +131,12 @@ class Rebuild:
         stage (the gallery and the benchmark too) stays small."""
         from .benchmark import generate, write_benchmark
 
-        subset = self.out / "photos"
-        labels = subset_photos(self.photos, subset, self.settings.per_class)
-        write_benchmark(generate(labels, seed=self.seed, per_type=self.settings.benchmark_queries // 3),
-                        self.out / "clothing-cir/queries.json", subset)
-        self.photos, self.benchmark_root = subset, self.out / "clothing-cir"
+        subset, queries = self.out / "photos", self.out / "clothing-cir" / "queries.json"
+        if not queries.exists():  # written last: a rerun keeps the subset (and every stage built on it)
+            labels = subset_photos(self.photos, subset, self.settings.per_class)
+            write_benchmark(generate(labels, seed=self.seed, per_type=self.settings.benchmark_queries // 3),
+                            queries, subset)
+        self.photos, self.benchmark_root = subset, queries.parent
 
     # ---- paths ----------------------------------------------------------------------------------------------------
     @property
@@ -139,6 +161,7 @@ class Rebuild:
             "m2c-1": (self.path("m2c-stage1.done"), self.train_m2c1),
             "triplets": (self.path("triplets-train.jsonl"), self.triplets),
             "m2c-2": (self.path("m2c-stage2.done"), self.train_m2c2),
+            "compact": (self.path(M2C_FILE), self.compact),
             "gallery": (self.path(f"galleries/{GALLERY}/CURRENT"), self.gallery),
             "benchmark": (self.path("benchmark.json"), self.evaluate),
         }
@@ -208,7 +231,7 @@ class Rebuild:
         resume = ["--resume"] if out.with_suffix(".run").exists() else []
         _cli(["m2c-train", "--stage", stage, "--out", out, "--epochs", s.m2c1_epochs if stage == 1 else
               s.m2c2_epochs, "--batch-size", s.m2c_batch, "--lr", s.m2c_lr, "--warmup", 0,
-              "--augment", "views", "--views", 4, "--cache-dir", self.cache, "--seed", self.seed,
+              *s.m2c_augment, "--cache-dir", self.cache, "--seed", self.seed,
               "--preprocess", "targetpad", *self.model_flags(), *extra, *resume])
         write_text_atomic(self.path(f"m2c-stage{stage}.done"), f"{out.name}\n")
 
@@ -232,19 +255,23 @@ class Rebuild:
         self._m2c(2, ["--triplets", self.path("triplets-train.jsonl"),
                       "--init", self.path("m2c-stage1.safetensors")])
 
+    def compact(self) -> None:
+        for src, dst in ((self.path("fti4cir/fti4cir.safetensors"), self.path(FTI4CIR_FILE)),
+                         (self.path("m2c-stage2.safetensors"), self.path(M2C_FILE))):
+            half_precision_copy(src, dst)
+
     def gallery(self) -> None:
         photos = self.photos / "test"
         _cli(["index", photos, "--name", GALLERY, "--galleries-dir", self.path("galleries"), *self.model_flags(),
-              "--weights", self.path("fti4cir/fti4cir.safetensors"), "--quiet"])
+              "--weights", self.path(FTI4CIR_FILE), "--quiet"])
 
     def evaluate(self) -> None:
         _cli(["evaluate", "--dataset", "clothing-cir", "--root", self.benchmark_root, "--out",
               self.path("evaluate"), "--cache-dir", self.cache, "--m2c-preprocess", "targetpad",
-              "--weights", self.path("fti4cir/fti4cir.safetensors"), "--m2c-weights",
-              self.path("m2c-stage2.safetensors"), *self.model_flags()])
+              "--weights", self.path(FTI4CIR_FILE), "--m2c-weights", self.path(M2C_FILE), *self.model_flags()])
         from .words import decoded_word_rates
 
-        rates = decoded_word_rates(self.demo_model(self.path("fti4cir/fti4cir.safetensors")), self.photos,
+        rates = decoded_word_rates(self.demo_model(self.path(FTI4CIR_FILE)), self.photos,
                                    self.labels(), "test", progress=self.progress)
         write_json_atomic(self.path("benchmark.json"), {"decoded_words": rates})
 
@@ -254,9 +281,8 @@ class Rebuild:
         if missing:
             raise UserError(f"cannot install: stages not done yet: {', '.join(missing)}")
         weights_dir, galleries_dir = Path(weights_dir), Path(galleries_dir)
-        pairs = [(self.clip_weights, weights_dir / CLIP_FILE),
-                 (self.path("fti4cir/fti4cir.safetensors"), weights_dir / FTI4CIR_FILE),
-                 (self.path("m2c-stage2.safetensors"), weights_dir / M2C_FILE)]
+        pairs = [(self.clip_weights, weights_dir / CLIP_FILE), (self.path(FTI4CIR_FILE), weights_dir / FTI4CIR_FILE),
+                 (self.path(M2C_FILE), weights_dir / M2C_FILE)]
         for src, dst in pairs:
             for a, b in ((src, dst), (src.with_suffix(".json"), dst.with_suffix(".json"))):
                 dst.parent.mkdir(parents=True, exist_ok=True)
@@ -268,7 +294,7 @@ class Rebuild:
             "description": "The embedded demo: the clothing test photos indexed with the demo model "
                            "(fti4cir demo-rebuild --install)",
             "source": rel(self.photos / "test"), "backbone": DEMO_MODEL, "pretrained": rel(weights_dir / CLIP_FILE),
-            "weights": rel(weights_dir / FTI4CIR_FILE)})
+            "weights": rel(weights_dir / FTI4CIR_FILE), "m2c_weights": rel(weights_dir / M2C_FILE)})
         target = galleries_dir / GALLERY
         if target.exists():  # rebuilt from scratch: a gallery keeps old versions, the repository needs one
             shutil.rmtree(target)

@@ -1,0 +1,99 @@
+"""The embedded demo model has learned: the committed weights and gallery answer as measured, not as chance.
+
+Thresholds are the measured values (weights/clothing-report.md) less a margin, so a model that lost what it learned
+(or files that no longer match each other) fails, while rounding and platform noise do not."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import app
+from fti4cir.demo.labels import read_labels
+
+REPO = Path(__file__).resolve().parents[1]
+TOP = 5
+# what each one-click example of app.py asks for: (class folder, colour)
+EXPECTED: dict[tuple[str, str], tuple[str, str]] = {
+    ("shoes/f5ed50b6-79b3-4d9d-84a9-8010f5e1c581.jpg", "in black"): ("shoes", "black"),
+    ("shorts/97620b7f-54ba-445a-9817-b39c8684f890.jpg", "make them blue"): ("shorts", "blue"),
+    ("shoes/9b61a6bd-1456-459e-a5f9-00c4c1989b94.jpg", "is a jacket of the same colour"): ("outwear", "black"),
+    ("skirt/0558b2c5-be00-49de-b27f-8c88114ac36f.jpg", "are shoes of the same colour"): ("shoes", "black"),
+    ("t-shirt/56c195bd-7685-4666-9a45-05a755758335.jpg", "a sweater in grey instead"): ("longsleeve", "grey"),
+    ("longsleeve/d5bd0641-fa5e-4757-ae93-000a0439fd38.jpg", "are black shoes instead"): ("shoes", "black"),
+}
+
+
+@pytest.fixture(scope="module")
+def service():
+    """What `python app.py` serves with no flags: the embedded model on its gallery."""
+    args = app.parse_args(["--galleries-dir", str(REPO / "galleries")])
+    setup = app.load_service(args)
+    assert setup.service is not None, setup.problems
+    return setup.service
+
+
+@pytest.fixture(scope="module")
+def labels():
+    photos = read_labels(REPO / "data" / "clothing" / "labels.json")["photos"]
+    return {p["path"].split("/", 1)[1]: p for p in photos if p["split"] == "test"}
+
+
+def test_no_flags_serves_the_embedded_model_with_every_method(service):
+    assert service.model.backbone.name == "fti4cir-clothing"
+    assert service.gallery.name == "clothing" and service.size == 372
+    assert set(service.methods) == {"fti4cir", "subject-only", "image-only", "text-only", "image+text", "m2c",
+                                    "m2c+compose"}
+
+
+def test_examples_return_the_requested_class_and_colour(service, labels):
+    """Each one-click example: of the top 5, how many have the class and colour the text asks for."""
+    assert set(app.EXAMPLES) == set(EXPECTED)
+    precisions = []
+    for name, text in app.EXAMPLES:
+        target_class, target_colour = EXPECTED[(name, text)]
+        result = service.search(service.gallery.row(name), text, "fti4cir", TOP)
+        hits = [labels[h.name] for h in result.hits]
+        precisions.append(sum(h["class"] == target_class and h["colour"] == target_colour for h in hits) / TOP)
+    assert min(precisions) >= 0.6, precisions
+    assert sum(precisions) / len(precisions) >= 0.8, precisions
+
+
+def test_the_decoded_sentence_names_the_garment(service, labels):
+    hits = 0
+    names = [name for name, _ in app.EXAMPLES]
+    for name in names:
+        result = service.search(service.gallery.row(name), "is blue", "fti4cir", 1)
+        hits += f"[{labels[name]['word']}]" in result.sentence
+    assert hits >= len(names) - 1
+
+
+def test_zero_shot_and_decoded_words_stay_as_measured(service):
+    """clothing-report.md: class 68.3%, colour 77.7%; subject = class word 47.0%, colour in an attribute's top 3
+    77.0% (test photos)."""
+    from fti4cir.demo.words import decoded_word_rates
+    from fti4cir.demo.zero_shot import zero_shot
+
+    labels = read_labels(REPO / "data" / "clothing" / "labels.json")
+    report = zero_shot(service.model, REPO / "data" / "clothing", labels, "test", progress=False)
+    assert report.class_accuracy >= 0.63 and report.colour_accuracy >= 0.72, report.markdown()[:200]
+    rates = decoded_word_rates(service.model, REPO / "data" / "clothing", labels, "test", progress=False)
+    assert rates["subject_is_class"] >= 0.40 and rates["colour_in_attribute_top3"] >= 0.70, rates
+
+
+def test_benchmark_order_of_the_methods(tmp_path):
+    """clothing-cir mAP@10 as measured: fti4cir 24.8, image+text 14.2, image-only 1.9 (FTI4CIR's methods only)."""
+    import json
+
+    from fti4cir.cli import main
+
+    out = tmp_path / "eval"
+    assert main(["-q", "evaluate", "--dataset", "clothing-cir", "--root", str(REPO / "data" / "clothing-cir"),
+                 "--out", str(out), "--cache-dir", str(tmp_path / "cache"), "--backbone", "fti4cir-clothing",
+                 "--pretrained", str(REPO / "weights" / "clothing-clip.safetensors"), "--weights",
+                 str(REPO / "weights" / "clothing-fti4cir.safetensors"), "--methods",
+                 "fti4cir,image-only,image+text"]) == 0
+    methods = json.loads((out / "results.json").read_text())["methods"]
+    assert methods["fti4cir"]["map@10"] >= 21.0
+    assert methods["fti4cir"]["map@10"] >= methods["image+text"]["map@10"] + 5
+    assert methods["fti4cir"]["map@10"] >= methods["image-only"]["map@10"] + 15

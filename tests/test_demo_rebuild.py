@@ -1,0 +1,51 @@
+"""`fti4cir demo-rebuild --quick`: every stage of the demo pipeline runs on a few committed photos, a rerun skips
+what is done, and the outputs load as a model, a gallery and a benchmark table."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from fti4cir.cli import main
+from fti4cir.demo.rebuild import STAGES
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "quick"
+    assert main(["demo-rebuild", "--quick", "--out", str(out), "--photos", str(REPO / "data" / "clothing"),
+                 "--quiet"]) == 0
+    return out
+
+
+def test_every_stage_ran_and_wrote_its_output(quick_run):
+    timings = json.loads((quick_run / "timings.json").read_text())
+    assert list(timings) == list(STAGES)
+    zero_shot = json.loads((quick_run / "zero-shot.json").read_text())
+    assert 0 <= zero_shot["class_accuracy"] <= 1 and len(zero_shot["class_confusion"]) == 10
+    methods = json.loads((quick_run / "evaluate" / "results.json").read_text())["methods"]
+    assert set(methods) == {"fti4cir", "subject-only", "image-only", "text-only", "image+text", "m2c",
+                            "m2c+compose"}
+    assert all(set(m["by_type"]) == {"colour", "class", "both"} for m in methods.values())
+    words = json.loads((quick_run / "benchmark.json").read_text())["decoded_words"]
+    assert words["photos"] == 60 and 0 <= words["subject_is_class"] <= 1
+    pairs = (quick_run / "pairs-train.jsonl").read_text().splitlines()
+    assert pairs and all(json.loads(p)["subject"] for p in pairs)
+
+
+def test_a_rerun_skips_every_finished_stage(quick_run, capsys):
+    before = {p: p.stat().st_mtime_ns for p in quick_run.rglob("*") if p.is_file()}
+    assert main(["demo-rebuild", "--quick", "--out", str(quick_run), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert all(f"[{stage}] done" in out for stage in STAGES)
+    after = {p: p.stat().st_mtime_ns for p in quick_run.rglob("*") if p.is_file()}
+    assert before == after
+
+
+def test_install_refuses_quick_runs_and_unknown_stages(capsys):
+    assert main(["demo-rebuild", "--quick", "--install"]) == 2
+    assert main(["demo-rebuild", "--only", "clip,nonsense"]) == 2
+    assert "nonsense" in capsys.readouterr().err
