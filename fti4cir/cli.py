@@ -8,7 +8,7 @@ import sys
 
 from .errors import UserError
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("fti4cir.cli")  # also under python -m fti4cir.cli
 
 
 def positive_int(value: str) -> int:
@@ -210,6 +210,8 @@ def setup_logging(verbosity: int) -> None:
     root.propagate = False
     if verbosity > 1:
         logging.basicConfig(level=logging.DEBUG, stream=sys.stderr)
+    elif verbosity < 0:
+        logging.getLogger().setLevel(logging.ERROR)  # other libraries' warnings too
 
 
 def main(argv: list[str] | None = None) -> int:
