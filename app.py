@@ -447,6 +447,7 @@ def build_demo(setup: Setup, cache_max_age: int = 3600):
                                   label="Results (top-k)", elem_id="topk")
                 search = gr.Button("Search", variant="primary", elem_id="search", interactive=service is not None)
                 status = gr.HTML(elem_id="status")
+                examples_slot = gr.Column()  # the one-click examples, filled once the outputs exist (below)
             with gr.Column(scale=2, min_width=420):
                 sentence = gr.HTML("<p>Upload a reference image or click one in the gallery below to see its "
                                    "pseudo words.</p>", elem_id="sentence")
@@ -460,14 +461,11 @@ def build_demo(setup: Setup, cache_max_age: int = 3600):
         with gr.Row(equal_height=False):
             chart = gr.Plot(label="Relevance of the attribute queries", show_label=False, elem_id="relevance",
                             scale=1)
-            heatmaps = gr.Gallery(label="Attention of each kept attribute token", columns=4, height="auto",
-                                  allow_preview=False, interactive=False, buttons=[], elem_id="heatmaps", scale=1)
+            heatmaps = gr.Gallery(label="Attention of each kept attribute token", columns=4, height=300,
+                                  object_fit="contain", allow_preview=False, interactive=False, buttons=[],
+                                  elem_id="heatmaps", scale=1)
         example_rows = example_queries(service)
         example_image = gr.Image(visible=False, type="filepath")  # what an example row holds: a gallery photo
-        if example_rows:
-            gr.Examples([[str(service.gallery.paths[row]), query] for row, query in example_rows],
-                        [example_image, text], label="Try an example (a gallery photo and a change)",
-                        elem_id="examples", examples_per_page=len(example_rows))
         with gr.Accordion(f"Gallery: click an image to use it as the reference ({len(shown_rows)} of {size} "
                           "shown)", open=True):
             browser = gr.Gallery(value=[(str(service.gallery.paths[i]), service.gallery.names[i])
@@ -561,13 +559,13 @@ def build_demo(setup: Setup, cache_max_age: int = 3600):
             return new_reference(service.search(int(row), text_value, method_value, int(k)))
 
         @guarded
-        def on_example(path, text_value, method_value, k):
-            """An example row was clicked: its photo is a gallery image, searched as such (cached tokens)."""
+        def on_example(path, text_value):
+            """An example row was clicked: its photo is a gallery image, searched as such (cached tokens) with
+            FTI4CIR and the default k, which the page then shows as chosen."""
             require_service()
-            if not path:
-                return gr.skip()
-            rows = {Path(p).name: i for i, p in ((row, service.gallery.paths[row]) for row, _ in example_rows)}
-            return pick(rows[Path(path).name], text_value, method_value, k)
+            rows = {Path(service.gallery.paths[row]).name: row for row, _ in example_rows}
+            return {**pick(rows[Path(path).name], text_value, "fti4cir", DEFAULT_K), method: "fti4cir",
+                    top_k: DEFAULT_K}
 
         @guarded
         def on_browser_select(evt: gr.SelectData, text_value, method_value, k):
@@ -630,8 +628,14 @@ def build_demo(setup: Setup, cache_max_age: int = 3600):
                        **ui)
         results.select(on_result_select, [shown_state, text, method, top_k],
                        result_outputs + [reference_state, reference_view], **ui)
-        example_image.change(on_example, [example_image, text, method, top_k],
-                             result_outputs + [reference_state, reference_view], **ui)
+        if example_rows:
+            with examples_slot:
+                gr.Examples([[str(service.gallery.paths[row]), query] for row, query in example_rows],
+                            [example_image, text],
+                            result_outputs + [reference_state, reference_view, method, top_k], on_example,
+                            cache_examples=False, run_on_click=True, elem_id="examples",
+                            label="Try an example (a gallery photo and a change)",
+                            examples_per_page=len(example_rows))
         switches.input(on_switch, [switches, base_state],
                        [sentence, timing, results, moved, status, shown_state], **ui)
         api_trigger.click(api_search, [api_image, api_gallery_name, text, api_method, api_k], [api_out],
