@@ -168,13 +168,22 @@ def test_every_text_case_gives_a_message_or_a_result(service):
 
 
 # ---- app.py: configuration and banners -------------------------------------------------------------------------
-def test_flags_honour_hosting_environment(monkeypatch):
+def test_flags_honour_hosting_environment(monkeypatch, tmp_path):
     import app
 
-    for var in ("GRADIO_SERVER_NAME", "GRADIO_SERVER_PORT", "PORT", "FTI4CIR_GALLERY", "FTI4CIR_WEIGHTS"):
+    for var in ("GRADIO_SERVER_NAME", "GRADIO_SERVER_PORT", "PORT", "FTI4CIR_GALLERY", "FTI4CIR_WEIGHTS",
+                "FTI4CIR_BACKBONE", "FTI4CIR_PRETRAINED", "FTI4CIR_M2C_WEIGHTS", "FTI4CIR_GALLERIES_DIR"):
         monkeypatch.delenv(var, raising=False)
-    args = app.parse_args([])
+    args = app.parse_args(["--galleries-dir", str(tmp_path)])  # no gallery to take a model from: the defaults
     assert (args.host, args.port, args.gallery, args.weights) == ("127.0.0.1", 7860, None, None)
+    assert (args.backbone, args.pretrained, args.m2c_weights) == ("ViT-L-14", "openai", None)
+    args = app.parse_args([])  # the embedded demo: its gallery's definition names the model
+    assert (args.gallery, args.backbone) == ("clothing", "fti4cir-clothing")
+    assert args.weights.endswith("weights/clothing-fti4cir.safetensors")
+    assert args.m2c_weights.endswith("weights/clothing-m2c.safetensors")
+    given = app.parse_args(["--weights", "x.safetensors"])  # a model flag given: nothing from the definition
+    assert (given.backbone, given.pretrained, given.weights, given.m2c_weights) == ("ViT-L-14", "openai",
+                                                                                     "x.safetensors", None)
     monkeypatch.setenv("PORT", "9000")
     assert app.parse_args([]).port == 9000
     monkeypatch.setenv("GRADIO_SERVER_PORT", "7861")
