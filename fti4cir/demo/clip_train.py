@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from ..atomic import write_json_atomic
 from ..errors import UserError
 from ..training.checkpoint import (
+    changed_settings,
     read_record,
     remove_stale_tensors,
     restore_state_tensors,
@@ -265,9 +266,7 @@ def _lr_factor(step: int, total: int, warmup: int) -> float:
 
 
 def _check_resumable(config: ClipTrainConfig, record: dict) -> None:
-    saved = record["config"]
-    different = [f"{k}: checkpoint {saved.get(k)!r}, now {v!r}" for k, v in config.to_dict().items()
-                 if k not in ClipTrainConfig.RESUMABLE and saved.get(k) != v]
+    different = changed_settings(record["config"], config.to_dict(), ClipTrainConfig.RESUMABLE)
     if different:
         raise UserError(f"Cannot resume {config.out}: settings differ from its checkpoint ({'; '.join(different)})")
 

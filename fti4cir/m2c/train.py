@@ -39,6 +39,7 @@ from ..features import FeatureStore, default_num_workers, extract_features
 from ..imagefiles import list_images
 from ..tokens import tokenize_prompts
 from ..training.checkpoint import (
+    changed_settings,
     read_record,
     remove_stale_tensors,
     restore_state_tensors,
@@ -263,9 +264,7 @@ def _check_resumable(record: dict, stage: int, options: TrainOptions, data_diges
         raise UserError(f"{run.dir} holds a stage-{record['stage']} run, not stage {stage}")
     if record["data_sha256"] != data_digest:
         raise UserError(f"The training data changed since the checkpoint in {run.dir} was written; cannot resume")
-    saved = record["options"]
-    different = [f"{k}: checkpoint {saved.get(k)!r}, now {v!r}" for k, v in options.to_dict().items()
-                 if k not in TrainOptions.RESUMABLE and saved.get(k) != v]
+    different = changed_settings(record["options"], options.to_dict(), TrainOptions.RESUMABLE)
     if different:
         raise UserError(f"Cannot resume {run.out}: settings differ from its checkpoint ({'; '.join(different)})")
 

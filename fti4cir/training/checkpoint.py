@@ -99,6 +99,13 @@ def restore_state_tensors(run_dir: Path, record: dict, net: torch.nn.Module, opt
     optimizer.load_state_dict({"state": state, "param_groups": record["optimizer"]["param_groups"]})
 
 
+def changed_settings(saved: dict, current: dict, resumable) -> list[str]:
+    """"key: checkpoint X, now Y" for every setting of a resumed run that differs from its checkpoint's, except those
+    in `resumable` (the ones a resumed run may change)."""
+    return [f"{k}: checkpoint {saved.get(k)!r}, now {v!r}" for k, v in current.items()
+            if k not in resumable and saved.get(k) != v]
+
+
 def read_record(path: str | os.PathLike) -> dict | None:
     """A commit record, or None when there is none yet."""
     path = Path(path)

@@ -33,6 +33,7 @@ from ..errors import UserError
 from ..features import FeatureStore
 from ..weights import file_digest, save_weights
 from .checkpoint import (
+    changed_settings,
     read_record,
     remove_stale_tensors,
     restore_state_tensors,
@@ -120,9 +121,7 @@ def write_log(run_dir: Path, history: list[dict]) -> None:
 
 
 def check_resumable(config: TrainConfig, record: dict) -> None:
-    saved = record["config"]
-    different = [f"{k}: checkpoint {saved.get(k)!r}, now {v!r}" for k, v in config.to_dict().items()
-                 if k not in TrainConfig.RESUMABLE and saved.get(k) != v]
+    different = changed_settings(record["config"], config.to_dict(), TrainConfig.RESUMABLE)
     if different:
         raise UserError(f"Cannot resume {config.out}: settings differ from its checkpoint ({'; '.join(different)}). "
                         f"Resume with the checkpoint's settings or train into another --out")
