@@ -23,7 +23,7 @@ _EXPORTS = {
     "decode": "decode", "decoded_sentence": "decode",
     "UserError": "errors",
     "InversionConfig": "inversion", "InversionNetwork": "inversion", "PseudoTokens": "inversion",
-    "CIRModel": "model", "create_model": "model",
+    "CIRModel": "model", "create_model": "factory", "ModelSpec": "spec",
     "load_weights": "weights", "save_weights": "weights",
     "official_weights": "presets",
     "Gallery": "gallery", "SearchService": "app_service",

@@ -65,7 +65,7 @@ def model_from_args(args):
     """The model the flags of `add_model_args` describe; a preset (--model) fills args.backbone/pretrained/weights.
     Without weights the inversion network is random: said on stderr (the fti4cir logger)."""
     from .backbone import resolve_pretrained
-    from .model import create_model
+    from .factory import create_model
     from .presets import resolve_model
 
     args.backbone, args.pretrained, weights = resolve_model(getattr(args, "model", None), args.backbone,

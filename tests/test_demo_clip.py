@@ -127,7 +127,7 @@ def test_training_resumes_bit_for_bit_after_kill_and_saves_a_loadable_fp16_clip(
 def test_zero_shot_report_counts_every_photo(few_photos):
     from fti4cir.demo.labels import read_labels
     from fti4cir.demo.zero_shot import zero_shot
-    from fti4cir.model import create_model
+    from fti4cir.factory import create_model
 
     labels = read_labels(few_photos / "labels.json")
     model = create_model(DEMO_MODEL, None, device="cpu")

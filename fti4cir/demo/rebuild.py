@@ -194,7 +194,7 @@ class Rebuild:
         train_clip(config, resume=True, device=self.device, progress=self.progress)
 
     def demo_model(self, weights: Path | None = None):
-        from ..model import create_model
+        from ..factory import create_model
 
         return create_model(DEMO_MODEL, str(self.clip_weights), str(weights) if weights else None,
                             device=self.device, seed=self.seed)

@@ -157,7 +157,7 @@ class TrainResult:
 
 def create_training_model(config: TrainConfig, device=None):
     """The model a run trains: the backbone and the initial inversion network (random from --seed, or --weights)."""
-    from ..model import create_model
+    from ..factory import create_model
 
     return create_model(config.backbone, resolve_pretrained(config.backbone, config.pretrained), config.weights,
                         device=device, preprocess=config.preprocess, seed=config.seed)
