@@ -11,74 +11,17 @@ from .errors import UserError
 log = logging.getLogger("fti4cir.cli")  # also under python -m fti4cir.cli
 
 
-def positive_int(value: str) -> int:
-    """argparse type: an integer >= 1."""
-    return _int_at_least(value, 1)
-
-
-def non_negative_int(value: str) -> int:
-    """argparse type: an integer >= 0."""
-    return _int_at_least(value, 0)
-
-
-def _int_at_least(value: str, minimum: int) -> int:
-    number = int(value)
-    if number < minimum:
-        raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {number}")
-    return number
-
-
-def _none_or_str(value: str) -> str | None:
-    return None if value.lower() in ("none", "random", "") else value
-
-
-def add_model_args(parser: argparse.ArgumentParser, weights: bool = True, hub: bool | None = None) -> None:
-    """The backbone/weights/device flags every model-using stage shares. hub (default: = weights): also --model (a
-    preset) and --weights-revision, for stages that build their model with `model_from_args`."""
-    hub = weights if hub is None else hub
-    from .presets import DEFAULT_MODEL, DEFAULT_PRETRAINED, PRESETS
-
-    parser.add_argument("--backbone", default=DEFAULT_MODEL, help="open_clip model name or hf-hub:org/repo (default "
-                        "%(default)s; fti4cir-tiny for a tiny random model)")
-    parser.add_argument("--pretrained", type=_none_or_str, default=DEFAULT_PRETRAINED,
-                        help="open_clip pretrained tag or local checkpoint file; 'none' for random weights")
-    if hub:
-        parser.add_argument("--model", choices=sorted(PRESETS), default=None,
-                            help="a preset instead of --backbone/--weights: fti4cir-official = ViT-L-14/openai + the "
-                                 "official FTI4CIR weights from the Hugging Face Hub (downloaded and converted once)")
-    if weights:
-        parser.add_argument("--weights", type=_none_or_str, default=None,
-                            help="inversion weights: .safetensors, official .pth release, or hub id "
-                                 "org/repo[/file][@revision] (default: random init)")
-    if hub:
-        parser.add_argument("--weights-revision", default=None,
-                            help="branch, tag or commit of a hub id given to --weights (default: main)")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
-    parser.add_argument("--preprocess", default="targetpad", choices=["targetpad", "clip"],
-                        help="image preprocessing: targetpad (default, as the official FTI4CIR code) or clip "
-                             "(resize + center crop)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of random initialisations (random backbone with "
-                        "--pretrained none, inversion network without --weights)")
+# Transitional: the shared flags moved to fti4cir.commands.common; these names go once every command has moved.
+from .commands.common import add_model_args, non_negative_int, positive_int  # noqa: E402,F401
+from .commands.common import none_or_str as _none_or_str  # noqa: E402,F401
 
 
 def model_from_args(args):
-    """The model the flags of `add_model_args` describe; a preset (--model) fills args.backbone/pretrained/weights.
-    Without weights the inversion network is random: said on stderr (the fti4cir logger)."""
-    from .backbone import resolve_pretrained
+    """Transitional: `create_model(spec_from_args(args))`."""
+    from .commands.common import spec_from_args
     from .factory import create_model
-    from .presets import resolve_model
 
-    args.backbone, args.pretrained, weights = resolve_model(getattr(args, "model", None), args.backbone,
-                                                            args.pretrained, getattr(args, "weights", None))
-    if hasattr(args, "weights"):
-        args.weights = weights  # callers read it back (gallery identity)
-    args.pretrained = resolve_pretrained(args.backbone, args.pretrained)
-    if weights is None:
-        log.warning("note: no --weights: the inversion network is randomly initialised (seed %s), so the pseudo "
-                    "words and rankings are meaningless; pass --weights or --model fti4cir-official",
-                    getattr(args, "seed", 0))
-    return create_model(args.backbone, args.pretrained, weights, device=args.device, preprocess=args.preprocess,
-                        seed=args.seed, weights_revision=getattr(args, "weights_revision", None))
+    return create_model(spec_from_args(args))
 
 
 def _convert(args) -> int:
