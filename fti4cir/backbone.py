@@ -282,8 +282,11 @@ def _load_hf_hub(name: str, pretrained, cache_dir: str | None) -> nn.Module:
         raise UserError(f"Backbone {name[:200]!r} brings its own weights; leave out --pretrained")
     if pretrained is None:
         raise UserError(f"Backbone {name[:200]!r} has no random-weight form; use a model name with --pretrained none")
-    message = lambda: (f"CLIP {name} is not available offline. Tried: the Hugging Face cache ({hub.cache_dir()}); "  # noqa
-                       f"hub repo '{repo}' ({hub.endpoint()}). Run once with network access to fill the cache.")
+
+    def message() -> str:
+        return (f"CLIP {name} is not available offline. Tried: the Hugging Face cache ({hub.cache_dir()}); "
+                f"hub repo '{repo}' ({hub.endpoint()}). Run once with network access to fill the cache.")
+
     return _cache_then_hub(lambda: open_clip.create_model_and_transforms(name, precision="fp32", device="cpu",
                                                                           cache_dir=cache_dir)[0], message)
 
