@@ -1,4 +1,5 @@
 """Content digests: sha256 of files and of a module's weights, the keys that make caches and galleries comparable."""
+
 from __future__ import annotations
 
 import hashlib

@@ -5,6 +5,7 @@ against the network before anything is allocated.
 Below `fti4cir.convert` (official release files) and `fti4cir.weights` (FTI4CIR weights from a file, a release or
 the Hub), which both use it.
 """
+
 from __future__ import annotations
 
 import json
