@@ -5,12 +5,18 @@ VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 READY := $(VENV)/.ready
 
-.PHONY: demo test setup
+.PHONY: demo test lint setup
 demo: $(READY)
 	$(PYTHON) app.py
 
 test: $(READY)
 	$(PYTHON) -m pytest -q
+
+# ruff (lint, then the layout: `$(VENV)/bin/ruff format` fixes it) and the import contracts of pyproject.toml
+lint: $(READY)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports --no-cache
 
 setup: $(READY)
 

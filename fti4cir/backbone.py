@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import hub
+from .digests import file_digest, parameter_digest
 from .errors import UserError
 from .presets import DEFAULT_MODEL, DEFAULT_PRETRAINED, TINY_MODEL
 from .tokens import EOT_ID, PLACEHOLDER_ID, SOT_ID
@@ -94,8 +95,6 @@ class Backbone(nn.Module):
         """What makes features from this backbone comparable: used as a cache / gallery key. A random-weight
         backbone is named by a digest of its values (no tag names them)."""
         if self._identity is None:
-            from .hub import file_digest, parameter_digest
-
             # a local checkpoint is named by its content, so a gallery built here matches in any clone or folder
             pretrained = f"sha256:{file_digest(self.pretrained)}" if self.pretrained and \
                 os.path.isfile(self.pretrained) else str(self.pretrained)
@@ -283,8 +282,11 @@ def _load_hf_hub(name: str, pretrained, cache_dir: str | None) -> nn.Module:
         raise UserError(f"Backbone {name[:200]!r} brings its own weights; leave out --pretrained")
     if pretrained is None:
         raise UserError(f"Backbone {name[:200]!r} has no random-weight form; use a model name with --pretrained none")
-    message = lambda: (f"CLIP {name} is not available offline. Tried: the Hugging Face cache ({hub.cache_dir()}); "  # noqa
-                       f"hub repo '{repo}' ({hub.endpoint()}). Run once with network access to fill the cache.")
+
+    def message() -> str:
+        return (f"CLIP {name} is not available offline. Tried: the Hugging Face cache ({hub.cache_dir()}); "
+                f"hub repo '{repo}' ({hub.endpoint()}). Run once with network access to fill the cache.")
+
     return _cache_then_hub(lambda: open_clip.create_model_and_transforms(name, precision="fp32", device="cpu",
                                                                           cache_dir=cache_dir)[0], message)
 

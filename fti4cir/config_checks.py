@@ -5,15 +5,15 @@ dimension of 4096 where 16 was meant must end in a short message, not in a ZeroD
 or a 4 GB allocation. `check_fields(cls, values, rules, what)` checks a dict against the rules of a dataclass's
 fields (defaults filled in first, so relations between fields are checked too) and raises ValueError naming the
 first bad field; callers turn it into a UserError. Sizes of the tensors are checked separately, against the
-safetensors header, before anything is allocated (`fti4cir.weights.build_network`).
+safetensors header, before anything is allocated (`fti4cir.weightfiles.build_network`).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from .inputs import quote
 

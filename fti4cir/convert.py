@@ -34,6 +34,7 @@ import torch
 from .errors import UserError
 from .inputs import quote
 from .inversion import InversionConfig, InversionNetwork
+from .weightfiles import check_state_dict, expected_shapes, save_weights
 
 # Official parameter name (regex) -> ours.
 NAME_MAP = [
@@ -495,8 +496,6 @@ def read_official(path: str | os.PathLike, backbone=None, max_bytes: int = MAX_R
         (unknown.append(key) if ours is None else state.__setitem__(ours, tensor))
     if unknown:
         raise UserError(f"{name}: unrecognised parameters {', '.join(quote(k) for k in unknown[:5])}")
-    from .weights import check_state_dict, expected_shapes
-
     check_state_dict(expected_shapes(InversionNetwork, config), state, name)
     net = InversionNetwork(config)
     net.load_state_dict(state)
@@ -506,8 +505,6 @@ def read_official(path: str | os.PathLike, backbone=None, max_bytes: int = MAX_R
 def convert_official(src: str | os.PathLike, dst: str | os.PathLike, backbone_name: str = "ViT-L-14",
                      pretrained: str = "openai") -> Path:
     """Convert an official release file to our .safetensors + .json (no backbone needs to be loaded)."""
-    from .weights import save_weights
-
     net = read_official(src)
     net.config.backbone, net.config.pretrained = backbone_name, pretrained
     return save_weights(net, dst)

@@ -1,6 +1,7 @@
 """Pseudo tokens -> nearest vocabulary words, to show what the network "said" about an image."""
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -15,16 +16,20 @@ class Word:
     score: float  # cosine similarity to the pseudo token
 
 
+# backbone -> (what its table was, the normalised table); an entry goes with its backbone
+_UNIT_VOCABULARIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def unit_vocabulary(backbone) -> torch.Tensor:
     """The L2-normalised token-embedding table [vocab, token_dim], computed once per backbone (ViT-L: 38M values)
     and again only if the table changes."""
     table = backbone.clip.token_embedding.weight
     key = (table.data_ptr(), table._version, table.dtype, table.device)
-    cached = getattr(backbone, "_unit_vocabulary", None)
+    cached = _UNIT_VOCABULARIES.get(backbone)
     if cached is None or cached[0] != key:
         with torch.no_grad():
             cached = (key, F.normalize(table.detach(), dim=-1))
-        backbone._unit_vocabulary = cached
+        _UNIT_VOCABULARIES[backbone] = cached
     return cached[1]
 
 

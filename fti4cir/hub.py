@@ -1,4 +1,4 @@
-"""The Hugging Face Hub and content digests: one public home for what the backbone, weights and presets share.
+"""The Hugging Face Hub: one public home for the Hub access the backbone, weights and presets share.
 
 Hub access is cache first (no network, no hang), then the network when huggingface_hub's own settings allow it:
 `HF_HUB_OFFLINE`, `HF_ENDPOINT` (a mirror) and the proxies of its HTTP session are honoured. Hub file specs may carry a
@@ -7,7 +7,6 @@ revision: `org/repo@rev` or `org/repo/file.safetensors@rev` (a branch, tag or co
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 from pathlib import Path
 
@@ -117,22 +116,5 @@ def cache_dir() -> Path:
     return Path(hf_constants.HF_HUB_CACHE)
 
 
-# ---- digests -----------------------------------------------------------------------------------------------------
-def parameter_digest(module) -> str:
-    """sha256 over a module's state (names, dtypes, shapes, values): equal digests = identical weights."""
-    import torch
-
-    h = hashlib.sha256()
-    for key, value in sorted(module.state_dict().items()):
-        value = value.detach().cpu().contiguous().reshape(-1)
-        h.update(f"{key}|{value.dtype}|{tuple(value.shape)}\n".encode())
-        h.update(value.view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def file_digest(path: str | os.PathLike, algorithm: str = "sha256", chunk: int = 1 << 20) -> str:
-    h = hashlib.new(algorithm)
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+# Transitional: the digests moved to fti4cir.digests; these names go once gallery and features import from there.
+from .digests import file_digest, parameter_digest  # noqa: E402,F401 - at the end: the Hub code above needs none of it

@@ -228,7 +228,7 @@ def _decoded_to_rgb(image: Image.Image, subject: str) -> Image.Image:
         raise UserError(f"{subject} is truncated or corrupt and could not be decoded.") from exc
     try:
         oriented = ImageOps.exif_transpose(image)
-    except Exception:  # a malformed EXIF block does not spoil the pixels: use them unrotated
+    except Exception:  # noqa: BLE001 - a malformed EXIF block does not spoil the pixels: use them unrotated
         _log.info("ignoring unreadable EXIF orientation of an uploaded image", exc_info=True)
         oriented = image
     rgb = to_rgb(oriented, subject)

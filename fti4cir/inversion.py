@@ -41,12 +41,12 @@ class InversionConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "InversionConfig":
+    def from_dict(cls, d: dict) -> InversionConfig:
         """The config read from a file, every value checked (types, ranges, finiteness); ValueError otherwise."""
         return cls(**check_fields(cls, d, INVERSION_RULES, "FTI4CIR", INVERSION_RELATIONS))
 
     @classmethod
-    def for_backbone(cls, backbone, **overrides) -> "InversionConfig":
+    def for_backbone(cls, backbone, **overrides) -> InversionConfig:
         return cls(embed_dim=backbone.embed_dim, token_dim=backbone.token_dim, patch_dim=backbone.patch_dim,
                    backbone=backbone.name, pretrained=str(backbone.pretrained), **overrides)
 
@@ -121,19 +121,19 @@ class PseudoTokens:
     image_features: torch.Tensor  # [B, embed_dim] global CLIP feature (not normalised)
     selection: AttributeSelection | None = None
 
-    def to(self, device) -> "PseudoTokens":
+    def to(self, device) -> PseudoTokens:
         return PseudoTokens(self.subject.to(device), self.attributes.to(device), self.num_kept.to(device),
                             self.image_features.to(device), self.selection)
 
     def __len__(self) -> int:
         return self.subject.shape[0]
 
-    def __getitem__(self, idx) -> "PseudoTokens":
+    def __getitem__(self, idx) -> PseudoTokens:
         idx = torch.as_tensor(idx, dtype=torch.long, device=self.subject.device).reshape(-1)
         return PseudoTokens(self.subject[idx], self.attributes[idx], self.num_kept[idx], self.image_features[idx])
 
     @staticmethod
-    def cat(items: list["PseudoTokens"]) -> "PseudoTokens":
+    def cat(items: list[PseudoTokens]) -> PseudoTokens:
         return PseudoTokens(*(torch.cat([getattr(p, f) for p in items]) for f in
                               ("subject", "attributes", "num_kept", "image_features")))
 

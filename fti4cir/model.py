@@ -4,7 +4,6 @@
 image transform and the identity feature caches are keyed by."""
 from __future__ import annotations
 
-
 import PIL.Image
 import torch
 from torch import nn

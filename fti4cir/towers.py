@@ -32,7 +32,7 @@ class ConvStemConfig:
         return 2 ** len(self.channels)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ConvStemConfig":
+    def from_dict(cls, d: dict) -> ConvStemConfig:
         channels = d.get("channels")
         blocks = d.get("blocks", 1)
         if not (isinstance(channels, list) and channels and all(isinstance(c, int) and 0 < c <= 4096
