@@ -255,3 +255,24 @@ def test_manifest_rows_cannot_point_outside_the_source(tiny_model, photos, tmp_p
     (folder / CURRENT).write_text(f"{report.version} {hashlib.sha256(manifest.read_bytes()).hexdigest()}\n")
     with pytest.raises(UserError, match="leaves the source"):
         Gallery.load("g", None, tmp_path / "galleries")
+
+
+def test_a_gallery_records_its_model_and_gives_it_back(tiny_model, tmp_path, capsys):
+    """The index command records the ModelSpec it built the model from; gallery_model_spec returns it, and the model
+    it describes loads the gallery. The library takes resolved sources only (benchmarks are the command's job)."""
+    from fti4cir import create_model
+    from fti4cir.gallery import gallery_model_spec
+    from fti4cir.spec import ModelSpec
+
+    src = tmp_path / "photos"
+    copy_photos(src, 3)
+    assert run_cli([str(src), "--name", "g", "--galleries-dir", str(tmp_path / "galleries"), "--backbone",
+                    "fti4cir-tiny", "--pretrained", "none", "--seed", "3", "--device", "cpu", "--num-workers", "0",
+                    "--quiet"]) == 0
+    expected = ModelSpec(backbone="fti4cir-tiny", pretrained=None, seed=3)
+    assert Gallery.load("g", None, tmp_path / "galleries").manifest["model"] == expected.to_dict()
+    spec = gallery_model_spec("g", tmp_path / "galleries")
+    assert spec == expected
+    assert len(Gallery.load("g", create_model(spec.replace(device="cpu")), tmp_path / "galleries")) == 3
+    with pytest.raises(UserError, match="resolve it first"):
+        build(tiny_model, "benchmark:cirr:val:/nowhere", tmp_path)

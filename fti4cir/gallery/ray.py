@@ -1,11 +1,12 @@
 """`fti4cir index --ray`: compute a gallery's missing images on a Ray cluster.
 
-Ray actors each hold one model (built from the same flags as the driver's, checked to be identical by parameter
-digest). The driver sends shards of (path, content hash); an actor reads the files where they are (the paths must
-resolve on every node: a shared file system), runs one visual pass per image and the inversion, and returns the
-shard's rows. The driver writes each shard atomically into the gallery's staging folder, named by its images' hashes,
-then merges the shards into the gallery exactly as a single-process build does. Shards already staged are not sent
-again, so a rerun after a failure (of the driver or of workers) resumes; a retried task rewrites the same shard.
+Ray actors each hold one model (built from the driver's `ModelSpec` with `fti4cir.factory.create_model`, checked to
+be identical by parameter digest). The driver sends shards of (path, content hash); an actor reads the files where
+they are (the paths must resolve on every node: a shared file system), runs one visual pass per image and the
+inversion, and returns the shard's rows. The driver writes each shard atomically into the gallery's staging folder,
+named by its images' hashes, then merges the shards into the gallery exactly as a single-process build does. Shards
+already staged are not sent again, so a rerun after a failure (of the driver or of workers) resumes; a retried task
+rewrites the same shard.
 """
 from __future__ import annotations
 
