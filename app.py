@@ -135,9 +135,10 @@ def gallery_model(args) -> None:
 def create_app_model(args):
     """The model the flags describe, built exactly as `fti4cir index` builds it (random weights seeded the same way),
     so that galleries built with the same flags load."""
-    from fti4cir.gallery import MODEL_SPEC_KEYS, model_from_spec
+    from fti4cir.commands.common import spec_from_args
+    from fti4cir.factory import create_model
 
-    return model_from_spec({key: getattr(args, key) for key in MODEL_SPEC_KEYS})
+    return create_model(spec_from_args(argparse.Namespace(**vars(args))))  # a copy: the app's flags stay as given
 
 
 @dataclass

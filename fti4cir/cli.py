@@ -60,12 +60,12 @@ _SELF = "fti4cir.cli"  # this module's name, also when run as `python -m fti4cir
 COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("fti4cir.cli", "convert an official FTI4CIR release .pth to safetensors + JSON (safely)"),
     "inspect": ("fti4cir.cli", "decode one image's pseudo-word tokens"),
-    "search": ("fti4cir.search_command", "rank a gallery for a reference image (file or gallery image) and a text"),
+    "search": ("fti4cir.commands.search", "rank a gallery for a reference image (file or gallery image) and a text"),
     "deploy-space": ("fti4cir.space", "upload the app to a Hugging Face Space (--dry-run: list and check only)"),
     "caption": ("fti4cir.training.captions", "BLIP captions for a folder of images (resumable JSONL)"),
     "split-captions": ("fti4cir.training.caption_split", "split captions into subject/attribute pairs (spaCy)"),
     "features": ("fti4cir.features", "extract and cache visual features (one visual pass per image)"),
-    "index": ("fti4cir.gallery", "build or update a gallery: features, pseudo tokens, explanations, index"),
+    "index": ("fti4cir.commands.index", "build or update a gallery: features, pseudo tokens, explanations, index"),
     "train": ("fti4cir.training.trainer", "train the inversion network on subject/attribute pairs"),
     "evaluate": ("fti4cir.evaluation.run", "FashionIQ / CIRR / CIRCO validation metrics (clothing-cir: test), all "
                  "methods in one table"),

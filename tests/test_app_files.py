@@ -128,7 +128,7 @@ REFUSED_PATHS = [
     "app.py",
     "../../../../../../../../etc/passwd",
     "{repo}/app.py",
-    "{repo}/fti4cir/gallery.py",
+    "{repo}/fti4cir/gallery/store.py",
     # URL-encoded: the server decodes once; %252e stays a literal "%2e" name
     "%2Fetc%2Fpasswd",
     "{root}/%2e%2e/%2e%2e/%2e%2e/%2e%2e/%2e%2e/%2e%2e/%2e%2e/%2e%2e/etc/passwd",

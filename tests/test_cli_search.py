@@ -5,13 +5,13 @@ import pytest
 
 from fti4cir.app_service import SearchService
 from fti4cir.cli import main
-from fti4cir.gallery import Gallery
-from fti4cir.search_command import gallery_model_spec
+from fti4cir.gallery import Gallery, gallery_model_spec
+from fti4cir.spec import ModelSpec
 
 
 def test_model_comes_from_the_gallery(demo_galleries):
-    assert gallery_model_spec("demo", demo_galleries) == {"backbone": "fti4cir-tiny", "pretrained": None,
-                                                          "weights": None, "preprocess": "targetpad", "seed": 0}
+    assert gallery_model_spec("demo", demo_galleries) == ModelSpec(backbone="fti4cir-tiny", pretrained=None,
+                                                                   weights=None, preprocess="targetpad", seed=0)
 
 
 def test_gallery_image_reference_as_json_equals_the_service(demo_galleries, tiny_model, capsys):

@@ -12,10 +12,10 @@ import torch
 
 from benchmark_fixtures import benchmark_root, make_placeholder_images
 from conftest import place_photos, run_subcommand, shared_data
-from fti4cir import gallery
+from fti4cir.commands import index as index_command
 from fti4cir.compose import compose
 from fti4cir.errors import UserError
-from fti4cir.gallery import (CURRENT, Gallery, build_gallery, list_galleries, parameter_digest,
+from fti4cir.gallery import (CURRENT, Gallery, Source, build_gallery, list_galleries, parameter_digest,
                              validate_name)
 from fti4cir.inputs import load_image
 from fti4cir.model import CIRModel
@@ -29,7 +29,7 @@ def copy_photos(folder: Path, count: int, start: int = 0) -> list[Path]:
 def build(model, src, tmp_path, name="g", **kw):
     kw = {"galleries_dir": tmp_path / "galleries", "batch_size": 4, "num_workers": 0, "shard_size": 5,
           "progress": False, **kw}
-    return build_gallery(model, str(src), name, **kw)
+    return build_gallery(model, src if isinstance(src, Source) else str(src), name, **kw)
 
 
 
@@ -213,7 +213,8 @@ def test_benchmark_split_source(tiny_model, tmp_path):
     bench = load_benchmark("cirr", root, "val")
     names = list(bench.images)[:6]
     make_placeholder_images(bench, names, size=32)
-    report = build(tiny_model, f"benchmark:cirr:val:{root}", tmp_path, name="cirr-val")
+    source = index_command.resolve_source(f"benchmark:cirr:val:{root}")  # benchmarks are resolved by the command
+    report = build(tiny_model, source, tmp_path, name="cirr-val")
     assert report.images == 6 and len(report.failures) == len(bench.images) - 6  # not downloaded: reported
     g = Gallery.load("cirr-val", tiny_model, tmp_path / "galleries")
     assert sorted(g.names) == sorted(names)  # benchmark image names, not file names
@@ -222,7 +223,7 @@ def test_benchmark_split_source(tiny_model, tmp_path):
 
 
 def run_cli(argv: list[str]) -> int:
-    return run_subcommand(gallery, ["index", *argv])
+    return run_subcommand(index_command, ["index", *argv])
 
 
 def test_cli_with_a_definition_file(tmp_path, capsys):
@@ -254,3 +255,24 @@ def test_manifest_rows_cannot_point_outside_the_source(tiny_model, photos, tmp_p
     (folder / CURRENT).write_text(f"{report.version} {hashlib.sha256(manifest.read_bytes()).hexdigest()}\n")
     with pytest.raises(UserError, match="leaves the source"):
         Gallery.load("g", None, tmp_path / "galleries")
+
+
+def test_a_gallery_records_its_model_and_gives_it_back(tiny_model, tmp_path, capsys):
+    """The index command records the ModelSpec it built the model from; gallery_model_spec returns it, and the model
+    it describes loads the gallery. The library takes resolved sources only (benchmarks are the command's job)."""
+    from fti4cir import create_model
+    from fti4cir.gallery import gallery_model_spec
+    from fti4cir.spec import ModelSpec
+
+    src = tmp_path / "photos"
+    copy_photos(src, 3)
+    assert run_cli([str(src), "--name", "g", "--galleries-dir", str(tmp_path / "galleries"), "--backbone",
+                    "fti4cir-tiny", "--pretrained", "none", "--seed", "3", "--device", "cpu", "--num-workers", "0",
+                    "--quiet"]) == 0
+    expected = ModelSpec(backbone="fti4cir-tiny", pretrained=None, seed=3)
+    assert Gallery.load("g", None, tmp_path / "galleries").manifest["model"] == expected.to_dict()
+    spec = gallery_model_spec("g", tmp_path / "galleries")
+    assert spec == expected
+    assert len(Gallery.load("g", create_model(spec.replace(device="cpu")), tmp_path / "galleries")) == 3
+    with pytest.raises(UserError, match="resolve it first"):
+        build(tiny_model, "benchmark:cirr:val:/nowhere", tmp_path)

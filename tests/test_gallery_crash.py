@@ -17,15 +17,17 @@ import torch
 
 from conftest import place_photos, shared_data
 from fti4cir.errors import UserError
-from fti4cir.gallery import Gallery, build_gallery, model_from_spec
+from fti4cir.factory import create_model
+from fti4cir.gallery import Gallery, build_gallery
+from fti4cir.spec import ModelSpec
 
 SEED = 20240707
 SPEC = {"backbone": "fti4cir-tiny", "pretrained": None, "weights": None, "device": "cpu", "preprocess": "targetpad"}
 BUILD_ARGS = ["--backbone", "fti4cir-tiny", "--pretrained", "none", "--device", "cpu", "--batch-size", "4",
               "--shard-size", "8", "--num-workers", "0", "--quiet"]
-# `fti4cir index` through gallery.add_parser alone, so the test does not depend on the CLI's registration
-RUNNER = ("import argparse, sys, torch; from fti4cir import gallery; torch.set_num_threads(1); "
-          "p = argparse.ArgumentParser(); gallery.add_parser(p.add_subparsers()); a = p.parse_args({argv!r}); "
+# `fti4cir index` through its command module's add_parser alone, so the test does not depend on the CLI's registration
+RUNNER = ("import argparse, sys, torch; from fti4cir.commands import index; torch.set_num_threads(1); "
+          "p = argparse.ArgumentParser(); index.add_parser(p.add_subparsers()); a = p.parse_args({argv!r}); "
           "sys.exit(a.func(a))")
 
 
@@ -34,7 +36,7 @@ RUNNER = ("import argparse, sys, torch; from fti4cir import gallery; torch.set_n
 def indexer():
     """Starts indexer processes quickly: forked from a server that imported fti4cir once (and never ran torch)."""
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["fti4cir.gallery", "fti4cir.features", "fti4cir.search"])
+    context.set_forkserver_preload(["fti4cir.gallery", "fti4cir.commands.index", "fti4cir.features", "fti4cir.search"])
     warm = context.Process(target=int)  # start the server now, so that kill delays measure indexing, not imports
     warm.start()
     warm.join()
@@ -116,8 +118,8 @@ def test_killed_builds_resume_to_the_clean_gallery(tmp_path, indexer):
     clean_src = tmp_path / "clean"
     place_photos(final, clean_src)
     started = time.perf_counter()
-    build_gallery(model_from_spec(SPEC), str(clean_src), "g", galleries_dir=tmp_path / "clean-galleries",
-                  batch_size=4, shard_size=8, num_workers=0, progress=False)
+    build_gallery(create_model(ModelSpec.from_dict(SPEC)), str(clean_src), "g",
+                  galleries_dir=tmp_path / "clean-galleries", batch_size=4, shard_size=8, num_workers=0, progress=False)
     clean_seconds = time.perf_counter() - started
     clean = Gallery.load(tmp_path / "clean-galleries" / "g")
 
@@ -169,12 +171,12 @@ def test_killed_builds_resume_to_the_clean_gallery(tmp_path, indexer):
 def test_a_reader_never_sees_a_version_being_replaced(tmp_path, monkeypatch):
     """Deterministic companion of the random kills: a build stopped right before the switch leaves the old version
     published and intact; the next build finishes the job."""
-    import fti4cir.gallery as gallery
+    import fti4cir.gallery.build as gallery
 
     photos = sorted(shared_data("photos", "clothing", "test").rglob("*.jpg"))[:6]
     src = tmp_path / "src"
     place_photos(photos[:4], src)
-    model = model_from_spec(SPEC)
+    model = create_model(ModelSpec.from_dict(SPEC))
     kw = {"galleries_dir": tmp_path / "galleries", "num_workers": 0, "progress": False}
     first = build_gallery(model, str(src), "g", **kw)
     place_photos(photos[4:], src)

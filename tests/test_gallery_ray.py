@@ -7,10 +7,12 @@ import pytest
 import torch
 
 from conftest import place_photos, shared_data
-from fti4cir.gallery import Gallery, build_gallery, model_from_spec
+from fti4cir.factory import create_model
+from fti4cir.gallery import Gallery, build_gallery
+from fti4cir.spec import ModelSpec
 
 ray = pytest.importorskip("ray", reason="ray is not installed (pip install ray)")
-from fti4cir.gallery_ray import RayCompute, runtime_env  # noqa: E402
+from fti4cir.gallery.ray import RayCompute, runtime_env  # noqa: E402
 
 SPEC = {"backbone": "fti4cir-tiny", "pretrained": None, "weights": None, "device": "cpu", "preprocess": "targetpad"}
 
@@ -20,7 +22,7 @@ def test_ray_build_equals_the_single_process_build(tmp_path):
     src = tmp_path / "src"
     place_photos(sorted(shared_data("photos", "clothing", "test").rglob("*.jpg"))[::9][:40], src)
     (src / "broken.jpg").write_text("not an image")
-    model = model_from_spec(SPEC)
+    model = create_model(ModelSpec.from_dict(SPEC))
     kw = {"batch_size": 8, "shard_size": 8, "progress": False}
     local = build_gallery(model, str(src), "g", galleries_dir=tmp_path / "local", num_workers=0, **kw)
 

@@ -3,8 +3,9 @@
     fti4cir search --gallery clothing --image dress.jpg --text "is red with short sleeves" -k 10 [--json]
     fti4cir search --gallery clothing --image test/dress/0001.jpg --text "..."   # a gallery image as the reference
 
-The model is the one the gallery was built with (its definition `galleries/<name>.json` beside it, else the identity
-it records); model flags override it, and a model that does not match the gallery is refused naming both sides.
+The model is the one the gallery was built with (`fti4cir.gallery.gallery_model_spec`: its definition
+`galleries/<name>.json` beside it, else the model or the identity it records); model flags override it, and a model
+that does not match the gallery is refused naming both sides.
 """
 from __future__ import annotations
 
@@ -13,15 +14,16 @@ import logging
 import sys
 from pathlib import Path
 
-from .errors import UserError
+from ..errors import UserError
+from .common import add_model_args, positive_int, spec_from_args
 
 log = logging.getLogger(__name__)
 
+SUMMARY = "rank a gallery for a reference image (file or gallery image) and a text"
+
 
 def add_parser(subparsers) -> None:
-    from .cli import COMMANDS, add_model_args, positive_int
-
-    p = subparsers.add_parser("search", help=COMMANDS["search"][1], description=__doc__.split("\n\n")[0])
+    p = subparsers.add_parser("search", help=SUMMARY, description=__doc__.split("\n\n")[0])
     p.add_argument("--gallery", required=True, help="gallery name under --galleries-dir, or a gallery folder")
     p.add_argument("--galleries-dir", default="galleries", help="folder of galleries (default %(default)s)")
     p.add_argument("--image", required=True, help="reference: an image file, or the name of a gallery image (as "
@@ -34,60 +36,25 @@ def add_parser(subparsers) -> None:
                    "score and path) instead of lines")
     add_model_args(p)
     # model flags default to the gallery's model (None = not given)
-    p.set_defaults(backbone=None, pretrained=None, preprocess=None, seed=None, func=_search_command)
+    p.set_defaults(backbone=None, pretrained=None, preprocess=None, seed=None, func=run)
 
 
-def gallery_model_spec(name_or_dir: str, galleries_dir: str | Path = "galleries") -> dict:
-    """The model flags (backbone, pretrained, weights, preprocess, seed) a gallery was built with: from its
-    definition file when there is one, else from the identity its manifest records."""
-    from .gallery import Gallery, read_definition
-
-    directory = Path(name_or_dir) if Path(name_or_dir).is_dir() else Path(galleries_dir) / name_or_dir
-    definition = directory.with_name(directory.name + ".json")
-    if definition.is_file():
-        d = read_definition(definition)
-        return {"backbone": d.get("backbone"), "pretrained": d.get("pretrained"), "weights": d.get("weights"),
-                "preprocess": d.get("preprocess", "targetpad"), "seed": 0}
-    identity = Gallery.load(name_or_dir, galleries_dir=galleries_dir, verify=False).identity
-    pretrained = identity.get("pretrained")
-    pretrained = None if pretrained in (None, "None") else pretrained
-    if isinstance(pretrained, str) and pretrained.startswith("sha256:"):
-        pretrained = _unknown("a local CLIP checkpoint", pretrained, "--pretrained /path/to/checkpoint")
-    weights, seed = identity.get("weights"), 0
-    if weights in (None, "unknown"):  # provenance not recorded: the digest check at load decides
-        weights = None
-    elif isinstance(weights, str) and weights.startswith("random-init:"):
-        weights, seed = None, int(weights.split(":", 1)[1] or 0)
-    elif isinstance(weights, str) and weights.startswith("sha256:"):
-        weights = _unknown("a local weights file", weights, "--weights FILE.safetensors")
-    return {"backbone": identity.get("backbone"), "pretrained": pretrained, "weights": weights,
-            "preprocess": identity.get("preprocess", "targetpad"), "seed": seed}
-
-
-class _Unknown(str):
-    """A recorded value that cannot be turned back into a flag (a file known only by its digest)."""
-
-
-def _unknown(what: str, digest: str, flag: str) -> _Unknown:
-    return _Unknown(f"{what} ({digest[:19]}...), give it with {flag}")
-
-
-def _search_command(args) -> int:
-    from .app_service import SearchService
-    from .cli import model_from_args
-    from .gallery import Gallery
+def run(args) -> int:
+    from ..app_service import SearchService
+    from ..factory import create_model
+    from ..gallery import Gallery, NotRecorded, gallery_model_spec
 
     spec = gallery_model_spec(args.gallery, args.galleries_dir)
     for key in ("backbone", "pretrained", "preprocess", "seed"):
         if getattr(args, key) is None:
-            setattr(args, key, spec[key])
+            setattr(args, key, getattr(spec, key))
     if args.weights is None and args.model is None:
-        args.weights = spec["weights"]
+        args.weights = spec.weights
     for key in ("pretrained", "weights"):
-        if isinstance(getattr(args, key), _Unknown):
+        if isinstance(getattr(args, key), NotRecorded):
             raise UserError(f"Gallery {args.gallery[:100]!r} was built with {getattr(args, key)}")
     image = Path(args.image)
-    model = model_from_args(args)
+    model = create_model(spec_from_args(args))
     gallery = Gallery.load(args.gallery, model, galleries_dir=args.galleries_dir)
     service = SearchService(model, gallery)
     if image.is_file():

@@ -1,11 +1,12 @@
 """`fti4cir index --ray`: compute a gallery's missing images on a Ray cluster.
 
-Ray actors each hold one model (built from the same flags as the driver's, checked to be identical by parameter
-digest). The driver sends shards of (path, content hash); an actor reads the files where they are (the paths must
-resolve on every node: a shared file system), runs one visual pass per image and the inversion, and returns the
-shard's rows. The driver writes each shard atomically into the gallery's staging folder, named by its images' hashes,
-then merges the shards into the gallery exactly as a single-process build does. Shards already staged are not sent
-again, so a rerun after a failure (of the driver or of workers) resumes; a retried task rewrites the same shard.
+Ray actors each hold one model (built from the driver's `ModelSpec` with `fti4cir.factory.create_model`, checked to
+be identical by parameter digest). The driver sends shards of (path, content hash); an actor reads the files where
+they are (the paths must resolve on every node: a shared file system), runs one visual pass per image and the
+inversion, and returns the shard's rows. The driver writes each shard atomically into the gallery's staging folder,
+named by its images' hashes, then merges the shards into the gallery exactly as a single-process build does. Shards
+already staged are not sent again, so a rerun after a failure (of the driver or of workers) resumes; a retried task
+rewrites the same shard.
 """
 from __future__ import annotations
 
@@ -13,37 +14,46 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .errors import UserError
+from ..errors import UserError
+from .identity import describe_identity, gallery_identity, identity_differences
+from .shards import shard_arrays, write_shard
+
+if TYPE_CHECKING:
+    from ..spec import ModelSpec
 
 
 def runtime_env() -> dict:
-    """For ray.init: ships this package's code to the workers (the nodes need only its dependencies installed)."""
-    return {"py_modules": [str(Path(__file__).resolve().parent)]}
+    """For ray.init: ships the fti4cir package to the workers (the nodes need only its dependencies installed)."""
+    return {"py_modules": [str(Path(__file__).resolve().parents[1])]}
+
+
+def _model(model_spec: ModelSpec | dict):
+    """The model of a spec, built exactly as the driver builds it (`fti4cir.factory.create_model`)."""
+    from ..factory import create_model
+    from ..spec import ModelSpec
+
+    return create_model(model_spec if isinstance(model_spec, ModelSpec) else ModelSpec.from_dict(model_spec))
 
 
 class IndexWorker:
     """Body of a Ray actor: one model, shards of images in, gallery rows out."""
 
-    def __init__(self, model_spec: dict, batch_size: int, threads: int):
+    def __init__(self, model_spec: ModelSpec | dict, batch_size: int, threads: int):
         import torch
 
-        from .gallery import model_from_spec
-
         torch.set_num_threads(threads)  # the actor's CPU share: actors side by side must not oversubscribe a node
-        self.model = model_from_spec(model_spec)
+        self.model = _model(model_spec)
         self.batch_size = batch_size
 
     def identity(self) -> dict:
-        from .gallery import gallery_identity
-
         return gallery_identity(self.model)
 
     def process(self, paths: list[str]):
         """-> (content hash of each path or None when unreadable, gallery rows of the readable ones, failures
         [(path, message)])."""
-        from .features import FeatureStore, extract_features
-        from .gallery import shard_arrays
+        from ..features import FeatureStore, extract_features
 
         scratch = tempfile.mkdtemp(prefix="fti4cir-shard-")
         try:
@@ -64,7 +74,7 @@ class RayCompute:
     cluster this node belongs to; 'ray://head:10001' is a remote client. An already initialised Ray is used as is
     (initialise it with `runtime_env=runtime_env()` unless fti4cir is installed on the workers)."""
 
-    model_spec: dict  # fti4cir.gallery.MODEL_SPEC_KEYS, as given to the CLI
+    model_spec: ModelSpec | dict  # what the driver's model was built from (a dict: `ModelSpec.to_dict()`)
     address: str | None = None
     num_workers: int | None = None
     cpus_per_worker: float = 1.0
@@ -77,8 +87,6 @@ class RayCompute:
         import ray
         from ray.util import ActorPool
 
-        from .gallery import _describe, identity_differences, write_shard
-
         started = not ray.is_initialized()
         if started:
             ray.init(address=self.address, log_to_driver=False, runtime_env=runtime_env())
@@ -87,9 +95,9 @@ class RayCompute:
             actors = self._start_actors(ray)
             for worker_identity in ray.get([a.identity.remote() for a in actors]):
                 if identity_differences(worker_identity, identity):
-                    raise UserError(f"A Ray worker built another model ({_describe(worker_identity)}) than this "
-                                    f"process ({_describe(identity)}): the model flags and weight files must resolve "
-                                    f"to the same files on every node")
+                    raise UserError(f"A Ray worker built another model ({describe_identity(worker_identity)}) than "
+                                    f"this process ({describe_identity(identity)}): the model flags and weight files "
+                                    f"must resolve to the same files on every node")
             chunks = [todo[i:i + shard_size] for i in range(0, len(todo), shard_size)]
             failures: list[tuple[str, str]] = []
             pool = ActorPool(actors)
