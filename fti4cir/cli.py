@@ -24,47 +24,20 @@ def model_from_args(args):
     return create_model(spec_from_args(args))
 
 
-def _convert(args) -> int:
-    from .convert import convert_official
-
-    out = convert_official(args.src, args.out, args.backbone, args.pretrained)
-    print(f"wrote {out} and {out.with_suffix('.json')}")
-    return 0
-
-
-def _inspect(args) -> int:
-    import torch
-
-    from .compose import reference_tokens
-    from .decode import decode
-    from .inputs import clean_text, load_image
-
-    model = model_from_args(args)
-    with torch.no_grad():
-        tokens = reference_tokens(model, [load_image(args.image)], return_attention=False)
-    r = int(tokens.num_kept[0])
-    words = decode(model.backbone, torch.cat([tokens.subject[:1], tokens.attributes[0, :r]]), k=args.k)
-    fmt = lambda ws: "/".join(f"{w.word}({w.score:.2f})" for w in ws)  # noqa: E731
-    print(f"a photo of [{fmt(words[0])}] with [{', '.join(fmt(w) for w in words[1:])}] but "
-          f"{clean_text(args.text)}")
-    relevance = tokens.selection.relevance[0]
-    print(f"kept {r} of {relevance.numel()} attribute queries: {tokens.selection.indices[0, :r].tolist()}")
-    return 0
-
-
-_SELF = "fti4cir.cli"  # this module's name, also when run as `python -m fti4cir.cli`
 # command -> (module whose `add_parser(subparsers)` registers it, the one-line help `fti4cir --help` lists). Only the
 # module of the command being run is imported, so `fti4cir --help` and `fti4cir CMD --help` import no torch (a stage
 # module imports its heavy dependencies in its handlers). tests/test_cli_conventions.py checks the lines against the
 # modules' own help.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "convert": ("fti4cir.cli", "convert an official FTI4CIR release .pth to safetensors + JSON (safely)"),
-    "inspect": ("fti4cir.cli", "decode one image's pseudo-word tokens"),
+    "convert": ("fti4cir.commands.convert", "convert an official FTI4CIR release .pth to safetensors + JSON "
+                "(safely)"),
+    "inspect": ("fti4cir.commands.inspect", "decode one image's pseudo-word tokens"),
     "search": ("fti4cir.commands.search", "rank a gallery for a reference image (file or gallery image) and a text"),
-    "deploy-space": ("fti4cir.space", "upload the app to a Hugging Face Space (--dry-run: list and check only)"),
-    "caption": ("fti4cir.training.captions", "BLIP captions for a folder of images (resumable JSONL)"),
-    "split-captions": ("fti4cir.training.caption_split", "split captions into subject/attribute pairs (spaCy)"),
-    "features": ("fti4cir.features", "extract and cache visual features (one visual pass per image)"),
+    "deploy-space": ("fti4cir.commands.deploy_space", "upload the app to a Hugging Face Space (--dry-run: list and "
+                     "check only)"),
+    "caption": ("fti4cir.commands.captions", "BLIP captions for a folder of images (resumable JSONL)"),
+    "split-captions": ("fti4cir.commands.captions", "split captions into subject/attribute pairs (spaCy)"),
+    "features": ("fti4cir.commands.features", "extract and cache visual features (one visual pass per image)"),
     "index": ("fti4cir.commands.index", "build or update a gallery: features, pseudo tokens, explanations, index"),
     "train": ("fti4cir.training.trainer", "train the inversion network on subject/attribute pairs"),
     "evaluate": ("fti4cir.evaluation.run", "FashionIQ / CIRR / CIRCO validation metrics (clothing-cir: test), all "
@@ -74,35 +47,17 @@ COMMANDS: dict[str, tuple[str, str]] = {
                  "stage II)"),
     "m2c-train": ("fti4cir.m2c.train", "train M2C (From Mapping to Composing): stage 1 mapping, stage 2 composing "
                   "adapters"),
-    "convert-m2c": ("fti4cir.m2c.convert", "convert an official M2C checkpoint (.pt) to our safetensors"),
-    "demo-photos": ("fti4cir.demo.commands", "copy the clothing photos (<split>/<class>/*.jpg) into the repository, "
+    "convert-m2c": ("fti4cir.commands.convert", "convert an official M2C checkpoint (.pt) to our safetensors"),
+    "demo-photos": ("fti4cir.commands.demo", "copy the clothing photos (<split>/<class>/*.jpg) into the repository, "
                     "downscaled"),
-    "demo-labels": ("fti4cir.demo.commands", "class and colour labels of the demo photos (labels.json)"),
-    "demo-captions": ("fti4cir.demo.commands", "one caption per demo photo of a split (captions JSONL for "
+    "demo-labels": ("fti4cir.commands.demo", "class and colour labels of the demo photos (labels.json)"),
+    "demo-captions": ("fti4cir.commands.demo", "one caption per demo photo of a split (captions JSONL for "
                       "split-captions / CLIP training)"),
-    "demo-benchmark": ("fti4cir.demo.commands", "the clothing-cir composed-retrieval benchmark from the test photos' "
+    "demo-benchmark": ("fti4cir.commands.demo", "the clothing-cir composed-retrieval benchmark from the test photos' "
                        "labels (queries.json)"),
-    "demo-rebuild": ("fti4cir.demo.commands", "rebuild the embedded demo: CLIP -> captions -> FTI4CIR -> M2C -> "
+    "demo-rebuild": ("fti4cir.commands.demo", "rebuild the embedded demo: CLIP -> captions -> FTI4CIR -> M2C -> "
                      "gallery -> benchmark table (resumable)"),
 }
-
-
-def add_parser(subparsers) -> None:
-    """This module's own commands."""
-    p = subparsers.add_parser("convert", help=COMMANDS["convert"][1])
-    p.add_argument("src", help="the official release file (.pth: a pickle of the whole module, read safely)")
-    p.add_argument("out", help="output .safetensors (the config is written beside it as .json)")
-    p.add_argument("--backbone", default="ViT-L-14", help="backbone the release was trained with (default "
-                   "%(default)s)")
-    p.add_argument("--pretrained", default="openai", help="its pretrained tag (default %(default)s)")
-    p.set_defaults(func=_convert)
-
-    p = subparsers.add_parser("inspect", help=COMMANDS["inspect"][1])
-    p.add_argument("image", help="image file")
-    p.add_argument("--text", default="", help="modification text shown after the decoded tokens")
-    p.add_argument("-k", type=int, default=3, help="vocabulary words per token")
-    add_model_args(p)
-    p.set_defaults(func=_inspect)
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -117,12 +72,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_const", const=-1, dest="verbosity",
                         help="errors only on stderr (results still go to stdout)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    add_parser(sub)  # this module's own commands (light)
     if command is None:
         modules = _stage_modules()
     else:
-        stage = COMMANDS.get(command, (_SELF,))[0]
-        modules = [importlib.import_module(stage)] if stage != _SELF else []
+        modules = [importlib.import_module(COMMANDS[command][0])] if command in COMMANDS else []
     for module in modules:
         module.add_parser(sub)
     for name, (_, summary) in COMMANDS.items():  # the rest: listed only
@@ -132,8 +85,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 
 def _stage_modules():
-    """The other modules that register commands (every one of them is imported)."""
-    return [importlib.import_module(m) for m in dict.fromkeys(m for m, _ in COMMANDS.values()) if m != _SELF]
+    """The modules that register commands (every one of them is imported)."""
+    return [importlib.import_module(m) for m in dict.fromkeys(m for m, _ in COMMANDS.values())]
 
 
 def _command_of(argv: list[str]) -> str | None:

@@ -371,34 +371,3 @@ def extract_features(model, paths: list[str | os.PathLike], store: FeatureStore,
         bar.close()
         rows = store.lookup(hashes)
     return ExtractResult(rows, hashes, failures, computed)
-
-
-# ---- CLI stage ----------------------------------------------------------------------------------------------------
-def add_parser(subparsers) -> None:
-    from .cli import add_model_args
-
-    p = subparsers.add_parser("features", help="extract and cache visual features (one visual pass per image)")
-    p.add_argument("images", help="image folder (searched recursively)")
-    p.add_argument("--cache-dir", default="cache/features", help="feature cache root (default %(default)s)")
-    p.add_argument("--no-patches", action="store_true", help="store global features only (galleries)")
-    p.add_argument("--batch-size", type=int, default=32, help="images per visual pass (default %(default)s)")
-    p.add_argument("--num-workers", type=int, default=None, help="image decoding processes (default: up to 4)")
-    add_model_args(p, weights=False)
-    p.set_defaults(func=_features_command)
-
-
-def _features_command(args) -> int:
-    from .cli import model_from_args
-    from .imagefiles import list_images
-
-    paths = list_images(args.images)
-    if not paths:
-        raise UserError(f"No images found under {args.images}")
-    model = model_from_args(args)
-    store = FeatureStore.for_model(args.cache_dir, model, with_patches=not args.no_patches)
-    result = extract_features(model, paths, store, batch_size=args.batch_size, num_workers=args.num_workers)
-    print(f"{len(paths)} images: {result.computed} encoded, {len(paths) - result.computed - len(result.failures)} "
-          f"already cached, {len(result.failures)} unreadable; cache {store.dir}")
-    for path, message in result.failures[:10]:
-        print(f"  skipped {message}")
-    return 0

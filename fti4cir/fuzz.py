@@ -1,7 +1,7 @@
 """Property-based fuzzing of everything a user or a downloaded file can hand us (hypothesis).
 
-    python -m fti4cir.fuzz --examples 2000                  # every target, 2000 generated inputs each
-    python -m fti4cir.fuzz --examples 500 --target pickles   # one target
+    python -m fti4cir.commands.fuzz --examples 2000                  # every target, 2000 generated inputs each
+    python -m fti4cir.commands.fuzz --examples 500 --target pickles   # one target
 
 Targets and the property each must keep (any other outcome is a failure, reported with the input that caused it):
 
@@ -17,18 +17,16 @@ Targets and the property each must keep (any other outcome is a failure, reporte
   (allowed classes and functions, tensor rebuilders, storages, memo references that make cycles), plus mutations of
   a real release-structured pickle. `read_official` gives a network or a UserError, never another exception.
 
-The test suite runs each target with a few dozen examples (tests/test_fuzz_inputs.py); this command runs longer.
-It needs hypothesis, a development requirement (requirements-dev.txt).
+The test suite runs each target with a few dozen examples (tests/test_fuzz_inputs.py); the command
+`python -m fti4cir.commands.fuzz` runs longer. It needs hypothesis, a development requirement (requirements-dev.txt).
 """
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import struct
 import sys
 import tempfile
-import time
 import traceback
 import zipfile
 from dataclasses import dataclass, field
@@ -429,31 +427,3 @@ def _release_template() -> Path:
 
 
 TARGETS = ("images", "texts", "configs", "pickles")
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fti4cir.fuzz", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--examples", type=int, default=200, help="generated inputs per target (default 200)")
-    parser.add_argument("--target", action="append", choices=TARGETS, help="only these targets (repeatable)")
-    args = parser.parse_args(argv)
-    import logging
-    import warnings
-
-    logging.disable(logging.WARNING)
-    warnings.simplefilter("ignore")
-    failed = 0
-    for target in args.target or TARGETS:
-        start = time.perf_counter()
-        tally = run_target(target, args.examples)
-        outcomes = ", ".join(f"{k} {v}" for k, v in sorted(tally.outcomes.items()))
-        print(f"{target}: {tally.examples} inputs ({outcomes}) in {time.perf_counter() - start:.0f} s: "
-              f"{'FAILED' if tally.failure else 'no failure'}", flush=True)
-        if tally.failure:
-            failed += 1
-            print(tally.failure, flush=True)
-    return 1 if failed else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,4 @@
-"""`fti4cir deploy-space REPO_ID`: upload the app to a Hugging Face Space with `HfApi.upload_folder`.
+"""Deploying the app to a Hugging Face Space with `HfApi.upload_folder` (`fti4cir deploy-space REPO_ID`).
 
 Binary files (photos, .npy, .faiss, .safetensors) stay plain files in this repository; the Hub stores them on its side
 when they are uploaded. Only the allow-list goes up (the app, the package, the embedded demo model and gallery, the
@@ -99,8 +99,9 @@ def human(size: float) -> str:
 
 
 def deploy(repo_id: str, root: str | Path = ".", *, token: str | None = None, dry_run: bool = False,
-           out=print) -> list[SpaceFile]:
-    """Check, list (dry run) or upload the app's files to the Space `repo_id` (created when missing)."""
+           out=log.info) -> list[SpaceFile]:
+    """Check, list (dry run) or upload the app's files to the Space `repo_id` (created when missing). `out` gets the
+    listing and the summary lines (the command prints them on stdout)."""
     root = Path(root)
     if repo_id.count("/") != 1 or not all(repo_id.split("/")):
         raise UserError(f"Space id {repo_id[:100]!r} must look like user/space-name")
@@ -124,16 +125,3 @@ def deploy(repo_id: str, root: str | Path = ".", *, token: str | None = None, dr
     out(f"uploaded {len(files)} files ({human(sum(f.size for f in files))}) to https://huggingface.co/spaces/{repo_id}"
         f" ({getattr(info, 'commit_url', info)})")
     return files
-
-
-def add_parser(subparsers) -> None:
-    from .cli import COMMANDS
-
-    p = subparsers.add_parser("deploy-space", help=COMMANDS["deploy-space"][1], description=__doc__.split("\n\n")[0])
-    p.add_argument("repo_id", help="the Space, user/space-name (created when it does not exist)")
-    p.add_argument("--dry-run", action="store_true", help="list the files and sizes that would go up and check the "
-                   "README front matter; uploads nothing")
-    p.add_argument("--token", default=None, help="Hugging Face token with write access (default: HF_TOKEN or the "
-                   "login of `hf auth login`)")
-    p.add_argument("--root", default=".", help="the repository to deploy (default: the current folder)")
-    p.set_defaults(func=lambda args: deploy(args.repo_id, args.root, token=args.token, dry_run=args.dry_run) and 0)

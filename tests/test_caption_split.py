@@ -6,8 +6,8 @@ import json
 
 import pytest
 
+from fti4cir.commands import captions as caption_commands
 from fti4cir.errors import UserError
-from fti4cir.training import caption_split
 from fti4cir.training.caption_split import (
     DROP_REASONS, load_spacy, normalize_caption, split_caption, split_captions,
 )
@@ -87,7 +87,7 @@ def test_split_captions_counts_drops_and_keeps_indices(nlp):
 
 def _run_cli(argv):
     parser = argparse.ArgumentParser()
-    caption_split.add_parser(parser.add_subparsers())
+    caption_commands.add_parser(parser.add_subparsers())
     args = parser.parse_args(argv)
     return args.func(args)
 

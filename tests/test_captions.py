@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from fti4cir.commands import captions as caption_commands
 from fti4cir.errors import UserError
 from fti4cir.imagefiles import list_images
 from fti4cir.training import captions
@@ -29,7 +30,7 @@ IMAGENET_SAMPLE = SHARED / "photos" / "imagenet-sample"
 
 def _run_cli(argv):
     parser = argparse.ArgumentParser()
-    captions.add_parser(parser.add_subparsers())
+    caption_commands.add_parser(parser.add_subparsers())
     args = parser.parse_args(argv)
     return args.func(args)
 
@@ -225,7 +226,7 @@ def test_second_writer_is_refused(tmp_path):
 
 _CLI_SCRIPT = """
 import argparse, sys
-from fti4cir.training import captions
+from fti4cir.commands import captions
 parser = argparse.ArgumentParser()
 captions.add_parser(parser.add_subparsers())
 args = parser.parse_args(sys.argv[1:])

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import random_m2c
 
-from fti4cir.demo import commands
+from fti4cir.commands import demo as commands
 from fti4cir.demo.benchmark import PHRASINGS, QUERY_TYPES, generate, labels_digest, phrase
 from fti4cir.demo.world import CLASS_WORDS
 from fti4cir.errors import UserError

@@ -9,7 +9,7 @@ import pytest
 from conftest import run_subcommand
 from PIL import Image
 
-from fti4cir.demo import commands
+from fti4cir.commands import demo as commands
 from fti4cir.demo.photos import copy_photos, counts, source_photos
 from fti4cir.errors import UserError
 

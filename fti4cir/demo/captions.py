@@ -32,7 +32,7 @@ from pathlib import Path
 
 from ..atomic import write_text_atomic
 from ..errors import UserError
-from ..weights import file_digest
+from ..hub import file_digest
 from .world import COLOURS, PLURAL_WORDS
 
 # {a}: "a " / "" (plural), {is}: "is"/"are", {this}: "this"/"these", {it}: "it"/"they", {w}: garment, {c}: colour,

@@ -6,15 +6,17 @@ kill, so rerunning the command continues where it stopped):
 1. ``clip``      a small CLIP trained from scratch on the train photos (`fti4cir.demo.clip_train`)
 2. ``zero-shot`` its class and colour accuracy on the test photos, with confusion matrices
 3. ``captions``  one garment-first caption per train photo (`fti4cir demo-captions --forms fti4cir`)
-4. ``pairs``     subject / attribute pairs (`fti4cir split-captions`, spaCy)
-5. ``fti4cir``   the inversion network (`fti4cir train`, features cached once)
-6. ``m2c-1``     M2C stage I on the train photos and their captions (`fti4cir m2c-train --stage 1`)
+4. ``pairs``     subject / attribute pairs (as `fti4cir split-captions`, spaCy)
+5. ``fti4cir``   the inversion network (as `fti4cir train`, features cached once)
+6. ``m2c-1``     M2C stage I on the train photos and their captions (as `fti4cir m2c-train --stage 1`)
 7. ``triplets``  train-split triplets from the labels (colour, class and both changes; M2C stage II only)
-8. ``m2c-2``     M2C stage II (`fti4cir m2c-train --stage 2`)
+8. ``m2c-2``     M2C stage II (as `fti4cir m2c-train --stage 2`)
 9. ``compact``   fp16 copies of the FTI4CIR and M2C weights: the files that ship (the CLIP is saved in fp16 already);
                  the gallery and the benchmark use them, so the numbers are those of the shipped files
-10. ``gallery``  the demo gallery of the test photos (`fti4cir index`)
-11. ``benchmark`` clothing-cir, every method in one table (`fti4cir evaluate`), and the decoded-word hit rates
+10. ``gallery``  the demo gallery of the test photos (as `fti4cir index`)
+11. ``benchmark`` clothing-cir, every method in one table (as `fti4cir evaluate`), and the decoded-word hit rates
+
+Each stage calls the library functions of the command named beside it, with that command's defaults.
 
 Everything is seeded. No reference/target pair enters the CLIP or FTI4CIR training (zero-shot); only M2C stage II
 uses triplets, and those come from the train photos: the benchmark's test photos are never trained on.
@@ -25,16 +27,24 @@ uses triplets, and those come from the train photos: the benchmark's test photos
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from ..atomic import write_json_atomic, write_text_atomic
 from ..errors import UserError
-from .clip_train import DEMO_MODEL, ClipTrainConfig, train_clip
+
+if TYPE_CHECKING:
+    from .clip_train import ClipTrainConfig
+
+# torch and the training, gallery and evaluation code are imported by the stages that use them: `fti4cir demo-rebuild
+# --help` (which lists STAGES) stays fast
+
+log = logging.getLogger(__name__)
 
 STAGES = ("clip", "zero-shot", "captions", "pairs", "fti4cir", "m2c-1", "triplets", "m2c-2", "compact", "gallery",
           "benchmark")
@@ -42,13 +52,21 @@ GALLERY = "clothing"
 REPORT = "clothing-report.md"
 CLIP_FILE, FTI4CIR_FILE, M2C_FILE = "clothing-clip.safetensors", "clothing-fti4cir.safetensors", \
     "clothing-m2c.safetensors"
+DEMO_MODEL = "fti4cir-clothing"  # = fti4cir.demo.clip_train.DEMO_MODEL (that module imports torch)
+COMMAND_SEED = 0  # the --seed default of `fti4cir index` and `fti4cir evaluate`, which the demo leaves unset
+
+
+def _clip_config() -> ClipTrainConfig:
+    from .clip_train import ClipTrainConfig
+
+    return ClipTrainConfig()
 
 
 @dataclass
 class Settings:
     """Sizes of each stage: the full demo, or --quick."""
 
-    clip: ClipTrainConfig = field(default_factory=ClipTrainConfig)
+    clip: ClipTrainConfig = field(default_factory=_clip_config)
     fti4cir_epochs: int = 30
     fti4cir_batch: int = 128
     fti4cir_lr: float = 5e-4
@@ -56,15 +74,18 @@ class Settings:
     m2c2_epochs: int = 10
     m2c_batch: int = 128
     m2c_lr: float = 5e-4
-    m2c_augment: tuple[str, ...] = ("--augment", "views", "--views", "4")  # 4 crops per photo, cached
+    m2c_augment: str = "views"  # 4 crops per photo, cached
+    m2c_views: int = 4
     triplets_per_type: int = 1000
     per_class: int = 0  # quick runs: photos per class and split for every stage (0: all)
     benchmark_queries: int = 0  # quick runs: queries of the benchmark generated from those photos
 
     @classmethod
     def quick(cls) -> "Settings":
+        from .clip_train import ClipTrainConfig
+
         return cls(clip=ClipTrainConfig(epochs=2, batch_size=16), fti4cir_epochs=1, fti4cir_batch=16,
-                   m2c1_epochs=1, m2c2_epochs=1, m2c_batch=16, m2c_augment=("--augment", "none"),
+                   m2c1_epochs=1, m2c2_epochs=1, m2c_batch=16, m2c_augment="none",
                    triplets_per_type=8, benchmark_queries=9, per_class=6)
 
 
@@ -107,20 +128,15 @@ def half_precision_copy(src: Path, dst: Path) -> None:
         save_file(tensors, str(tmp), metadata=metadata)
 
 
-def _cli(argv: list[str]) -> None:
-    from ..cli import main
-
-    code = main([str(a) for a in argv])
-    if code:
-        raise UserError(f"stage `fti4cir {argv[0]}` failed (exit {code})")
-
-
 class Rebuild:
     def __init__(self, out: str | os.PathLike, photos: str | os.PathLike = "data/clothing",
                  benchmark: str | os.PathLike = "data/clothing-cir", settings: Settings | None = None,
-                 seed: int = 0, device: str | None = None, progress: bool = True):
+                 seed: int = 0, device: str | None = None, progress: bool = True,
+                 say: Callable[[str], None] = log.info):
+        """say: where the stage notices and results go (the command prints them)."""
         self.out, self.photos, self.benchmark_root = Path(out), Path(photos), Path(benchmark)
         self.settings, self.seed, self.device, self.progress = settings or Settings(), seed, device, progress
+        self.say = say
         self.cache = self.out / "cache"
         self.times: dict[str, float] = {}
         if self.settings.per_class:
@@ -146,9 +162,13 @@ class Rebuild:
     def path(self, name: str) -> Path:
         return self.out / name
 
-    def model_flags(self) -> list[str]:
-        flags = ["--backbone", DEMO_MODEL, "--pretrained", self.clip_weights]
-        return flags + (["--device", self.device] if self.device else [])
+    def model_spec(self, weights: Path | None = None, seed: int | None = None, **fields):
+        """The demo model on the CLIP of this run: what the stages build (`fti4cir.factory.create_model`)."""
+        from ..spec import ModelSpec
+
+        return ModelSpec(backbone=DEMO_MODEL, pretrained=str(self.clip_weights),
+                         weights=str(weights) if weights else None, device=self.device,
+                         seed=self.seed if seed is None else seed, **fields)
 
     # ---- stages ---------------------------------------------------------------------------------------------------
     def stages(self) -> dict[str, tuple[Path, Callable[[], None]]]:
@@ -172,13 +192,13 @@ class Rebuild:
             if only and name not in only:
                 continue
             if output.exists():
-                print(f"[{name}] done ({output})")
+                self.say(f"[{name}] done ({output})")
                 continue
-            print(f"[{name}] running")
+            self.say(f"[{name}] running")
             started = time.monotonic()
             stage()
             self.times[name] = round(time.monotonic() - started, 1)
-            print(f"[{name}] finished in {self.times[name]:.0f} s")
+            self.say(f"[{name}] finished in {self.times[name]:.0f} s")
             timings = self.path("timings.json")
             previous = json.loads(timings.read_text()) if timings.exists() else {}
             write_json_atomic(timings, {**previous, name: self.times[name]})
@@ -189,6 +209,8 @@ class Rebuild:
         return read_labels(self.photos / "labels.json")
 
     def train_clip(self) -> None:
+        from .clip_train import ClipTrainConfig, train_clip
+
         config = ClipTrainConfig(**{**self.settings.clip.to_dict(), "photos": str(self.photos),
                                     "out": str(self.out / "clip"), "seed": self.seed})
         train_clip(config, resume=True, device=self.device, progress=self.progress)
@@ -196,14 +218,13 @@ class Rebuild:
     def demo_model(self, weights: Path | None = None):
         from ..factory import create_model
 
-        return create_model(DEMO_MODEL, str(self.clip_weights), str(weights) if weights else None,
-                            device=self.device, seed=self.seed)
+        return create_model(self.model_spec(weights))
 
     def zero_shot(self) -> None:
         from .zero_shot import zero_shot
 
         report = zero_shot(self.demo_model(), self.photos, self.labels(), "test", progress=self.progress)
-        print(report.markdown().split("\n")[0])
+        self.say(report.markdown().split("\n")[0])
         write_text_atomic(self.path("zero-shot.md"), report.markdown())
         write_json_atomic(self.path("zero-shot.json"), report.to_dict())
 
@@ -214,30 +235,51 @@ class Rebuild:
                        photos_root=self.photos, progress=self.progress)
 
     def pairs(self) -> None:
-        _cli(["split-captions", self.path("captions-train.jsonl"), "--out", self.path("pairs-train.jsonl")])
+        from ..training.caption_split import TORN_NOTICE, split_captions_file
+
+        source = self.path("captions-train.jsonl")
+        done = split_captions_file(source, self.path("pairs-train.jsonl"))
+        if done.torn:
+            log.warning(TORN_NOTICE.format(source=source))
+        self.say(f"{self.path('pairs-train.jsonl')}: kept {len(done.result.pairs)} of {done.captions} captions")
 
     def train_fti4cir(self) -> None:
+        from ..training.trainer import TrainConfig, train
+
         s = self.settings
         run = self.path("fti4cir")
-        resume = ["--resume"] if (run / "checkpoint.json").exists() else []
-        _cli(["train", "--images", self.photos / "train", "--pairs", self.path("pairs-train.jsonl"), "--out", run,
-              "--cache-dir", self.cache, "--epochs", s.fti4cir_epochs, "--batch-size", s.fti4cir_batch,
-              "--lr", s.fti4cir_lr, "--lr-decay-epoch", max(s.fti4cir_epochs * 3 // 4, 1), "--seed", self.seed,
-              *self.model_flags(), *resume])
+        config = TrainConfig(images=str(self.photos / "train"), pairs=str(self.path("pairs-train.jsonl")),
+                             out=str(run), backbone=DEMO_MODEL, pretrained=str(self.clip_weights),
+                             cache_dir=str(self.cache), epochs=s.fti4cir_epochs, batch_size=s.fti4cir_batch,
+                             lr=s.fti4cir_lr, lr_decay_epoch=max(s.fti4cir_epochs * 3 // 4, 1), seed=self.seed)
+        result = train(config, resume=(run / "checkpoint.json").exists(), device=self.device,
+                       progress=self.progress)
+        self.say(f"wrote {result.weights}")
 
-    def _m2c(self, stage: int, extra: list) -> None:
+    def _m2c(self, stage: int, model, data, train_stage) -> None:
+        from ..m2c.train import TrainOptions
+
         s = self.settings
         out = self.path(f"m2c-stage{stage}.safetensors")
-        resume = ["--resume"] if out.with_suffix(".run").exists() else []
-        _cli(["m2c-train", "--stage", stage, "--out", out, "--epochs", s.m2c1_epochs if stage == 1 else
-              s.m2c2_epochs, "--batch-size", s.m2c_batch, "--lr", s.m2c_lr, "--warmup", 0,
-              *s.m2c_augment, "--cache-dir", self.cache, "--seed", self.seed,
-              "--preprocess", "targetpad", *self.model_flags(), *extra, *resume])
+        options = TrainOptions(epochs=s.m2c1_epochs if stage == 1 else s.m2c2_epochs, batch_size=s.m2c_batch,
+                               lr=s.m2c_lr, warmup=0, augment=s.m2c_augment, views=s.m2c_views, seed=self.seed)
+        history = train_stage(model, *data, options, out=out, resume=out.with_suffix(".run").exists(),
+                              cache_dir=self.cache, progress=self.progress)
+        self.say(f"wrote {out} ({len(history)} epochs, final loss {history[-1].get('total', float('nan')):.4f})")
         write_text_atomic(self.path(f"m2c-stage{stage}.done"), f"{out.name}\n")
 
+    def m2c_model(self, init: Path | None = None):
+        """A stage's M2C model (random stage-I network, or `init`'s weights), as `fti4cir m2c-train` builds it."""
+        from ..factory import create_model
+
+        return create_model(self.model_spec(m2c_weights=str(init) if init else None, preprocess="targetpad",
+                                            family="m2c"))
+
     def train_m2c1(self) -> None:
-        captions = self.path("captions-train.jsonl")
-        self._m2c(1, ["--images", self.photos / "train", "--captions", captions])
+        from ..m2c.train import stage1_data, train_stage1
+
+        paths, captions = stage1_data(self.photos / "train", self.path("captions-train.jsonl"))
+        self._m2c(1, self.m2c_model(), (paths, captions), train_stage1)
 
     def triplets(self) -> None:
         from .benchmark import generate
@@ -252,8 +294,12 @@ class Rebuild:
         write_text_atomic(self.path("triplets-train.jsonl"), "".join(json.dumps(r) + "\n" for r in records))
 
     def train_m2c2(self) -> None:
-        self._m2c(2, ["--triplets", self.path("triplets-train.jsonl"),
-                      "--init", self.path("m2c-stage1.safetensors")])
+        from ..m2c.train import train_stage2
+        from ..m2c.triplets import read_triplets
+
+        model = self.m2c_model(self.path("m2c-stage1.safetensors"))
+        model.net.add_adapters(None, 128)  # the `fti4cir m2c-train` defaults: every other block, rank 128
+        self._m2c(2, model, (read_triplets(self.path("triplets-train.jsonl")),), train_stage2)
 
     def compact(self) -> None:
         for src, dst in ((self.path("fti4cir/fti4cir.safetensors"), self.path(FTI4CIR_FILE)),
@@ -261,15 +307,44 @@ class Rebuild:
             half_precision_copy(src, dst)
 
     def gallery(self) -> None:
-        photos = self.photos / "test"
-        _cli(["index", photos, "--name", GALLERY, "--galleries-dir", self.path("galleries"), *self.model_flags(),
-              "--weights", self.path(FTI4CIR_FILE), "--quiet"])
+        self.index(self.photos / "test", GALLERY, self.path("galleries"), self.model_spec(
+            self.path(FTI4CIR_FILE), seed=COMMAND_SEED))
+
+    def index(self, source: str | os.PathLike, name: str, galleries_dir: str | os.PathLike, spec,
+              index: str = "auto") -> None:
+        """Build the gallery `galleries_dir/name` of `source` with the model of `spec`, as `fti4cir index`."""
+        from ..factory import create_model
+        from ..gallery import build_gallery, folder_source, validate_name, weights_label
+
+        validate_name(name)
+        source = folder_source(str(source))  # before loading a model: a wrong path fails fast
+        spec = spec.resolved()
+        if spec.weights is not None and Path(spec.weights).exists():
+            spec = spec.replace(weights=str(Path(spec.weights).resolve()))
+        report = build_gallery(create_model(spec), source, name, galleries_dir=galleries_dir, index=index,
+                               weights=weights_label(spec.weights, spec.seed), progress=False)
+        self.say(report.summary())
 
     def evaluate(self) -> None:
-        _cli(["evaluate", "--dataset", "clothing-cir", "--root", self.benchmark_root, "--out",
-              self.path("evaluate"), "--cache-dir", self.cache, "--m2c-preprocess", "targetpad",
-              "--weights", self.path(FTI4CIR_FILE), "--m2c-weights", self.path(M2C_FILE), *self.model_flags()])
+        from ..evaluation.report import to_markdown, write_report
+        from ..evaluation.run import METHODS, FeatureCache, M2CSide, evaluate, load_parts
+        from ..factory import create_model
+        from ..m2c.model import available_methods, read_m2c_config
         from .words import decoded_word_rates
+
+        weights, m2c_weights = str(self.path(FTI4CIR_FILE)), str(self.path(M2C_FILE))
+        methods = [*METHODS, *available_methods(read_m2c_config(m2c_weights))]
+        parts = load_parts("clothing-cir", self.benchmark_root, "test")
+        model = create_model(self.model_spec(self.path(FTI4CIR_FILE), seed=COMMAND_SEED, m2c_weights=m2c_weights))
+        cache = FeatureCache(model, self.cache)
+        m2c_cache = cache if model.m2c.identity() == model.identity() else \
+            FeatureCache(model.m2c, self.cache, hashes=cache.hashes)
+        results = evaluate(model, "clothing-cir", parts, cache, methods=methods, weights=weights,
+                           m2c_side=M2CSide(model.m2c, m2c_cache, m2c_weights))
+        json_path, markdown_path = write_report(self.path("evaluate"), results)
+        self.say(to_markdown(results))
+        self.say(f"{results['features']['visual_passes']} visual passes, {results['seconds']:.1f} s; "
+                 f"wrote {json_path} and {markdown_path}")
 
         rates = decoded_word_rates(self.demo_model(self.path(FTI4CIR_FILE)), self.photos,
                                    self.labels(), "test", progress=self.progress)
@@ -298,8 +373,17 @@ class Rebuild:
         target = galleries_dir / GALLERY
         if target.exists():  # rebuilt from scratch: a gallery keeps old versions, the repository needs one
             shutil.rmtree(target)
-        _cli(["index", "--definition", definition, "--quiet", *(["--device", self.device] if self.device else [])])
-        print(f"installed weights into {weights_dir} and gallery '{GALLERY}' into {galleries_dir}")
+        self.index_definition(definition)
+        self.say(f"installed weights into {weights_dir} and gallery '{GALLERY}' into {galleries_dir}")
+
+    def index_definition(self, definition: Path) -> None:
+        """`fti4cir index --definition DEFINITION`: the gallery a definition file describes, beside it."""
+        from ..gallery import read_definition
+
+        values = read_definition(definition)
+        spec = self.model_spec(seed=COMMAND_SEED).replace(
+            **{key: values[key] for key in ("backbone", "pretrained", "weights", "preprocess") if key in values})
+        self.index(values["source"], definition.stem, definition.parent, spec, values.get("index") or "auto")
 
     def report(self) -> str:
         """The measured numbers of this run, as Markdown: wall time per stage, zero-shot accuracy, the

@@ -1,4 +1,4 @@
-"""`fti4cir convert-m2c`: an official M2C checkpoint (LiJiaBei-7/TSCIR, src/main.py) read safely, renamed onto ours.
+"""An official M2C checkpoint (LiJiaBei-7/TSCIR, src/main.py) read safely, renamed onto ours (`fti4cir convert-m2c`).
 
 The official checkpoint is a `torch.save` of a dict: `epoch`, `name`, `args` (the argparse Namespace of the run),
 `state_dict` (the frozen CLIP, not needed: the backbone comes from open_clip), `state_dict_img2text` (Phi, the patch
@@ -189,21 +189,3 @@ def convert_official_m2c(src: str | os.PathLike, dst: str | os.PathLike, backbon
     if not str(dst).endswith(".safetensors"):
         raise UserError(f"the output must be a .safetensors file, got {dst}")
     return save_m2c_weights(official_network(read_checkpoint(src), backbone, pretrained, Path(src).name), dst)
-
-
-def _run(args) -> int:
-    out = convert_official_m2c(args.src, args.out, args.backbone, args.pretrained)
-    print(f"wrote {out} and {out.with_suffix('.json')}")
-    return 0
-
-
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("convert-m2c", help="convert an official M2C checkpoint (.pt) to our safetensors",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("src", help="official checkpoint (epoch_N.pt of LiJiaBei-7/TSCIR)")
-    p.add_argument("out", help="weights to write (.safetensors + .json)")
-    p.add_argument("--backbone", default="ViT-L-14", help="open_clip model the checkpoint was trained on "
-                   "(default %(default)s)")
-    p.add_argument("--pretrained", default="openai",
-                   help="its CLIP weights tag or file, recorded in the config (default %(default)s)")
-    p.set_defaults(func=_run)

@@ -24,10 +24,9 @@ is left out.
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import json
-import sys
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -138,30 +137,32 @@ def _jsonl(records: Iterable[dict]) -> str:
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
 
 
-def _run(args) -> int:
-    source = Path(args.captions)
+@dataclass
+class SplitFile:
+    """What `split_captions_file` did: the split of the file's captions, how many captions it held, and whether it
+    ended in a torn line (left out)."""
+
+    result: SplitResult
+    captions: int
+    torn: bool
+
+
+TORN_NOTICE = "{source}: ignoring its torn last line (rerun `fti4cir caption` to finish it)"
+
+
+def split_captions_file(captions: str | os.PathLike, out: str | os.PathLike, *, nlp=None,
+                        batch_size: int = 256) -> SplitFile:
+    """Split the captions of a `fti4cir caption` JSONL file and write the usable pairs to `out` (JSONL, replaced
+    atomically): {"image", "sha1", "caption", "subject", "attribute"} per line."""
+    source = Path(captions)
     if not source.is_file():
         raise UserError(f"{source} does not exist (make it with `fti4cir caption IMAGES_DIR --out {source}`)")
     records, torn = read_captions(source)
-    if torn:
-        print(f"{source}: ignoring its torn last line (rerun `fti4cir caption` to finish it)", file=sys.stderr)
     if not records:
         raise UserError(f"{source} holds no captions")
-    result = split_captions([r["caption"] for r in records], load_spacy(), batch_size=args.batch_size)
-    write_text_atomic(args.out, _jsonl(
+    result = split_captions([r["caption"] for r in records], nlp or load_spacy(), batch_size=batch_size)
+    write_text_atomic(out, _jsonl(
         {"image": records[i]["image"], "sha1": records[i]["sha1"], "caption": records[i]["caption"],
          "subject": subject, "attribute": attribute}
         for i, subject, attribute in result.pairs))
-    dropped = ", ".join(f"{reason.replace('_', ' ')} {count}" for reason, count in result.dropped.items())
-    print(f"{args.out}: kept {len(result.pairs)} of {len(records)} captions; dropped {result.total_dropped} "
-          f"({dropped})")
-    return 0
-
-
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("split-captions", help="split captions into subject/attribute pairs (spaCy)",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("captions", help="captions JSONL written by `fti4cir caption`")
-    p.add_argument("--out", required=True, help="pairs JSONL to write (replaced atomically)")
-    p.add_argument("--batch-size", type=int, default=256, help="captions per spaCy batch")
-    p.set_defaults(func=_run)
+    return SplitFile(result, len(records), torn)

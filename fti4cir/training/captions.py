@@ -17,21 +17,18 @@ Parity with the official ``src/blip_caption.py``:
 """
 from __future__ import annotations
 
-import argparse
 import fcntl
 import hashlib
 import io
 import json
 import os
 import sys
-import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..cli import positive_int
 from ..errors import UserError
 from ..imagefiles import list_images
 
@@ -365,37 +362,3 @@ def caption_folder(
                 summary.bad += batch.bad
                 bar.update(len(batch.captioned) + len(batch.bad))
     return summary
-
-
-# ---- CLI ----------------------------------------------------------------------------------------------------------
-def _run(args) -> int:
-    if args.min_length > args.max_length:
-        raise UserError(f"--min-length {args.min_length} is above --max-length {args.max_length}")
-    if not Path(args.images_dir).is_dir():
-        raise UserError(f"{args.images_dir} is not a folder of images")
-    started = time.perf_counter()
-    model, processor = load_blip(args.model, resolve_device(args.device))
-    summary = caption_folder(args.images_dir, args.out, model, processor, limit=args.limit,
-                             batch_size=args.batch_size, num_beams=args.num_beams, min_length=args.min_length,
-                             max_length=args.max_length, prompt=args.prompt)
-    print(f"{args.out}: captioned {summary.captioned} images, {summary.already_done} already done, "
-          f"{len(summary.bad)} bad images skipped, {summary.total} in total "
-          f"({time.perf_counter() - started:.1f} s)")
-    return 0
-
-
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("caption", help="BLIP captions for a folder of images (resumable JSONL)",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("images_dir", help="folder of images, searched recursively")
-    p.add_argument("--out", required=True, help="captions JSONL file; appended to and resumed when it exists")
-    p.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"hub id or local folder of a BLIP captioner (default %(default)s; {TINY_MODEL} for tests)")
-    p.add_argument("--batch-size", type=positive_int, default=16, help="images per captioning batch (default %(default)s)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default %(default)s)")
-    p.add_argument("--num-beams", type=positive_int, default=3, help="beam search width (default %(default)s, as the paper)")
-    p.add_argument("--min-length", type=positive_int, default=10, help="in tokens, counting the prompt")
-    p.add_argument("--max-length", type=positive_int, default=25, help="in tokens, counting the prompt")
-    p.add_argument("--prompt", default=PROMPT, help="decoder prompt, removed from the captions (default '%(default)s')")
-    p.add_argument("--limit", type=positive_int, default=None, help="only the first N images (sorted by path)")
-    p.set_defaults(func=_run)
