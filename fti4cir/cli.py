@@ -39,14 +39,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "split-captions": ("fti4cir.commands.captions", "split captions into subject/attribute pairs (spaCy)"),
     "features": ("fti4cir.commands.features", "extract and cache visual features (one visual pass per image)"),
     "index": ("fti4cir.commands.index", "build or update a gallery: features, pseudo tokens, explanations, index"),
-    "train": ("fti4cir.training.trainer", "train the inversion network on subject/attribute pairs"),
+    "train": ("fti4cir.commands.train", "train the inversion network on subject/attribute pairs"),
     "evaluate": ("fti4cir.evaluation.run", "FashionIQ / CIRR / CIRCO validation metrics (clothing-cir: test), all "
                  "methods in one table"),
     "submit": ("fti4cir.evaluation.run", "CIRR / CIRCO test-server prediction files"),
-    "triplets": ("fti4cir.m2c.triplets", "synthetic composed-retrieval triplets from a labelled image folder (M2C "
-                 "stage II)"),
-    "m2c-train": ("fti4cir.m2c.train", "train M2C (From Mapping to Composing): stage 1 mapping, stage 2 composing "
-                  "adapters"),
+    "triplets": ("fti4cir.commands.triplets", "synthetic composed-retrieval triplets from a labelled image folder "
+                 "(M2C stage II)"),
+    "m2c-train": ("fti4cir.commands.m2c_train", "train M2C (From Mapping to Composing): stage 1 mapping, stage 2 "
+                  "composing adapters"),
     "convert-m2c": ("fti4cir.commands.convert", "convert an official M2C checkpoint (.pt) to our safetensors"),
     "demo-photos": ("fti4cir.commands.demo", "copy the clothing photos (<split>/<class>/*.jpg) into the repository, "
                     "downscaled"),

@@ -13,17 +13,11 @@ import torch.nn.functional as F
 from conftest import run_subcommand, shared_data
 
 from fti4cir import InversionConfig, InversionNetwork, save_weights
+from fti4cir.commands import m2c_train as m2c_train_command
+from fti4cir.commands import triplets as triplets_command
 from fti4cir.errors import UserError
 from fti4cir.features import FeatureStore
 from fti4cir.imagefiles import list_images
-from fti4cir.m2c import train as m2c_train
-from fti4cir.m2c import triplets as m2c_triplets
-from fti4cir.m2c.losses import (
-    hard_negative_info_nce,
-    info_nce,
-    soft_alignment_kl,
-    stage2_loss,
-)
 from fti4cir.m2c.model import (
     DEFAULT_ADAPTER_LAYERS,
     DEFAULT_VSI_LAYERS,
@@ -39,15 +33,21 @@ from fti4cir.m2c.model import (
     save_m2c_weights,
     scale_layers,
 )
-from fti4cir.m2c.train import (
-    TrainOptions,
+from fti4cir.tokens import tokenize_prompts
+from fti4cir.training.m2c.losses import (
+    hard_negative_info_nce,
+    info_nce,
+    soft_alignment_kl,
+    stage2_loss,
+)
+from fti4cir.training.m2c.options import TrainOptions
+from fti4cir.training.m2c.train import (
     stage1_data,
     train_stage1,
     train_stage2,
     triplet_recall,
 )
-from fti4cir.m2c.triplets import build_triplets, read_triplets, write_triplets
-from fti4cir.tokens import tokenize_prompts
+from fti4cir.training.m2c.triplets import build_triplets, read_triplets, write_triplets
 
 
 def make_model(backbone, seed=0, **overrides) -> M2CModel:
@@ -327,12 +327,12 @@ def test_command_line_runs_both_stages(tmp_path, capsys):
     photos = write_labelled_folder(tmp_path / "photos", ["red", "blue", "green"], 4)
     common = ["--backbone", "fti4cir-tiny", "--pretrained", "none", "--device", "cpu", "--epochs", "1",
               "--batch-size", "6", "--num-workers", "0", "--cache-dir", str(tmp_path / "cache")]
-    assert run_subcommand(m2c_train, ["m2c-train", "--stage", "1", "--images", str(photos), "--out",
+    assert run_subcommand(m2c_train_command, ["m2c-train", "--stage", "1", "--images", str(photos), "--out",
                                 str(tmp_path / "s1.safetensors"), *common]) == 0
-    assert run_subcommand(m2c_triplets, ["triplets", str(photos), "--out", str(tmp_path / "t.jsonl"),
+    assert run_subcommand(triplets_command, ["triplets", str(photos), "--out", str(tmp_path / "t.jsonl"),
                                    "--ground-truths"]) == 0
     assert len(read_triplets(tmp_path / "t.jsonl")) == 12
-    assert run_subcommand(m2c_train, ["m2c-train", "--stage", "2", "--init", str(tmp_path / "s1.safetensors"),
+    assert run_subcommand(m2c_train_command, ["m2c-train", "--stage", "2", "--init", str(tmp_path / "s1.safetensors"),
                                 "--triplets", str(tmp_path / "t.jsonl"), "--out", str(tmp_path / "s2.safetensors"),
                                 "--adapter-rank", "16", "--val-triplets", str(tmp_path / "t.jsonl"),
                                 "--gallery", str(photos), *common]) == 0
@@ -341,7 +341,7 @@ def test_command_line_runs_both_stages(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "held-out m2c: R@1" in out and "held-out m2c+compose: R@1" in out
     with pytest.raises(UserError, match="--init"):
-        run_subcommand(m2c_train, ["m2c-train", "--stage", "2", "--triplets", str(tmp_path / "t.jsonl"), "--out",
+        run_subcommand(m2c_train_command, ["m2c-train", "--stage", "2", "--triplets", str(tmp_path / "t.jsonl"), "--out",
                              str(tmp_path / "x.safetensors"), *common])
 
 

@@ -24,14 +24,18 @@ from torchvision.transforms import RandomResizedCrop
 from fti4cir.errors import UserError
 from fti4cir.features import hash_files
 from fti4cir.m2c import M2CConfig, M2CModel, M2CNetwork, load_m2c_weights, m2c_compose
+from fti4cir.commands import m2c_train as m2c_train_command
 from fti4cir.m2c import convert as m2c_convert
-from fti4cir.m2c import train as m2c_train
 from fti4cir.m2c.convert import official_name
-from fti4cir.m2c.distributed import World, gather_rows, sum_gradients
-from fti4cir.m2c.losses import stage1_loss, stage2_loss
-from fti4cir.m2c.official import official_stage1_loss, official_stage2_loss
-from fti4cir.m2c.train import TrainOptions, make_optimizer, official_adam, official_lr
-from fti4cir.m2c.views import VIEW_A, VIEW_B, augment, cached_views, crop_box, derived_seed
+from fti4cir.training import loop
+from fti4cir.training.m2c import train as m2c_train
+from fti4cir.training.m2c.distributed import World, gather_rows, sum_gradients
+from fti4cir.training.m2c.losses import stage1_loss, stage2_loss
+from fti4cir.training.m2c.official import official_stage1_loss, official_stage2_loss
+from fti4cir.training.m2c.options import TrainOptions, official_adam
+from fti4cir.training.m2c.train import make_optimizer, official_lr
+from fti4cir.training.m2c.triplets import read_triplets
+from fti4cir.training.m2c.views import VIEW_A, VIEW_B, augment, cached_views, crop_box, derived_seed
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -105,7 +109,7 @@ def test_stage2_training_step_equals_the_official_loss_on_its_views(tiny_backbon
     """Stage II likewise: reference and target crops of the first step, the composed and the mapping sentence (each
     encoded on its own here: the training's joint pass of both over duplicated images gives the same BatchNorm
     statistics), the target images in the KL; intended and as-released hard negatives."""
-    triplets = m2c_train.read_triplets(data / "triplets.jsonl")[:6]
+    triplets = read_triplets(data / "triplets.jsonl")[:6]
     torch.manual_seed(0)
     model = M2CModel(tiny_backbone, M2CNetwork(M2CConfig.for_backbone(tiny_backbone, dropout=0.0)))
     model.net.add_adapters(rank=8)
@@ -156,13 +160,13 @@ def test_official_schedule_is_not_capped():
 
 def test_command_line_options_reach_training():
     parser = argparse.ArgumentParser()
-    m2c_train.add_parser(parser.add_subparsers())
+    m2c_train_command.add_parser(parser.add_subparsers())
     args = parser.parse_args(["m2c-train", "--stage", "2", "--out", "x.safetensors", "--as-released", "--augment",
                               "views", "--views", "3", "--beta2", "0.95"])
-    options = m2c_train._options(args)
+    options = m2c_train_command.options_from_args(args)
     assert (options.as_released, options.augment, options.views, options.warmup) == (True, "views", 3, None)
     assert options.resolved(2, "ViT-L-14") == (100, 0.01, (0.9, 0.95), 1e-6)
-    defaults = m2c_train._options(parser.parse_args(["m2c-train", "--stage", "1", "--out", "x.safetensors"]))
+    defaults = m2c_train_command.options_from_args(parser.parse_args(["m2c-train", "--stage", "1", "--out", "x.safetensors"]))
     assert (defaults.as_released, defaults.augment) == (False, "online")
     assert defaults.resolved(1, "ViT-B-32") == (10000, 0.07, (0.9, 0.98), 1e-6)
 
@@ -342,7 +346,7 @@ def argv(data: Path, stage: int, out: Path, *extra: str) -> list[str]:
 def straight(data):
     """Both stages uninterrupted (stage II starts from this stage I)."""
     for stage in (1, 2):
-        assert run_subcommand(m2c_train, argv(data, stage, data / f"straight{stage}.safetensors")) == 0
+        assert run_subcommand(m2c_train_command, argv(data, stage, data / f"straight{stage}.safetensors")) == 0
     return data
 
 
@@ -355,7 +359,7 @@ def train_then_die(where: str, at: int, args: list[str]) -> None:
     """In a forked child: run `m2c-train`, SIGKILL itself while computing the loss of step `at` or right before
     committing the checkpoint of step `at`."""
     losses = {1: m2c_train.stage1_loss, 2: m2c_train.stage2_loss}
-    commit, calls = m2c_train.write_json_atomic, [0]
+    commit, calls = loop.write_json_atomic, [0]
 
     def dying(loss):
         def wrapped(*a, **k):
@@ -371,8 +375,8 @@ def train_then_die(where: str, at: int, args: list[str]) -> None:
         return commit(path, record, **kwargs)
 
     m2c_train.stage1_loss, m2c_train.stage2_loss = dying(losses[1]), dying(losses[2])
-    m2c_train.write_json_atomic = dying_commit
-    run_subcommand(m2c_train, args)
+    loop.write_json_atomic = dying_commit
+    run_subcommand(m2c_train_command, args)
 
 
 @pytest.mark.parametrize("stage, where, at, committed", [(1, "step", 5, 4), (1, "commit", 4, 3), (2, "step", 5, 4)])
@@ -386,10 +390,10 @@ def test_sigkill_then_resume_equals_the_uninterrupted_run(straight, tmp_path, st
     record = json.loads((out.with_suffix(".run") / "checkpoint.json").read_text())
     assert record["global_step"] == committed
     with pytest.raises(UserError, match="--resume"):
-        run_subcommand(m2c_train, argv(straight, stage, out))
+        run_subcommand(m2c_train_command, argv(straight, stage, out))
     with pytest.raises(UserError, match="lr: checkpoint 0.001, now 0.5"):
-        run_subcommand(m2c_train, argv(straight, stage, out, "--resume", "--lr", "0.5"))
-    assert run_subcommand(m2c_train, argv(straight, stage, out, "--resume")) == 0
+        run_subcommand(m2c_train_command, argv(straight, stage, out, "--resume", "--lr", "0.5"))
+    assert run_subcommand(m2c_train_command, argv(straight, stage, out, "--resume")) == 0
     expected, got = load_file(straight / f"straight{stage}.safetensors"), load_file(out)
     assert expected.keys() == got.keys()
     assert all(torch.equal(expected[k], got[k]) for k in expected)

@@ -20,7 +20,8 @@ from fti4cir.errors import UserError
 from fti4cir.features import FeatureStore, extract_features
 from fti4cir.imagefiles import list_images
 from fti4cir.inputs import load_image
-from fti4cir.training import trainer
+from fti4cir.commands import train as train_command
+from fti4cir.training import loop, trainer
 from fti4cir.training.data import epoch_batches, prepare_training_data, read_pairs
 from fti4cir.training.losses import pseudo_sentence_features
 from fti4cir.weights import load_weights
@@ -74,7 +75,7 @@ def cached(dataset):
     """The features of every training image, extracted once for the module (the visual tower's only runs)."""
     config = trainer.TrainConfig(images=str(dataset["images"]), pairs=str(dataset["pairs"]), out="unused",
                                  backbone="fti4cir-tiny", pretrained=None)
-    model = trainer.create_training_model(config, "cpu")
+    model = create_model(config.model_spec("cpu"))
     store = FeatureStore.for_model(dataset["cache"], model, with_patches=True)
     data = prepare_training_data(model, dataset["images"], dataset["pairs"], store, progress=False)
     assert len(data) == NUM_PAIRS and not data.dropped
@@ -109,7 +110,7 @@ def run_args(dataset) -> list[str]:
 
 def train_cli(dataset, *extra: str, base: bool = True) -> int:
     """`fti4cir train` in-process, on the CPU; base=False gives only `extra` (as for a plain --resume)."""
-    return run_subcommand(trainer, ["train", *extra, "--device", "cpu", *(run_args(dataset) if base else [])])
+    return run_subcommand(train_command, ["train", *extra, "--device", "cpu", *(run_args(dataset) if base else [])])
 
 
 def weights_of(run: Path) -> dict[str, torch.Tensor]:
@@ -217,7 +218,7 @@ def test_resume_after_one_epoch_is_bit_for_bit(straight_run, no_visual_tower, tm
 def train_then_die(where: str, at: int, argv: list[str]) -> None:
     """In a forked child: run `fti4cir train` and SIGKILL itself right after step `at`, or right before committing
     the checkpoint of step `at` (its tensors file already written)."""
-    step, commit, calls = trainer.train_step, trainer.write_json_atomic, [0]
+    step, commit, calls = trainer.train_step, loop.write_json_atomic, [0]
 
     def killing_step(*args, **kwargs):
         out = step(*args, **kwargs)
@@ -231,8 +232,8 @@ def train_then_die(where: str, at: int, argv: list[str]) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
         return commit(path, record, **kwargs)
 
-    trainer.train_step, trainer.write_json_atomic = killing_step, killing_commit  # the child's copy of the module
-    run_subcommand(trainer, argv)
+    trainer.train_step, loop.write_json_atomic = killing_step, killing_commit  # the child's copies of the modules
+    run_subcommand(train_command, argv)
 
 
 @pytest.mark.parametrize("where, at, committed", [("step", 5, 4), ("commit", 4, 3)])
@@ -301,7 +302,7 @@ def test_training_on_photos_raises_held_out_self_retrieval(tmp_path):
     config = trainer.TrainConfig(images=str(photos[0].parent), pairs=str(pairs), out=str(tmp_path / "run"),
                                  backbone="fti4cir-tiny", pretrained=None, cache_dir=str(tmp_path / "cache"),
                                  epochs=5, batch_size=16, lr=2e-3)
-    model = trainer.create_training_model(config, "cpu")
+    model = create_model(config.model_spec("cpu"))
     store = FeatureStore.for_model(config.cache_dir, model, with_patches=True)
     visual = store.get(extract_features(model, held_out, store, progress=False).rows)
     before = self_retrieval(model, visual)

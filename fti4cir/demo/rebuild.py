@@ -31,6 +31,7 @@ import logging
 import os
 import shutil
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -257,7 +258,7 @@ class Rebuild:
         self.say(f"wrote {result.weights}")
 
     def _m2c(self, stage: int, model, data, train_stage) -> None:
-        from ..m2c.train import TrainOptions
+        from ..training.m2c.options import TrainOptions
 
         s = self.settings
         out = self.path(f"m2c-stage{stage}.safetensors")
@@ -276,7 +277,7 @@ class Rebuild:
                                             family="m2c"))
 
     def train_m2c1(self) -> None:
-        from ..m2c.train import stage1_data, train_stage1
+        from ..training.m2c.train import stage1_data, train_stage1
 
         paths, captions = stage1_data(self.photos / "train", self.path("captions-train.jsonl"))
         self._m2c(1, self.m2c_model(), (paths, captions), train_stage1)
@@ -287,15 +288,17 @@ class Rebuild:
         bench = generate(self.labels(), seed=self.seed, per_type=self.settings.triplets_per_type, split="train")
         root = (self.photos / "train").resolve()
         records = []
-        for q in bench["queries"]:  # one triplet per ground truth would weigh common targets; one target each
-            target = q["ground_truths"][hash((q["id"], self.seed)) % len(q["ground_truths"])]
+        # one triplet per ground truth would weigh common targets: one target each, chosen by a stable hash (str
+        # hash() differs between processes)
+        for q in bench["queries"]:
+            target = q["ground_truths"][zlib.crc32(f"{q['id']}/{self.seed}".encode()) % len(q["ground_truths"])]
             records.append({"reference": str(root / q["reference"]), "text": q["text"],
                             "target": str(root / target)})
         write_text_atomic(self.path("triplets-train.jsonl"), "".join(json.dumps(r) + "\n" for r in records))
 
     def train_m2c2(self) -> None:
-        from ..m2c.train import train_stage2
-        from ..m2c.triplets import read_triplets
+        from ..training.m2c.train import train_stage2
+        from ..training.m2c.triplets import read_triplets
 
         model = self.m2c_model(self.path("m2c-stage1.safetensors"))
         model.net.add_adapters(None, 128)  # the `fti4cir m2c-train` defaults: every other block, rank 128

@@ -1,9 +1,8 @@
 """M2C, "From Mapping to Composing" (arXiv 2504.17990): a second zero-shot CIR method on the shared backbone.
 
 Stage I maps an image to one pseudo-word token with visual semantic injection (`model`), stage II adds composing
-adapters to the text tower; `m2c_compose` is its query path (methods "m2c" and "m2c+compose"). Training: `train`
-(crops: `views`, several processes: `distributed`), losses: `losses` (official re-statement: `official`), triplet
-data: `triplets`, official checkpoints: `convert`. See docs/m2c.md.
+adapters to the text tower; `m2c_compose` is its query path (methods "m2c" and "m2c+compose"). This package holds
+the method only: the model (`model`) and the official checkpoints' converter (`convert`). See docs/m2c.md.
 """
 from .model import (
     M2C_METHODS,
@@ -14,7 +13,6 @@ from .model import (
     M2CNetwork,
     attach_m2c,
     available_methods,
-    create_m2c_model,
     fashioniq_text,
     is_m2c_weights,
     load_m2c_weights,
@@ -25,5 +23,5 @@ from .model import (
 )
 
 __all__ = ["M2C_METHODS", "MAPPING_PROMPT", "PROMPTS", "M2CConfig", "M2CModel", "M2CNetwork", "attach_m2c",
-           "available_methods", "create_m2c_model", "fashioniq_text", "is_m2c_weights", "load_m2c_weights",
+           "available_methods", "fashioniq_text", "is_m2c_weights", "load_m2c_weights",
            "m2c_compose", "read_m2c_config", "save_m2c_weights", "uses_adapters"]

@@ -26,7 +26,7 @@ import PIL.Image
 import torch
 from torch import nn
 
-from ..backbone import DEFAULT_MODEL, Backbone, VisualFeatures, load_backbone
+from ..backbone import Backbone, VisualFeatures
 from ..compose import average_text_variants, split_text_variants
 from ..config_checks import M2C_RELATIONS, M2C_RULES, check_fields
 from ..errors import UserError
@@ -404,21 +404,3 @@ def read_m2c_config(path: str | os.PathLike) -> M2CConfig:
 
 def load_m2c_weights(path: str | os.PathLike) -> M2CNetwork:
     return build_network(M2CNetwork, read_m2c_config(path), Path(path))
-
-
-def create_m2c_model(backbone: str = DEFAULT_MODEL, pretrained: str | os.PathLike | None = "openai",
-                     weights: str | os.PathLike | None = None, *, device: str | torch.device | None = None,
-                     preprocess: str = "clip", seed: int | None = 0, vsi_layers: Sequence[int] | None = None,
-                     **config_overrides) -> M2CModel:
-    """A ready M2C model: `weights` = our M2C .safetensors, or None for a random stage-I network (`vsi_layers` /
-    `config_overrides` then shape it). `seed` seeds every random initialisation (random backbones included, so a
-    random backbone is the same in both training stages). preprocess: the official evaluation resizes and
-    center-crops ("clip")."""
-    if seed is not None:
-        torch.manual_seed(seed)
-    bb = load_backbone(backbone, pretrained, device)
-    if weights is None:
-        net = M2CNetwork(M2CConfig.for_backbone(bb, vsi_layers=vsi_layers, **config_overrides))
-    else:
-        net = load_m2c_weights(weights)
-    return M2CModel(bb, net.eval(), preprocess)

@@ -1,1 +1,2 @@
-"""Training pipeline stages: captions, caption split, feature cache, losses, trainer."""
+"""Training: captions, caption split, cached training data, losses, the one training loop (`loop`, checkpoints:
+`checkpoint`), the FTI4CIR trainer (`trainer`) and M2C training (`m2c`)."""

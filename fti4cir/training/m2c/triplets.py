@@ -1,4 +1,5 @@
-"""Composed-retrieval triplets for M2C stage II: the JSONL format, its reader, and a synthetic builder.
+"""Composed-retrieval triplets for M2C stage II: the JSONL format, its reader, and a synthetic builder
+(`fti4cir triplets`).
 
 One JSON object per line (blank lines are ignored):
 
@@ -17,17 +18,15 @@ reference is an image of class A, the text "as a {class B}", the target an image
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..atomic import write_text_atomic
-from ..cli import positive_int
-from ..errors import UserError
-from ..imagefiles import list_images
+from ...atomic import write_text_atomic
+from ...errors import UserError
+from ...imagefiles import list_images
 
 TEXT_TEMPLATE = "as a {label}"
 CLASS_CAPTION = "a photo of a {label}"
@@ -141,31 +140,3 @@ def build_triplets(root: str | os.PathLike, out_dir: str | os.PathLike, *, per_r
 
 def write_triplets(records: list[dict], path: str | os.PathLike) -> None:
     write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-
-
-def _run(args) -> int:
-    out = Path(args.out)
-    records = build_triplets(args.folder, out.parent.resolve(), per_reference=args.per_reference, seed=args.seed,
-                             template=args.template, with_ground_truths=args.ground_truths,
-                             max_per_class=args.max_per_class)
-    write_triplets(records, out)
-    classes = len(labelled_images(args.folder))
-    print(f"{out}: {len(records)} synthetic triplets over {classes} classes")
-    return 0
-
-
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("triplets", help="synthetic composed-retrieval triplets from a labelled image folder "
-                              "(M2C stage II)", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("folder", help="folder with one subfolder of images per class")
-    p.add_argument("--out", required=True, help="triplets JSONL to write (paths relative to its folder)")
-    p.add_argument("--per-reference", type=positive_int, default=1, help="triplets per reference image")
-    p.add_argument("--template", default=TEXT_TEMPLATE, help="modification text; {label} = target class "
-                   "(default '%(default)s')")
-    p.add_argument("--ground-truths", action="store_true",
-                   help="list every image of the target class as a ground truth (held-out evaluation sets)")
-    p.add_argument("--max-per-class", type=positive_int, default=None,
-                   help="use a random sample of at most N images per class (a small triplet set)")
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=_run)

@@ -1,122 +1,57 @@
 """M2C training: stage I (mapping: Phi + VSI, frozen CLIP) and stage II (composing adapters, all else frozen).
 
 Stage I reads a folder of images and one caption per image (for the soft text alignment term): the BLIP captions
-JSONL of `fti4cir caption` (`--captions`), or class-name captions "a photo of a {class}" from the images' class
-subfolders when no captions file is given. Stage II reads triplets (see `fti4cir.m2c.triplets`). Both stages crop
-their images as the official code (`fti4cir.m2c.views`): freshly at every step (`--augment online`, default), from
-K crops per image cached once (`views`), or not at all (`none`: the cached centre crop).
+JSONL of `fti4cir caption`, or class-name captions "a photo of a {class}" from the images' class subfolders when no
+captions file is given. Stage II reads triplets (`triplets`). Both stages crop their images as the official code
+(`views`): freshly at every step (augment "online", default), from K crops per image cached once ("views"), or not
+at all ("none": the cached centre crop).
 
 Training follows the official code's intent (LiJiaBei-7/TSCIR src/main.py, src/trainer.py, src/params.py): AdamW
 betas/eps per backbone, weight decay on all but the biases, warm-up then cosine, the target images in stage II's KL,
-stage-I modules left in train mode during stage II. Its bugs are fixed by default; `as_released` (`--as-released`)
-restores the released hard negatives (see `losses.hard_negative_info_nce`). With torchrun, the features of all
-processes are gathered into one pool of negatives (`fti4cir.m2c.distributed`). Checkpoints (weights, optimizer,
-RNG states) go to `<out>.run/` at every epoch end (and every --checkpoint-steps); --resume continues bit for bit.
+stage-I modules left in train mode during stage II. Its bugs are fixed by default; `as_released` restores the
+released hard negatives (see `losses.hard_negative_info_nce`). With torchrun, the features of all processes are
+gathered into one pool of negatives (`distributed`). The loop is the project's one (`fti4cir.training.loop`):
+checkpoints (weights, optimizer, RNG states) go to `<out>.run/` at every epoch end (and every `checkpoint_steps`);
+`resume` continues bit for bit, also after a kill -9.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
+import logging
 import math
 import os
-import sys
-import time
 from collections.abc import Sequence
-from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
-from ..atomic import write_json_atomic
-from ..cli import non_negative_int, positive_int
-from ..errors import UserError
-from ..features import FeatureStore, default_num_workers, extract_features
-from ..imagefiles import list_images
-from ..tokens import tokenize_prompts
-from ..training.checkpoint import (
-    changed_settings,
-    read_record,
-    remove_stale_tensors,
-    restore_state_tensors,
-    rng_state,
-    seed_everything,
-    set_rng_state,
-    write_state_tensors,
-)
-from .convert import official_name
-from .distributed import World, gather_rows, init_world, local_device, main_first, sum_gradients
+from ...errors import UserError
+from ...features import FeatureStore, default_num_workers, extract_features
+from ...imagefiles import list_images
+from ...m2c.convert import official_name
+from ...m2c.model import MAPPING_PROMPT, M2CModel, m2c_compose, save_m2c_weights
+from ...tokens import tokenize_prompts
+from ..checkpoint import changed_settings
+from ..loop import Loop, autocast, optimisation_step, read_checkpoint
+from .distributed import World, gather_rows, init_world, main_first, sum_gradients
 from .losses import stage1_loss, stage2_loss
-from .model import MAPPING_PROMPT, PROMPTS, M2CModel, m2c_compose, save_m2c_weights
-from .triplets import CLASS_CAPTION, Triplet, class_label, read_triplets
-from .views import AUGMENT_MODES, VIEW_A, VIEW_B, cached_views, derived_seed, view_loader
+from .options import TRAIN_PROMPT, TrainOptions
+from .triplets import CLASS_CAPTION, Triplet, class_label
+from .views import VIEW_A, VIEW_B, cached_views, derived_seed, view_loader
 
-OFFICIAL_WARMUP = {1: 10000, 2: 100}
-OFFICIAL_TEMPERATURE = {1: 0.07, 2: 0.01}
-TRAIN_PROMPT = "a photo of * that {text}"
-# src/params.py `get_default_params`: AdamW betas and eps of the CLIP paper per model (the run scripts leave them
-# unset); the ViTs of the list use (0.9, 0.98) / 1e-6, every other model (0.9, 0.999) / 1e-8.
-CLIP_VIT_MODELS = ("ViT-B-32", "ViT-B-16", "ViT-L-14")
+log = logging.getLogger(__name__)
+
 RUN_SUFFIX = ".run"  # checkpoints of `out.safetensors` live in `out.run/`
-CHECKPOINT = "checkpoint.json"
-
-
-def official_adam(backbone: str) -> tuple[float, float, float]:
-    """(beta1, beta2, eps) the official code gives AdamW for this CLIP model."""
-    return (0.9, 0.98, 1e-6) if backbone in CLIP_VIT_MODELS else (0.9, 0.999, 1e-8)
 
 
 def official_decay(official_parameter_name: str) -> bool:
     """src/main.py: no weight decay on names containing "bn", "ln", "bias" or "logit_scale". On the official M2C names
     only the biases match: BatchNorm and LayerNorm gains are decayed (their modules are called conv.1 and norm2)."""
     return not any(part in official_parameter_name for part in ("bn", "ln", "bias", "logit_scale"))
-
-
-@dataclass
-class TrainOptions:
-    """Official defaults (run_stage1.sh / run_stage2.sh, src/params.py) unless noted."""
-
-    epochs: int = 30
-    batch_size: int = 128  # per process; with several processes (torchrun) the negatives of all are gathered
-    lr: float = 1e-4
-    weight_decay: float = 0.1
-    warmup: int | None = None  # None: the official 10000 (stage I) / 100 (stage II) steps
-    temperature: float | None = None  # None: 0.07 (stage I) / 0.01 (stage II)
-    beta1: float | None = None  # None (all three): per backbone, `official_adam`
-    beta2: float | None = None
-    eps: float | None = None
-    kl_weight: float = 0.2
-    ref_weight: float = 1.0  # stage I: the view-A term; stage II: the mapping-sentence term
-    topk: int = 10  # stage II mixed hard negatives
-    augment: str = "online"  # online | views | none (see fti4cir.m2c.views)
-    views: int = 8  # augment "views": crops cached per image
-    as_released: bool = False  # the released hard negatives (the positive itself, unscaled), DDP's gradient average
-    seed: int = 0
-    num_workers: int | None = None
-    amp: bool = False  # bfloat16 autocast on CUDA
-    checkpoint_steps: int = 0  # also checkpoint every N steps inside an epoch
-
-    # Settings a resumed run may change; every other one must equal the checkpoint's.
-    RESUMABLE = ("epochs", "num_workers", "checkpoint_steps")
-
-    def __post_init__(self):
-        if self.augment not in AUGMENT_MODES:
-            raise UserError(f"--augment must be one of {', '.join(AUGMENT_MODES)}, not {self.augment!r}")
-
-    def resolved(self, stage: int, backbone: str) -> tuple[int, float, tuple[float, float], float]:
-        """(warmup steps, temperature, betas, eps) of a stage."""
-        beta1, beta2, eps = official_adam(backbone)
-        return (OFFICIAL_WARMUP[stage] if self.warmup is None else self.warmup,
-                OFFICIAL_TEMPERATURE[stage] if self.temperature is None else self.temperature,
-                (beta1 if self.beta1 is None else self.beta1, beta2 if self.beta2 is None else self.beta2),
-                eps if self.eps is None else self.eps)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def official_lr(step: int, base: float, warmup: int, total: int) -> float:
@@ -140,9 +75,8 @@ def make_optimizer(module: torch.nn.Module, prefix: str, options: TrainOptions, 
 
 
 def _autocast(model: M2CModel, options: TrainOptions):
-    if options.amp and model.device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
+    """bfloat16 autocast with `amp` on CUDA (the parts of a step that the official code runs under it)."""
+    return autocast(model.device, "bf16" if options.amp and model.device.type == "cuda" else None)
 
 
 def _encode_texts(model: M2CModel, texts: list[str], batch_size: int = 256) -> torch.Tensor:
@@ -170,7 +104,7 @@ def _view_choice(options: TrainOptions, epoch: int, step: int, role: str, count:
         options.views, size=count)
 
 
-# ---- the loop shared by both stages -------------------------------------------------------------------------------
+# ---- the loop of both stages --------------------------------------------------------------------------------------
 @dataclass
 class Run:
     """Where a stage writes (weights `out`, checkpoints `out.run/`) and whether it continues a checkpoint."""
@@ -186,9 +120,10 @@ class Run:
 def _loop(stage: int, model: M2CModel, module: torch.nn.Module, prefix: str, options: TrainOptions, n: int,
           data_digest: str, step_loss, run: Run, world: World, progress: bool) -> list[dict]:
     """Train `module` (the trainable part of model.net; `prefix` its name there) for options.epochs over `n`
-    examples. step_loss(epoch, step, rows) -> LossTerms | None (None: no usable pair in the batch) computes this
-    process's part of a global batch. Checkpoints (weights, optimizer, RNG, loss sums) at every epoch end and every
-    options.checkpoint_steps steps; with run.resume the run continues from its checkpoint bit for bit."""
+    examples with `fti4cir.training.loop`. step_loss(epoch, step, rows) -> LossTerms | None (None: no usable pair in
+    the batch) computes this process's part of a global batch. Checkpoints (weights, optimizer, RNG, loss sums) at
+    every epoch end and every options.checkpoint_steps steps; with run.resume the run continues from its checkpoint
+    bit for bit."""
     net = model.net
     warmup, _, betas, eps = options.resolved(stage, model.backbone.name)
     optimizer = make_optimizer(module, prefix, options, betas, eps)
@@ -198,65 +133,43 @@ def _loop(stage: int, model: M2CModel, module: torch.nn.Module, prefix: str, opt
                         f"--batch-size {options.batch_size})")
     steps = len(epoch_batches(n, global_batch, options.seed, 0))
     total = steps * options.epochs
-    record = read_record(run.dir / CHECKPOINT) if run.dir is not None else None
+    record = read_checkpoint(run.dir) if run.dir is not None else None
     if record is not None and not run.resume:
         raise UserError(f"{run.dir} holds a training run of {run.out}: pass --resume to continue it, or choose "
                         f"another --out")
-    seed_everything(options.seed)
-    state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "sums": {}, "history": []}
     if record is not None:
         _check_resumable(record, stage, options, data_digest, run)
-        restore_state_tensors(run.dir, record, net, optimizer)
-        set_rng_state(record["rng"])
-        state = {k: record[k] for k in state}
-
-    def checkpoint() -> None:
-        if run.dir is None or not world.is_main:
-            return
-        name, optimizer_state = write_state_tensors(run.dir, state["global_step"], net, optimizer)
-        write_json_atomic(run.dir / CHECKPOINT, {"format": 1, "stage": stage, "tensors": name,
-                                                 "options": options.to_dict(), "data_sha256": data_digest, **state,
-                                                 "optimizer": optimizer_state, "rng": rng_state()}, indent=None)
-        remove_stale_tensors(run.dir, name)
-
     params = [p for p in module.parameters() if p.requires_grad]
-    for epoch in range(state["epoch"], options.epochs):
-        started = time.perf_counter()
-        batches = epoch_batches(n, global_batch, options.seed, epoch)
-        bar = tqdm(total=steps, initial=state["step_in_epoch"], desc=f"m2c stage {stage} epoch {epoch}",
-                   disable=not progress or not world.is_main, leave=False)
-        for step in range(state["step_in_epoch"], steps):
-            rows = np.array_split(batches[step], world.size)[world.rank] if world.size > 1 else batches[step]
-            for group in optimizer.param_groups:
-                group["lr"] = official_lr(state["global_step"], options.lr, warmup, total)
-            optimizer.zero_grad(set_to_none=True)
-            terms = step_loss(epoch, step, rows)
-            if terms is not None:
-                terms.total.backward()
-                sum_gradients(params, world, average=options.as_released)
-                optimizer.step()
-                for k, v in terms.detached().items():
-                    state["sums"][k] = state["sums"].get(k, 0.0) + v
-                state["sums"]["steps"] = state["sums"].get("steps", 0) + 1
-            state["step_in_epoch"] += 1
-            state["global_step"] += 1
-            bar.update()
-            if options.checkpoint_steps and state["global_step"] % options.checkpoint_steps == 0 \
-                    and state["step_in_epoch"] < steps:
-                checkpoint()
-        bar.close()
-        done = max(1, state["sums"].pop("steps", 0))
-        seconds = time.perf_counter() - started
-        state["history"].append({"stage": stage, "epoch": epoch, **{k: v / done for k, v in state["sums"].items()},
-                                 "steps": steps, "seconds": round(seconds, 2)})
+
+    def batches(epoch: int, start: int):
+        """This process's rows of the epoch's global batches from step `start` on."""
+        order = epoch_batches(n, global_batch, options.seed, epoch)
+        for step in range(start, steps):
+            yield np.array_split(order[step], world.size)[world.rank] if world.size > 1 else order[step]
+
+    def step(epoch: int, index: int, rows: np.ndarray) -> dict[str, float] | None:
+        terms = optimisation_step(optimizer, lambda: step_loss(epoch, index, rows),
+                                  reduce_gradients=lambda: sum_gradients(params, world, average=options.as_released))
+        return None if terms is None else terms.detached()
+
+    def epoch_record(epoch: int, state, seconds: float) -> dict:
+        return {"stage": stage, "epoch": epoch, **state.means(), "steps": steps, "seconds": round(seconds, 2)}
+
+    def epoch_end(epoch: int, state) -> None:
         if world.is_main:
-            tqdm.write(f"stage {stage} epoch {epoch}: loss {state['history'][-1].get('total', float('nan')):.4f} "
-                       f"({steps} steps, {seconds:.1f} s)")
+            last = state.history[-1]
+            log.info(f"stage {stage} epoch {epoch}: loss {last.get('total', float('nan')):.4f} ({steps} steps, "
+                     f"{last['seconds']:.1f} s)")
             if run.out is not None:
-                save_m2c_weights(net, run.out)
-        state.update(epoch=epoch + 1, step_in_epoch=0, sums={})
-        checkpoint()
-    return state["history"]
+                save_m2c_weights(net, run.out)  # before the checkpoint's commit: a resumed run never lacks them
+
+    loop = Loop(net, optimizer, options.epochs, steps, batches, step, epoch_record,
+                lr=lambda epoch, global_step: official_lr(global_step, options.lr, warmup, total), run_dir=run.dir,
+                record={"stage": stage, "options": options.to_dict(), "data_sha256": data_digest},
+                checkpoint_steps=options.checkpoint_steps, writes=world.is_main, on_epoch_end=epoch_end,
+                progress=progress and world.is_main, describe=lambda epoch: f"m2c stage {stage} epoch {epoch}",
+                unit="it", leave=False)
+    return loop.run(loop.start(options.seed, record)).history
 
 
 def _check_resumable(record: dict, stage: int, options: TrainOptions, data_digest: str, run: Run) -> None:
@@ -278,7 +191,7 @@ def stage1_data(images_dir: str | Path, captions_file: str | Path | None = None)
     if not paths:
         raise UserError(f"No images found under {root}")
     if captions_file is not None:
-        from ..training.captions import read_captions
+        from ..captions import read_captions
 
         records, _ = read_captions(captions_file)
         by_path = {r["image"]: r["caption"] for r in records}
@@ -288,7 +201,7 @@ def stage1_data(images_dir: str | Path, captions_file: str | Path | None = None)
         if not pairs:
             raise UserError(f"{captions_file} has no caption for any image under {root}")
         if missing:
-            print(f"{missing} images without a caption in {captions_file} are left out", file=sys.stderr)
+            log.warning("%d images without a caption in %s are left out", missing, captions_file)
         return [p for p, _ in pairs], [c for _, c in pairs]
     labelled = [(p, p.relative_to(root).parts) for p in paths]
     if any(len(parts) < 2 for _, parts in labelled):
@@ -324,7 +237,7 @@ class _OnlineViews:
                 raise UserError(f"unreadable training image with several processes: {message} (remove it)")
             if message not in self.reported:
                 self.reported.add(message)
-                tqdm.write(f"skipping unreadable image: {message}", file=sys.stderr)
+                log.warning("skipping unreadable image: %s", message)
         b = (len(keys) + len(failed)) // 2
         at = {k: n for n, k in enumerate(keys)}
         keep = [j for j in range(b) if j in at and b + j in at]
@@ -366,7 +279,7 @@ def train_stage1(model: M2CModel, paths: Sequence[Path], captions: Sequence[str]
         caches = caches * (2 // len(caches))  # [A, B], or the centre crop twice
         images = np.flatnonzero(caches[0].readable() & caches[1].readable())
         if len(images) < len(paths):
-            print(f"{len(paths) - len(images)} unreadable images are left out", file=sys.stderr)
+            log.warning("%d unreadable images are left out", len(paths) - len(images))
         if len(images) < 2:
             raise UserError("Stage I needs at least two readable images")
     local_batches = _local_batches(len(images), options, world)
@@ -443,13 +356,13 @@ def train_stage2(model: M2CModel, triplets: Sequence[Triplet], options: TrainOpt
         if not usable:
             raise UserError("No triplet has both a readable reference and a readable target image")
         if len(usable) < len(triplets):
-            print(f"{len(triplets) - len(usable)} triplets with unreadable images are left out", file=sys.stderr)
+            log.warning("%d triplets with unreadable images are left out", len(triplets) - len(usable))
         triplets = usable
     ref_index = np.array([position[t.reference] for t in triplets])
     tgt_index = np.array([position[t.target] for t in triplets])
     with_captions = bool(options.kl_weight) and all(t.reference_caption for t in triplets)
     if options.kl_weight and not with_captions:
-        print("some triplets have no reference_caption: training without the KL term", file=sys.stderr)
+        log.warning("some triplets have no reference_caption: training without the KL term")
     caption_features = _encode_texts(model, [t.reference_caption for t in triplets]) if with_captions else None
     query_ids, query_mask = tokenize_prompts(prompt, [{"text": t.text} for t in triplets], None,
                                              model.backbone.context_length)
@@ -518,7 +431,7 @@ def _cache_rows(model: M2CModel, paths: list[Path], store: FeatureStore, num_wor
     unique = sorted(set(paths))
     result = extract_features(model, unique, store, num_workers=num_workers, progress=progress)
     for path, message in result.failures[:10]:
-        print(f"skipping unreadable image {path}: {message}", file=sys.stderr)
+        log.warning("skipping unreadable image %s: %s", path, message)
     return {p: int(r) for p, r in zip(unique, result.rows) if r >= 0}
 
 
@@ -553,128 +466,3 @@ def triplet_recall(model: M2CModel, triplets: Sequence[Triplet], gallery: Sequen
         for k in ks:
             hits[k] += int(ranked[:, :k].any(dim=1).sum())
     return {f"R@{k}": hits[k] / len(triplets) for k in ks}
-
-
-# ---- CLI ----------------------------------------------------------------------------------------------------------
-def _layers(value: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(v) for v in value.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated block numbers, got {value!r}") from None
-
-
-def _options(args) -> TrainOptions:
-    return TrainOptions(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.wd,
-                        warmup=args.warmup, temperature=args.temperature, beta1=args.beta1, beta2=args.beta2,
-                        eps=args.eps, kl_weight=args.kl_weight, ref_weight=args.ref_weight, topk=args.topk,
-                        augment=args.augment, views=args.views, as_released=args.as_released, seed=args.seed,
-                        num_workers=args.num_workers, amp=args.amp, checkpoint_steps=args.checkpoint_steps)
-
-
-def _run(args) -> int:
-    from ..backbone import resolve_pretrained
-    from .model import create_m2c_model
-
-    if not str(args.out).endswith(".safetensors"):
-        raise UserError(f"--out must be a .safetensors file, got {args.out}")
-    pretrained = resolve_pretrained(args.backbone, args.pretrained)
-    options = _options(args)
-    device = local_device(args.device)
-    started = time.perf_counter()
-    if args.stage == 1:
-        if args.images is None:
-            raise UserError("--stage 1 needs --images (a folder of training images)")
-        paths, captions = stage1_data(args.images, args.captions)
-        model = create_m2c_model(args.backbone, pretrained, None, device=device, preprocess=args.preprocess,
-                                 seed=args.seed, vsi_layers=args.vsi_layers)
-        print(f"stage 1: {len(paths)} images, VSI after text blocks {list(model.config.vsi_layers)}")
-        history = train_stage1(model, paths, captions, options, out=args.out, resume=args.resume,
-                               cache_dir=args.cache_dir)
-    else:
-        if args.triplets is None or args.init is None:
-            raise UserError("--stage 2 needs --triplets (JSONL) and --init (stage-I weights)")
-        triplets = read_triplets(args.triplets)
-        model = create_m2c_model(args.backbone, pretrained, args.init, device=device,
-                                 preprocess=args.preprocess, seed=args.seed)
-        model.net.add_adapters(args.adapter_layers, args.adapter_rank)
-        print(f"stage 2: {len(triplets)} triplets, adapters (rank {model.config.adapter_rank}) after text blocks "
-              f"{list(model.config.adapter_layers)}")
-        history = train_stage2(model, triplets, options, prompt=args.prompt, out=args.out, resume=args.resume,
-                               cache_dir=args.cache_dir)
-    if int(os.environ.get("RANK", "0")) != 0:
-        return 0
-    print(f"wrote {args.out} ({len(history)} epochs, final loss {history[-1].get('total', float('nan')):.4f}, "
-          f"{time.perf_counter() - started:.0f} s)")
-    if args.val_triplets:
-        if args.gallery is None:
-            raise UserError("--val-triplets needs --gallery (the folder of images to rank)")
-        store = FeatureStore.for_model(args.cache_dir, model, with_patches=True)
-        val, gallery = read_triplets(args.val_triplets), list_images(args.gallery)
-        for use_adapters in ([False, True] if model.net.has_adapters else [False]):
-            recall = triplet_recall(model, val, gallery, store, use_adapters=use_adapters, prompt=args.prompt,
-                                    num_workers=args.num_workers)
-            name = "m2c+compose" if use_adapters else "m2c"
-            print(f"held-out {name}: " + ", ".join(f"{k} {100 * v:.1f}" for k, v in recall.items()))
-    return 0
-
-
-def add_parser(subparsers) -> None:
-    from ..cli import add_model_args
-
-    p = subparsers.add_parser("m2c-train", help="train M2C (From Mapping to Composing): stage 1 mapping, stage 2 "
-                              "composing adapters", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--stage", type=int, choices=[1, 2], required=True)
-    p.add_argument("--out", required=True, help="weights to write (.safetensors + .json), after every epoch; "
-                   "checkpoints go to <out>.run/")
-    p.add_argument("--resume", action="store_true", help="continue the run of --out from its last checkpoint "
-                   "(same data and settings; --epochs may be raised)")
-    p.add_argument("--checkpoint-steps", type=non_negative_int, default=0,
-                   help="also checkpoint every N steps inside an epoch (default: at epoch ends only)")
-    p.add_argument("--images", help="stage 1: folder of training images (searched recursively)")
-    p.add_argument("--captions", help="stage 1: captions JSONL of `fti4cir caption` for --images (default: "
-                   "class-name captions from the class subfolders)")
-    p.add_argument("--vsi-layers", type=_layers, default=None,
-                   help="stage 1: text blocks (0-based) followed by VSI (default 3,7,9,11 for a 12-block tower, "
-                        "moved to the same relative depth otherwise)")
-    p.add_argument("--triplets", help="stage 2: training triplets JSONL (see `fti4cir triplets`)")
-    p.add_argument("--init", help="stage 2: stage-I weights")
-    p.add_argument("--adapter-layers", type=_layers, default=None,
-                   help="stage 2: text blocks followed by composing adapters (default 1,3,5,7,9,11, rescaled as "
-                        "--vsi-layers)")
-    p.add_argument("--adapter-rank", type=positive_int, default=128)
-    p.add_argument("--prompt", default=TRAIN_PROMPT, help="stage 2 training / held-out prompt (default "
-                   f"'%(default)s'; evaluation prompts per dataset: {PROMPTS})")
-    p.add_argument("--augment", choices=AUGMENT_MODES, default="online",
-                   help="online: a fresh random crop per image and step through the visual tower (official); "
-                        "views: --views crops per image, their features cached once, one picked per step; none: "
-                        "the cached centre crop (default %(default)s)")
-    p.add_argument("--views", type=positive_int, default=8, help="crops per image for --augment views")
-    p.add_argument("--as-released", action="store_true",
-                   help="the released training where it differs from the intended one: stage-2 hard negatives "
-                        "(the positive itself, logits without 1/t) and, with torchrun, gradients averaged over the "
-                        "processes (DDP) instead of summed; see docs/m2c.md")
-    p.add_argument("--cache-dir", default="cache/features", help="visual feature cache (cached views, held-out "
-                   "eval)")
-    p.add_argument("--val-triplets", help="held-out triplets JSONL: print Recall@k after training")
-    p.add_argument("--gallery", help="folder of images ranked for --val-triplets")
-    p.add_argument("--epochs", type=positive_int, default=30)
-    p.add_argument("--batch-size", type=positive_int, default=128, help="per process (torchrun: the negatives of "
-                   "all processes are gathered)")
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--wd", type=float, default=0.1, help="weight decay (not on biases, the official rule)")
-    p.add_argument("--warmup", type=non_negative_int, default=None, help="warmup steps (default: official 10000 / "
-                   "100 for stage 1 / 2)")
-    p.add_argument("--temperature", type=float, default=None, help="default 0.07 (stage 1) / 0.01 (stage 2)")
-    p.add_argument("--beta1", type=float, default=None, help="AdamW beta1 (default 0.9)")
-    p.add_argument("--beta2", type=float, default=None, help="AdamW beta2 (default: 0.98 for ViT-B-32, ViT-B-16, "
-                   "ViT-L-14, else 0.999, as the official params)")
-    p.add_argument("--eps", type=float, default=None, help="AdamW eps (default: 1e-6 for those ViTs, else 1e-8)")
-    p.add_argument("--kl-weight", type=float, default=0.2, help="soft text alignment weight")
-    p.add_argument("--ref-weight", type=float, default=1.0,
-                   help="stage 1: the view-A term; stage 2: the mapping-sentence term")
-    p.add_argument("--topk", type=positive_int, default=10, help="stage 2 mixed hard negatives per query")
-    p.add_argument("--num-workers", type=int, default=None, help="image decoding processes")
-    p.add_argument("--amp", action="store_true", help="bfloat16 autocast (CUDA)")
-    add_model_args(p, weights=False)  # also --seed: random initialisations and the training order
-    p.set_defaults(func=_run, preprocess="clip")

@@ -24,13 +24,12 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import InterpolationMode
 from tqdm.auto import tqdm
 
-from ..backbone import VisualFeatures
-from ..errors import UserError
-from ..features import FeatureStore, default_num_workers, extract_features, hash_files
-from ..inputs import load_image, to_rgb
-from ..preprocess import CLIP_MEAN, CLIP_STD
-
-AUGMENT_MODES = ("online", "views", "none")
+from ...backbone import VisualFeatures
+from ...errors import UserError
+from ...features import FeatureStore, default_num_workers, extract_features, hash_files
+from ...inputs import load_image, to_rgb
+from ...preprocess import CLIP_MEAN, CLIP_STD
+from .options import AUGMENT_MODES  # noqa: F401 - the modes this module implements
 
 
 @dataclass(frozen=True)
