@@ -1,9 +1,9 @@
 """M2C, "From Mapping to Composing" (arXiv 2504.17990): a second zero-shot CIR method on the shared backbone.
 
 Stage I maps an image to one pseudo-word token with visual semantic injection (`model`), stage II adds composing
-adapters to the text tower; `m2c_compose` is its query path (methods "m2c" and "m2c+compose"). Training: `train`
-(crops: `views`, several processes: `distributed`), losses: `losses` (official re-statement: `official`), triplet
-data: `triplets`, official checkpoints: `convert`. See docs/m2c.md.
+adapters to the text tower; `m2c_compose` is its query path (methods "m2c" and "m2c+compose", declared in the method
+registry by `methods`). Training: `train` (crops: `views`, several processes: `distributed`), losses: `losses`
+(official re-statement: `official`), triplet data: `triplets`, official checkpoints: `convert`. See docs/m2c.md.
 """
 from .model import (
     M2C_METHODS,
@@ -13,17 +13,17 @@ from .model import (
     M2CModel,
     M2CNetwork,
     attach_m2c,
-    available_methods,
     create_m2c_model,
     fashioniq_text,
     is_m2c_weights,
     load_m2c_weights,
     m2c_compose,
+    m2c_query,
     read_m2c_config,
     save_m2c_weights,
-    uses_adapters,
 )
+from .methods import available_methods, m2c_model_of  # importing declares the M2C query methods
 
 __all__ = ["M2C_METHODS", "MAPPING_PROMPT", "PROMPTS", "M2CConfig", "M2CModel", "M2CNetwork", "attach_m2c",
            "available_methods", "create_m2c_model", "fashioniq_text", "is_m2c_weights", "load_m2c_weights",
-           "m2c_compose", "read_m2c_config", "save_m2c_weights", "uses_adapters"]
+           "m2c_compose", "m2c_model_of", "m2c_query", "read_m2c_config", "save_m2c_weights"]
