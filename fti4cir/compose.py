@@ -6,7 +6,7 @@ FTI4CIR, one of its baselines, or a method another package declared (the M2C met
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

@@ -8,9 +8,10 @@ they are imported (`fti4cir.m2c` declares "m2c" and "m2c+compose", so the core n
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 from . import prompts
 from .queries import image_query, image_text_query, pseudo_token_query, text_query

@@ -5,8 +5,8 @@ Every query function returns a `Composed`: the L2-normalised features and which 
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence, Union
 
 import PIL.Image
 import torch
@@ -19,8 +19,8 @@ from .tokens import PLAIN, bpe, tokenize_prompts
 # Stand-in word for a switched-off subject token in counterfactual inspection ("a photo of something with ...").
 NEUTRAL_SUBJECT = "something"
 
-Reference = Union[torch.Tensor, VisualFeatures, PseudoTokens, Sequence[PIL.Image.Image]]
-Text = Union[str, tuple[str, ...]]
+Reference = torch.Tensor | VisualFeatures | PseudoTokens | Sequence[PIL.Image.Image]
+Text = str | tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -149,7 +149,7 @@ def pseudo_token_query(model, references: Reference, texts: Sequence[Text], *, t
         pseudo = torch.cat([subject.unsqueeze(1), kept_attributes], dim=1)
     else:
         pseudo, num_kept = subject.unsqueeze(1), None
-    repeat = lambda t: t.repeat_interleave(n, dim=0) if n > 1 and t is not None else t  # noqa: E731
+    repeat = lambda t: t.repeat_interleave(n, dim=0) if n > 1 and t is not None else t
     features, truncated = encode_prompt(backbone, template, repeat(pseudo), repeat(num_kept),
                                         [{"text": t} for t in flat])
     return Composed(average_text_variants(features, n), any_variant(truncated, n))

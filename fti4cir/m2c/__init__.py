@@ -5,6 +5,10 @@ adapters to the text tower; `m2c_compose` is its query path (methods "m2c" and "
 registry by `methods`). Training: `train` (crops: `views`, several processes: `distributed`), losses: `losses`
 (official re-statement: `official`), triplet data: `triplets`, official checkpoints: `convert`. See docs/m2c.md.
 """
+from .methods import (  # importing declares the M2C query methods
+    available_methods,
+    m2c_model_of,
+)
 from .model import (
     M2C_METHODS,
     MAPPING_PROMPT,
@@ -22,7 +26,6 @@ from .model import (
     read_m2c_config,
     save_m2c_weights,
 )
-from .methods import available_methods, m2c_model_of  # importing declares the M2C query methods
 
 __all__ = ["M2C_METHODS", "MAPPING_PROMPT", "PROMPTS", "M2CConfig", "M2CModel", "M2CNetwork", "attach_m2c",
            "available_methods", "create_m2c_model", "fashioniq_text", "is_m2c_weights", "load_m2c_weights",

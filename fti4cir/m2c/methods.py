@@ -51,6 +51,6 @@ M2C = _declare("m2c", False)
 M2C_COMPOSE = _declare("m2c+compose", True, _has_adapters)
 
 
-def available_methods(weights: "M2CModel | M2CNetwork | M2CConfig") -> tuple[str, ...]:
+def available_methods(weights: M2CModel | M2CNetwork | M2CConfig) -> tuple[str, ...]:
     """The M2C methods a model, network or weights config can run: "m2c+compose" needs stage-II weights."""
     return runnable({"m2c": weights})
