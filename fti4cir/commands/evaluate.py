@@ -52,7 +52,13 @@ def _model_and_cache(args, methods):
 def run_evaluate(args) -> int:
     from .. import methods as registry
     from ..evaluation.report import to_markdown, write_report
-    from ..evaluation.run import check_m2c_methods, default_methods, evaluate, load_parts, resolve_prompt
+    from ..evaluation.run import (
+        check_m2c_methods,
+        default_methods,
+        evaluate,
+        load_parts,
+        resolve_prompt,
+    )
 
     allowed = EVALUATE_SPLITS[args.dataset]
     args.split = args.split or allowed[0]
