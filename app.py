@@ -20,7 +20,6 @@ import os
 import sys
 import threading
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,10 +28,8 @@ import numpy as np
 from fti4cir.errors import UserError
 from fti4cir.inputs import quote
 from fti4cir.m2c.model import M2C_METHODS
-from fti4cir.tokens import TextTruncatedWarning
 
 log = logging.getLogger("fti4cir.app")
-warnings.filterwarnings("ignore", category=TextTruncatedWarning)  # reported in the UI instead (Result.truncated)
 
 DEFAULT_K = 10
 BROWSER_IMAGES = 60  # gallery images offered as references (an even sample of larger galleries)

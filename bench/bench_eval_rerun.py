@@ -27,6 +27,7 @@ from PIL import Image
 
 from bench.common import bench_main, markdown_table, time_calls
 from fti4cir import METHODS, VisualFeatures, compose, create_model
+from fti4cir.commands import evaluate as evaluate_command
 from fti4cir.evaluation import run as evaluation
 from fti4cir.evaluation.datasets import load_benchmark
 
@@ -59,7 +60,7 @@ def make_root(folder: Path, queries: int) -> Path:
 def evaluate_once(argv: list[str]) -> dict:
     """One `fti4cir evaluate` command (the random backbone seeded, so every run sees the same weights)."""
     parser = argparse.ArgumentParser()
-    evaluation.add_parser(parser.add_subparsers())
+    evaluate_command.add_parser(parser.add_subparsers())
     args = parser.parse_args(["evaluate", *argv])
     torch.manual_seed(0)
     with contextlib.redirect_stdout(io.StringIO()):

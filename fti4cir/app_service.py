@@ -10,9 +10,10 @@ A gallery image used as the reference takes its cached pseudo tokens and attribu
 left out of its own results, as in the benchmarks. Everything is thread-safe: the service holds no per-user state.
 
 With M2C weights (`SearchService(model, gallery, m2c_model)`), the methods "m2c" (and "m2c+compose" for stage-II
-weights) rank the same gallery through `m2c_compose` on the same backbone. M2C reads the reference's visual features
-(patch tokens included): an upload keeps them from its one visual pass; a gallery reference gets them from one visual
-pass over its file the first time an M2C method needs them.
+weights) rank the same gallery through `compose` on the same backbone. What a method needs comes from its declaration
+(`fti4cir.methods`): the model of its family, and the reference's patch tokens for methods that read them (M2C): an
+upload keeps them from its one visual pass; a gallery reference gets them from one visual pass over its file the
+first time such a method needs them.
 """
 from __future__ import annotations
 
@@ -25,16 +26,15 @@ import numpy as np
 import PIL.Image
 import torch
 
-from . import prompts
+from . import methods
 from .backbone import VisualFeatures
-from .compose import METHODS, compose
+from .compose import compose_query
 from .decode import decode
 from .errors import UserError
-from .explain import AttributeEvidence, Explanation, explain, m2c_sentence, query_sentence
+from .explain import AttributeEvidence, Explanation, explain, query_sentence
 from .inputs import clean_text, load_image, quote
 from .inversion import PseudoTokens
-from .m2c import model as m2c
-from .tokens import bpe, tokenize_prompts
+from .m2c.model import M2CModel
 
 MAX_K = 100  # results per query: bounds the work and the page size of one request
 DISPLAY_SIDE = 1024  # references are kept (per user session) and shown at most this large
@@ -150,17 +150,18 @@ def summarize_moves(moves: Sequence[Move]) -> str:
 class SearchService:
     """A model and a gallery built with it; answers searches for any number of concurrent users."""
 
-    def __init__(self, model, gallery, m2c_model: m2c.M2CModel | None = None):
+    def __init__(self, model, gallery, m2c_model: M2CModel | None = None):
         self.model = model
         self.gallery = gallery
         self.m2c_model = m2c_model
         if m2c_model is not None and m2c_model.backbone is not model.backbone:
             raise ValueError("the M2C model must share the FTI4CIR model's backbone")
+        self.models = {"fti4cir": model, "m2c": m2c_model}  # the model of each method family
 
     @property
     def methods(self) -> tuple[str, ...]:
         """What this service can rank with: FTI4CIR and its baselines, plus the M2C methods its weights allow."""
-        return METHODS + (m2c.available_methods(self.m2c_model.net) if self.m2c_model is not None else ())
+        return methods.runnable(self.models)
 
     @property
     def size(self) -> int:
@@ -203,9 +204,9 @@ class SearchService:
         return Reference(_upload_name(source), _display(image) if display else None, tokens, explanation, None,
                          time.perf_counter() - start, kept)
 
-    def _visual(self, reference: Reference) -> VisualFeatures:
-        """The reference's visual features (on the model's device); a gallery reference's come from one visual pass
-        over its file (galleries store FTI4CIR's tokens, not the patch tokens M2C reads)."""
+    def _visual(self, reference: Reference, device) -> VisualFeatures:
+        """The reference's visual features (on `device`); a gallery reference's come from one visual pass over its file
+        (galleries store FTI4CIR's tokens, not the patch tokens M2C reads)."""
         if reference.visual is None:
             path = self.gallery.paths[reference.gallery_index]
             try:
@@ -215,7 +216,7 @@ class SearchService:
                                 f"({e}). Put the gallery's images back where it was built from, or rebuild the "
                                 f"gallery; the FTI4CIR methods work from the gallery's cached tokens.") from None
             reference.visual = _moved(self._encode(image), "cpu")
-        return _moved(reference.visual, self.m2c_model.device)
+        return _moved(reference.visual, device)
 
     def _encode(self, image: PIL.Image.Image) -> VisualFeatures:
         """One visual pass over a decoded image (global feature and patch tokens, on the model's device)."""
@@ -240,33 +241,29 @@ class SearchService:
         exclude = reference.gallery_index is not None
         k = max(1, min(int(k), MAX_K, self.size - exclude))
 
+        declared = methods.get(method)
+        model = self.models[declared.family]
         start = time.perf_counter()
         with torch.inference_mode():
-            if method in m2c.M2C_METHODS:
-                visual = self._visual(reference)
-                query = m2c.m2c_compose(self.m2c_model, visual, [text], prompt=m2c.PROMPTS["default"],
-                                        use_adapters=m2c.uses_adapters(method))
-            else:
-                query = compose(self.model, reference.tokens, [text], method=method,
-                                keep_attributes=self._keep_mask(keep, reference.tokens),
-                                keep_subject=torch.tensor([bool(keep_subject)]))
+            inputs = self._visual(reference, model.device) if declared.patch_tokens else reference.tokens
+            query = compose_query(model, inputs, [text], method=method,
+                                  keep_attributes=self._keep_mask(keep, reference.tokens),
+                                  keep_subject=torch.tensor([bool(keep_subject)]))
         composed = time.perf_counter()
-        scores, indices = self.gallery.search(query.float().cpu(), k,
+        scores, indices = self.gallery.search(query.features.float().cpu(), k,
                                               exclude=[[reference.gallery_index]] if exclude else None)
         searched = time.perf_counter()
 
         hits = [Hit(rank, i, self.gallery.names[i], Path(self.gallery.paths[i]), s)
                 for rank, (i, s) in enumerate(zip(_row(indices), _row(scores)), start=1) if i >= 0]
-        if method in m2c.M2C_METHODS:
-            sentence = m2c_sentence(self._m2c_word(visual), text)
-        else:
-            sentence = query_sentence(reference.explanation, text, method, keep_attributes=keep,
-                                      keep_subject=bool(keep_subject))
+        own_word = self._m2c_word(inputs) if declared.family == "m2c" else None  # M2C's own pseudo token
+        sentence = query_sentence(reference.explanation, text, method, keep_attributes=keep,
+                                  keep_subject=bool(keep_subject), subject_word=own_word)
         timings = {"compose": composed - start, "search": searched - composed}
         if prepared_here:
             timings["reference"] = reference.seconds
         return Result(reference, text, method, hits, sentence, keep, bool(keep_subject), timings,
-                      self._truncated(text, method, sum(keep)))
+                      bool(query.truncated[0]))
 
     def _m2c_word(self, visual: VisualFeatures) -> str:
         """The nearest word of M2C's pseudo token (Phi of the global feature) for the displayed sentence."""
@@ -280,16 +277,6 @@ class SearchService:
         mask = torch.zeros(1, tokens.attributes.shape[1], dtype=torch.bool)
         mask[0, : len(keep)] = torch.tensor(keep, dtype=torch.bool)
         return mask
-
-    def _truncated(self, text: str, method: str, num_attrs: int) -> bool:
-        """Whether compose cut the text to fit CLIP's context (counted the way tokens.tokenize_prompts counts)."""
-        if method == "image-only" or not text:
-            return False
-        template = {"fti4cir": prompts.DEFAULT, "subject-only": prompts.SUBJECT_ONLY,
-                    **dict.fromkeys(m2c.M2C_METHODS, m2c.PROMPTS["default"])}.get(method, "{text}")
-        ids, _ = tokenize_prompts(template, [{"text": ""}], [num_attrs], self.model.backbone.context_length)
-        used = int((ids[0] != 0).sum())  # SOT + template + placeholders + EOT
-        return len(bpe(text)) > self.model.backbone.context_length - used
 
 
 def _moved(visual: VisualFeatures, device) -> VisualFeatures:

@@ -40,9 +40,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "features": ("fti4cir.commands.features", "extract and cache visual features (one visual pass per image)"),
     "index": ("fti4cir.commands.index", "build or update a gallery: features, pseudo tokens, explanations, index"),
     "train": ("fti4cir.commands.train", "train the inversion network on subject/attribute pairs"),
-    "evaluate": ("fti4cir.evaluation.run", "FashionIQ / CIRR / CIRCO validation metrics (clothing-cir: test), all "
-                 "methods in one table"),
-    "submit": ("fti4cir.evaluation.run", "CIRR / CIRCO test-server prediction files"),
+    "evaluate": ("fti4cir.commands.evaluate", "FashionIQ / CIRR / CIRCO validation metrics (clothing-cir: test), "
+                 "all methods in one table"),
+    "submit": ("fti4cir.commands.evaluate", "CIRR / CIRCO test-server prediction files"),
     "triplets": ("fti4cir.commands.triplets", "synthetic composed-retrieval triplets from a labelled image folder "
                  "(M2C stage II)"),
     "m2c-train": ("fti4cir.commands.m2c_train", "train M2C (From Mapping to Composing): stage 1 mapping, stage 2 "

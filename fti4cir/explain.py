@@ -7,7 +7,6 @@ every kept attribute token a heatmap of its attention over the image patches dra
 """
 from __future__ import annotations
 
-import string
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -15,11 +14,10 @@ import PIL.Image
 import torch
 from torchvision.transforms import Normalize, ToTensor
 
-from . import prompts
-from .compose import NEUTRAL_SUBJECT
+from . import methods
 from .decode import Word, decode
 from .inversion import AttributeSelection, PseudoTokens
-from .m2c.model import PROMPTS as M2C_PROMPTS
+from .queries import NEUTRAL_SUBJECT
 
 TOP_WORDS = 3
 # Colour ramp of the heatmaps (dark purple -> red -> pale yellow, like matplotlib's "magma"), as RGB anchors.
@@ -163,39 +161,19 @@ def explain(model, tokens: PseudoTokens, evidence: AttributeEvidence, image: PIL
                        evidence.kept, heatmaps)
 
 
-def query_sentence(explanation: Explanation, text: str, method: str = "fti4cir", *,
-                   keep_attributes: list[bool] | None = None, keep_subject: bool = True) -> str:
-    """The query's text side with pseudo tokens shown as their top word in brackets.
+def query_sentence(explanation: Explanation | None, text: str, method: str = "fti4cir", *,
+                   keep_attributes: list[bool] | None = None, keep_subject: bool = True,
+                   subject_word: str | None = None) -> str:
+    """The query's text side with pseudo tokens shown as their top word in brackets (the method's declared sentence).
 
     "a photo of [dress] with [floral, red] but is shorter" for fti4cir; switched-off attribute tokens are left out
     and a switched-off subject reads as the neutral word compose puts in its place, as the model sees the query.
+    subject_word: the word of a method's own pseudo token (M2C's), instead of the explanation's subject.
     """
-    if method == "text-only":
-        return text
-    if method == "image-only":
-        return "(the reference image's CLIP feature alone; no text)"
-    if method == "image+text":
-        return f"(image feature) + {text}" if text else "(image feature) + (empty text)"
-    subject = f"[{explanation.subject.word}]" if keep_subject else NEUTRAL_SUBJECT
-    if method == "subject-only":
-        return _render(prompts.SUBJECT_ONLY, subject, [], text)
-    keep = [True] * len(explanation.attributes) if keep_attributes is None else list(keep_attributes)
-    words = [a.word for a, on in zip(explanation.attributes, keep) if on]
-    return _render(prompts.DEFAULT, subject, words, text)
-
-
-def m2c_sentence(word: str, text: str) -> str:
-    """An M2C query's text side with its one pseudo token shown as its top word: "a photo of [dress] that ..."."""
-    return _render(M2C_PROMPTS["default"], f"[{word}]", [], text)
-
-
-def _render(template: str, subject: str, attribute_words: list[str], text: str) -> str:
-    """Fill a prompt template for display: `*` -> subject, {attrs} -> "[w1, w2] ", other fields -> the text."""
-    parts = []
-    for literal, name, _, _ in string.Formatter().parse(template):
-        parts.append(" ".join(subject if word == "*" else word for word in literal.split(" ")))
-        if name == "attrs":
-            parts.append(f"[{', '.join(attribute_words)}] " if attribute_words else "")
-        elif name is not None:
-            parts.append(text)
-    return " ".join("".join(parts).split())
+    if subject_word is not None:
+        subject, words = f"[{subject_word}]", []
+    else:
+        subject = f"[{explanation.subject.word}]" if keep_subject else NEUTRAL_SUBJECT
+        keep = [True] * len(explanation.attributes) if keep_attributes is None else list(keep_attributes)
+        words = [a.word for a, on in zip(explanation.attributes, keep) if on]
+    return methods.get(method).sentence(text, subject, words)

@@ -106,7 +106,6 @@ def test_k_is_clamped_and_bad_arguments_are_user_errors(service):
         service.reference(-1)
 
 
-@pytest.mark.filterwarnings("ignore::fti4cir.tokens.TextTruncatedWarning")
 def test_long_text_is_reported_as_truncated(service):
     assert not service.search(0, "is red", k=2).truncated
     long_text = " ".join(["striped"] * 90)  # ~90 tokens: more than CLIP's 77-token context
@@ -151,7 +150,6 @@ def test_every_bad_image_gives_a_message_or_a_result(service, tmp_path):
         assert len(result.hits) == 3, case.name
 
 
-@pytest.mark.filterwarnings("ignore::fti4cir.tokens.TextTruncatedWarning")
 def test_every_text_case_gives_a_message_or_a_result(service):
     reference = service.reference(1)
     for case in text_cases():

@@ -27,26 +27,7 @@ def _subparsers(parser):
     return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
 
 
-# modules whose import (or add_parser) still loads torch; each owner moves the heavy imports into the handlers, then the
-# entry goes (strict: a fixed module fails here until it is removed)
-NOT_YET_LIGHT = {
-    "fti4cir.evaluation.run": "imports torch and the M2C model at module level",
-}
-
-
-# arguments without help text in modules whose owners are adding it (exact: the list only shrinks)
-HELP_STILL_MISSING = [
-    "fti4cir evaluate --batch-size", "fti4cir submit --dataset", "fti4cir submit --split", "fti4cir submit --method",
-    "fti4cir submit --batch-size",
-]
-
-
-def _help_case(command):
-    reason = NOT_YET_LIGHT.get(cli.COMMANDS[command][0]) if command else None
-    return pytest.param(command, marks=pytest.mark.xfail(strict=True, reason=reason)) if reason else command
-
-
-@pytest.mark.parametrize("command", [_help_case(c) for c in [None, *cli.COMMANDS]])
+@pytest.mark.parametrize("command", [None, *cli.COMMANDS])
 def test_help_answers_within_a_second_without_torch(command):
     """Measured in a fresh interpreter (best of 5: the machine is shared); and no heavy module was imported."""
     argv = ["--help"] if command is None else [command, "--help"]
@@ -85,7 +66,7 @@ def test_every_argument_has_help_and_the_table_matches_the_modules():
                if not isinstance(a, argparse._SubParsersAction) and not a.help]
     for name, p in sub.choices.items():
         missing += [f"fti4cir {name} {'/'.join(a.option_strings) or a.dest}" for a in p._actions if not a.help]
-    assert sorted(missing) == sorted(HELP_STILL_MISSING), "remove the entries that now have help"
+    assert missing == [], "arguments without help text"
 
 
 def test_only_the_chosen_command_is_built():

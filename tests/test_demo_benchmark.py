@@ -14,7 +14,7 @@ from fti4cir.commands import demo as commands
 from fti4cir.demo.benchmark import PHRASINGS, QUERY_TYPES, generate, labels_digest, phrase
 from fti4cir.demo.world import CLASS_WORDS
 from fti4cir.errors import UserError
-from fti4cir.evaluation import run
+from fti4cir.commands import evaluate as evaluate_command
 from fti4cir.evaluation.datasets import load_benchmark
 from fti4cir.evaluation.metrics import clothing_cir_metrics
 from fti4cir.m2c import save_m2c_weights
@@ -123,7 +123,7 @@ def test_evaluate_runs_every_method_on_clothing_cir(tmp_path, tiny_backbone):
     from conftest import run_subcommand
 
     out = tmp_path / "out"
-    assert run_subcommand(run, ["evaluate", "--dataset", "clothing-cir", "--root", str(ROOT), "--max-queries", "9",
+    assert run_subcommand(evaluate_command, ["evaluate", "--dataset", "clothing-cir", "--root", str(ROOT), "--max-queries", "9",
                                 "--subset-gallery", "12", "--backbone", "fti4cir-tiny", "--pretrained", "none",
                                 "--device", "cpu", "--num-workers", "0", "--cache-dir", str(tmp_path / "cache"),
                                 "--m2c-weights", str(m2c_weights), "--out", str(out)]) == 0
@@ -144,7 +144,7 @@ def test_evaluate_refuses_a_split_clothing_cir_does_not_have(tmp_path):
     from conftest import run_subcommand
 
     with pytest.raises(UserError, match="test"):
-        run_subcommand(run, ["evaluate", "--dataset", "clothing-cir", "--root", str(ROOT), "--split", "val",
+        run_subcommand(evaluate_command, ["evaluate", "--dataset", "clothing-cir", "--root", str(ROOT), "--split", "val",
                              "--backbone", "fti4cir-tiny", "--pretrained", "none"])
 
 

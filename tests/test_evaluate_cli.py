@@ -18,6 +18,7 @@ from benchmark_fixtures import benchmark_root, circo_image_ids, make_placeholder
 
 from fti4cir import cli
 from fti4cir.backbone import Backbone
+from fti4cir.commands import evaluate as evaluate_command
 from fti4cir.compose import METHODS
 from fti4cir.evaluation import run
 from fti4cir.evaluation.datasets import FASHIONIQ_CATEGORIES, load_benchmark
@@ -50,7 +51,7 @@ def _invoke(*argv, seed=0):
 def cli_with_evaluation():
     """The CLI with this module's subcommands (however fti4cir.cli registers stages)."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(cli, "_stage_modules", lambda: [run])
+        patch.setattr(cli, "_stage_modules", lambda: [evaluate_command])
         yield
 
 

@@ -14,8 +14,9 @@ from benchmark_fixtures import benchmark_root
 from conftest import random_m2c
 from test_evaluate_cli import QUERIES, TINY, _evaluate_args, _invoke, _root_with_images, cli_with_evaluation  # noqa: F401
 
-from fti4cir import cli
+from fti4cir import cli, factory
 from fti4cir.backbone import VisualFeatures
+from fti4cir.commands.common import spec_from_args
 from fti4cir.compose import METHODS
 from fti4cir.evaluation import run
 from fti4cir.evaluation.datasets import load_benchmark
@@ -63,7 +64,7 @@ def test_m2c_has_its_own_preprocessing_cache_and_a_rerun_computes_nothing(cirr_r
 
 
 def test_m2c_weights_without_an_m2c_method_are_not_loaded(cirr_run, m2c_weights, monkeypatch):
-    monkeypatch.setattr(run.m2c, "attach_m2c", lambda *a, **kw: pytest.fail("M2C loaded for no M2C method"))
+    monkeypatch.setattr(factory, "load_m2c_weights", lambda *a, **kw: pytest.fail("M2C loaded for no M2C method"))
     folder = cirr_run["folder"]
     assert _invoke(*_evaluate_args("cirr", cirr_run["root"], folder, "--methods", "fti4cir", "--m2c-weights",
                                    m2c_weights["stage2"])) == 0
@@ -80,17 +81,17 @@ def test_m2c_with_fti4cir_preprocessing_shares_the_cache(cirr_run, m2c_weights):
 
 
 @pytest.mark.parametrize("method", ["m2c", "m2c+compose"])
-def test_similarities_equal_m2c_compose_on_the_images(tmp_path, m2c_weights, tiny_model, method):
+def test_similarities_equal_m2c_compose_on_the_images(tmp_path, m2c_weights, method):
     """part_similarities for an M2C method = m2c_compose on the decoded references (features rounded to fp16 as
     the cache stores them) against the gallery's clip-preprocessed CLIP features."""
     root, galleries = _root_with_images(tmp_path, "cirr", "val")
     (part,) = run.load_parts("cirr", root, "val", max_queries=QUERIES, subset_gallery=6)
-    model = tiny_model
     args = cli.build_parser().parse_args(["evaluate", "--dataset", "cirr", "--root", str(root), *TINY,
                                           "--m2c-weights", str(m2c_weights["stage2"]), "--cache-dir",
                                           str(tmp_path / "cache")])
+    model = factory.create_model(spec_from_args(args, m2c_weights=args.m2c_weights))
     cache = run.FeatureCache(model, args.cache_dir, batch_size=2, num_workers=0, progress=False)
-    side = run.m2c_side_from_args(args, model, cache, [method])
+    side = run.make_m2c_side(model, cache, args.m2c_weights, args.m2c_preprocess)
     templates = run.method_prompts([method], run.resolve_prompt(None, "cirr"), "cirr")
     [(name, similarity)] = list(run.part_similarities(model, "cirr", part, cache, templates, [method], 3,
                                                       progress=False, m2c_side=side))
@@ -115,7 +116,7 @@ def test_similarities_equal_m2c_compose_on_the_images(tmp_path, m2c_weights, tin
 def test_fashioniq_m2c_text_is_the_second_caption_then_the_first(tmp_path):
     root = benchmark_root(tmp_path, "fashioniq")
     queries = load_benchmark("fashioniq", root, "val", "dress").queries[:3]
-    texts = run.m2c_query_texts("fashioniq", queries)
+    texts = run.query_texts("fashioniq", queries, "m2c")
     assert texts == [f"{q.texts[1]} and {q.texts[0]}" for q in queries]
     assert run.method_prompts(["m2c"], "unused", "fashioniq") == {"m2c": "a photo of * , that {text}"}
     assert run.method_prompts(["m2c+compose"], "unused", "circo") == {"m2c+compose": "a photo of * that {text}"}

@@ -3,13 +3,14 @@ import pytest
 import torch
 
 from fti4cir import prompts
-from fti4cir.tokens import PLACEHOLDER_ID, TextTruncatedWarning, tokenize_prompts
+from fti4cir.tokens import PLACEHOLDER_ID, tokenize_prompts
 
 
 def test_template_tokenization_equals_clip_tokenize_of_the_joint_sentence():
     texts = ["is red and has short sleeves", "Is shinier, with a floral pattern!", "emoji 👗 ok"]
     counts = [3, 0, 12]
-    ids, mask = tokenize_prompts(prompts.DEFAULT, [{"text": t} for t in texts], counts)
+    ids, mask = tokenized = tokenize_prompts(prompts.DEFAULT, [{"text": t} for t in texts], counts)
+    assert tokenized.truncated.tolist() == [False] * 3
     joint = [f"a photo of * with {'* ' * r}but {t}" for t, r in zip(texts, counts)]  # the official string
     torch.testing.assert_close(ids, open_clip.tokenize(joint))
     assert mask.sum(1).tolist() == [r + 1 for r in counts]
@@ -33,8 +34,9 @@ def test_braces_in_user_text_are_literal():
 
 def test_long_text_is_truncated_keeping_eot_and_placeholders():
     long_text = "very " * 200
-    with pytest.warns(TextTruncatedWarning):
-        ids, mask = tokenize_prompts(prompts.DEFAULT, [{"text": long_text}], [12])
+    ids, mask = tokenized = tokenize_prompts(prompts.DEFAULT, [{"text": long_text}, {"text": "x"}], [12, 12])
+    assert tokenized.truncated.tolist() == [True, False]  # said per row, no warning
+    ids, mask = ids[:1], mask[:1]
     assert ids.shape == (1, 77) and int(ids[0, -1]) == 49407
     assert int(mask.sum()) == 13
     # the same as clip.tokenize(truncate=True) of the official sentence
@@ -42,8 +44,8 @@ def test_long_text_is_truncated_keeping_eot_and_placeholders():
 
 
 def test_long_field_before_placeholders_is_cut_not_the_placeholders():
-    with pytest.warns(TextTruncatedWarning):
-        ids, mask = tokenize_prompts(prompts.ATTRIBUTE_WISE, [{"subject": "dress " * 100}], [5])
+    ids, mask = tokenized = tokenize_prompts(prompts.ATTRIBUTE_WISE, [{"subject": "dress " * 100}], [5])
+    assert tokenized.truncated.tolist() == [True]
     assert int(mask.sum()) == 5 and int(ids[0, -1]) == 49407
     assert mask[0, -6:-1].all()  # the placeholders sit right before the EOT token
 

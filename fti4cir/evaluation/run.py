@@ -1,11 +1,13 @@
-"""`fti4cir evaluate` and `fti4cir submit`: benchmark queries through the shared query path, cached visual features.
+"""Benchmark evaluation and test-server submissions (commands `fti4cir evaluate` / `fti4cir submit`, in
+`fti4cir.commands.evaluate`): benchmark queries through the shared query path, cached visual features.
 
 Pipeline: read the benchmark (annotations only) -> select queries and gallery -> check every needed image exists
 (before any model work) -> visual features of references (with patch tokens) and gallery (global only) from the
 on-disk feature cache -> pseudo tokens (inversion network) -> `compose(method=...)`, the function the app uses ->
-similarities -> official metrics (evaluate) or server files (submit). With `--m2c-weights`, the M2C methods ("m2c",
-"m2c+compose") run beside them in the same table: cached reference features (patch tokens included) ->
-`m2c_compose`, with M2C's own preprocessing (and so its own cache entries) and the official M2C prompts.
+similarities -> official metrics (evaluate) or server files (submit). Each method's declaration (`fti4cir.methods`)
+says which model runs it, what it reads and its template per benchmark. With M2C weights, the M2C methods ("m2c",
+"m2c+compose") run beside them in the same table: cached reference features (patch tokens included) -> `compose`
+on the M2C model, with M2C's own preprocessing (and so its own cache entries) and the official M2C prompts and texts.
 
 Caching. Features live in two `FeatureStore`s under `--cache-dir`, keyed by backbone, pretrained weights,
 preprocessing (random backbones by a digest of their values) and file content. Reference images get patch tokens
@@ -23,9 +25,8 @@ marked "subset" and are not comparable to published numbers (a smaller gallery m
 """
 from __future__ import annotations
 
-import argparse
 import functools
-import sys
+import logging
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -38,10 +39,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from fti4cir import methods as registry
 from fti4cir import prompts
 from fti4cir.backbone import VisualFeatures
-from fti4cir.cli import non_negative_int, positive_int
-from fti4cir.compose import METHODS, compose
+from fti4cir.compose import METHODS, compose_query
 from fti4cir.errors import UserError
 from fti4cir.evaluation import metrics, submission
 from fti4cir.evaluation.datasets import (
@@ -51,16 +52,16 @@ from fti4cir.evaluation.datasets import (
     check_images_exist,
     load_benchmark,
 )
-from fti4cir.evaluation.report import to_markdown, write_report
 from fti4cir.features import FeatureStore, FileHashes, TokenCache, extract_features
 from fti4cir.inversion import PseudoTokens
-from fti4cir.m2c import model as m2c
+from fti4cir.m2c import M2CConfig, M2CModel
 from fti4cir.tokens import ATTRS_FIELD, template_fields
 from fti4cir.weights import parameter_digest
 
+log = logging.getLogger(__name__)
+
 DEFAULT_CACHE_DIR = "cache/features"  # the `fti4cir features` default, so both commands share one cache
 HASHES_FILE = "file_hashes.json"
-ALL_METHODS = (*METHODS, *m2c.M2C_METHODS)
 REFERENCE_POLICY = {
     "fashioniq": "the reference image stays in the gallery (official FashionIQ code)",
     "cirr": "the reference image is removed from the ranking (official CIRR protocol)",
@@ -68,7 +69,6 @@ REFERENCE_POLICY = {
     "clothing-cir": "the reference image is removed from the ranking; a query's ground truths are every other test "
                     "photo of the target class and colour",
 }
-EVALUATE_SPLITS = {"fashioniq": ("val",), "cirr": ("val",), "circo": ("val",), "clothing-cir": ("test",)}
 
 
 # ---- queries and galleries ----------------------------------------------------------------------------------------
@@ -128,10 +128,12 @@ def load_parts(dataset: str, root: str | Path, split: str, *, categories: Sequen
     return parts
 
 
-def query_texts(dataset: str, queries: Sequence[Query]) -> list[str | tuple[str, str]]:
-    """FashionIQ: both caption orders (compose averages them, as the official code); else the one caption."""
+def query_texts(dataset: str, queries: Sequence[Query], method: str = "fti4cir") -> list[str | tuple[str, ...]]:
+    """The texts `method` encodes: FashionIQ's two captions as the method declares (FTI4CIR: both caption orders,
+    averaged by compose as the official code; M2C: "{cap2} and {cap1}", one order); else the one caption."""
     if dataset == "fashioniq":
-        return [prompts.fashioniq_texts(*q.texts) for q in queries]
+        join = registry.get(method).fashioniq_text
+        return [join(*q.texts) for q in queries]
     return [q.texts[0] for q in queries]
 
 
@@ -147,17 +149,10 @@ def resolve_prompt(value: str | None, dataset: str) -> str:
 
 
 def method_prompts(methods: Sequence[str], fti4cir_prompt: str, dataset: str) -> dict[str, str]:
-    """The template each pseudo-token method encodes (the other methods use no template)."""
-    chosen = {"fti4cir": fti4cir_prompt, "subject-only": prompts.SUBJECT_ONLY,
-              **{method: m2c.PROMPTS.get(dataset, m2c.PROMPTS["default"]) for method in m2c.M2C_METHODS}}
-    return {m: chosen[m] for m in methods if m in chosen}
-
-
-def m2c_query_texts(dataset: str, queries: Sequence[Query]) -> list[str]:
-    """The official M2C texts: FashionIQ "{cap2} and {cap1}" (one order, no averaging), else the caption."""
-    if dataset == "fashioniq":
-        return [m2c.fashioniq_text(*q.texts) for q in queries]
-    return [q.texts[0] for q in queries]
+    """The template each template method encodes on `dataset` (`fti4cir_prompt` for the method that takes the
+    user's); the other methods use no template."""
+    chosen = {m: registry.get(m).template_for(dataset, fti4cir_prompt) for m in methods}
+    return {m: template for m, template in chosen.items() if template is not None}
 
 
 # ---- feature cache ------------------------------------------------------------------------------------------------
@@ -169,6 +164,7 @@ class FeatureCache:
         """hashes: the file-hash memo of another cache under the same root (one memo per file, so that neither
         overwrites what the other learnt)."""
         self.model, self.batch_size, self.num_workers, self.progress = model, batch_size, num_workers, progress
+        self.root = Path(root)
         self.references = FeatureStore.for_model(root, model, with_patches=True)
         self.gallery = FeatureStore.for_model(root, model, with_patches=False)
         self.hashes = hashes if hashes is not None else FileHashes(Path(root) / HASHES_FILE)
@@ -240,65 +236,81 @@ class M2CSide:
     """The M2C methods of an evaluation: M2C weights on the same backbone, and the feature cache of M2C's
     preprocessing (the FTI4CIR cache itself when both preprocess alike)."""
 
-    model: m2c.M2CModel
+    model: M2CModel
     cache: FeatureCache
     weights: str
 
 
+def make_m2c_side(model, cache: FeatureCache, weights: str, preprocess: str = "clip") -> M2CSide:
+    """The M2C side of an evaluation from a model built with M2C weights (`ModelSpec.m2c_weights`: its `.m2c` shares
+    the backbone; `weights`: their file, for the report), with M2C's own `preprocess` (the official M2C evaluation:
+    "clip"); its feature cache is the
+    FTI4CIR cache when both preprocess alike, else a cache of M2C's preprocessing sharing the file-hash memo."""
+    m2c_model = model.m2c
+    if m2c_model is None:
+        raise UserError("the M2C methods need M2C weights (--m2c-weights)")
+    if m2c_model.preprocess_kind != preprocess:  # the same network on the same backbone, another image transform
+        m2c_model = M2CModel(m2c_model.backbone, m2c_model.net, preprocess)
+    if m2c_model.identity() != model.identity():
+        cache = FeatureCache(m2c_model, cache.root, batch_size=cache.batch_size, num_workers=cache.num_workers,
+                             progress=cache.progress, hashes=cache.hashes)
+    return M2CSide(m2c_model, cache, str(weights))
+
+
 # ---- queries -> similarities --------------------------------------------------------------------------------------
-def query_features(model, tokens: PseudoTokens, reference_index: np.ndarray, texts: Sequence, method: str,
+def query_features(model, references, reference_index: np.ndarray, texts: Sequence, method: str,
                    prompt: str | None, batch_size: int) -> torch.Tensor:
-    """compose() over query batches: [Q, E] L2-normalised."""
-    out = []
+    """compose() over query batches: [Q, E] L2-normalised. references: the references' pseudo tokens, or a function
+    (rows of `reference_index`) -> their visual features, for methods that read patch tokens."""
+    out, truncated = [], 0
     with torch.inference_mode():
         for start in range(0, len(texts), batch_size):
-            batch = tokens[reference_index[start:start + batch_size]]
-            out.append(compose(model, batch, list(texts[start:start + batch_size]), method=method, prompt=prompt))
-    return torch.cat(out).float()
-
-
-def m2c_query_features(side: M2CSide, rows: np.ndarray, reference_index: np.ndarray, texts: Sequence[str],
-                       method: str, prompt: str, batch_size: int) -> torch.Tensor:
-    """m2c_compose() over query batches from cached reference features: [Q, E] L2-normalised."""
-    out = []
-    with torch.inference_mode():
-        for start in range(0, len(texts), batch_size):
-            visual = side.cache.reference_features(rows[reference_index[start:start + batch_size]])
-            out.append(m2c.m2c_compose(side.model, visual, list(texts[start:start + batch_size]), prompt=prompt,
-                                       use_adapters=m2c.uses_adapters(method)))
+            rows = reference_index[start:start + batch_size]
+            batch = references(rows) if callable(references) else references[rows]
+            composed = compose_query(model, batch, list(texts[start:start + batch_size]), method=method,
+                                     prompt=prompt)
+            out.append(composed.features)
+            truncated += int(composed.truncated.sum())
+    if truncated:
+        log.warning("%s: %d of %d query texts were cut to fit CLIP's context", method, truncated, len(texts))
     return torch.cat(out).float()
 
 
 def part_similarities(model, dataset: str, part: Part, cache: FeatureCache, templates: dict[str, str],
                       methods: Sequence[str], batch_size: int, progress: bool = True, m2c_side: M2CSide | None = None
                       ) -> Iterator[tuple[str, np.ndarray]]:
-    """(method, similarity [queries, gallery]) for each method; visual features come from the cache(s)."""
+    """(method, similarity [queries, gallery]) for each method; visual features come from the cache(s). Each method
+    runs on the model of its family (FTI4CIR's, or M2C's from `m2c_side`) with that model's cache, on the references'
+    pseudo tokens, or on their cached visual features when it reads patch tokens."""
     images = part.benchmark.images
     references = list(dict.fromkeys(q.reference for q in part.queries))
     position = {name: i for i, name in enumerate(references)}
     reference_paths = [images[name] for name in references]
     gallery_paths = [images[name] for name in part.gallery]
     reference_index = np.array([position[q.reference] for q in part.queries])
-    ours = [m for m in methods if m not in m2c.M2C_METHODS]
-    if len(ours) < len(methods) and m2c_side is None:
+    declared = {m: registry.get(m) for m in methods}
+    sides = {"fti4cir": (model, cache), **({"m2c": (m2c_side.model, m2c_side.cache)} if m2c_side else {})}
+    if any(d.family not in sides for d in declared.values()):
         raise UserError("the M2C methods need M2C weights (--m2c-weights)")
-    if ours:
-        tokens = cache.reference_tokens(reference_paths)
-        gallery = cache.gallery_features(gallery_paths)
-        texts = query_texts(dataset, part.queries)
-    if len(ours) < len(methods):
-        m2c_rows = m2c_side.cache.reference_rows(reference_paths)
-        m2c_gallery = m2c_side.cache.gallery_features(gallery_paths)
-        m2c_texts = m2c_query_texts(dataset, part.queries)
+    inputs, galleries = {}, {}
+    for family, (_, side_cache) in sides.items():
+        used = [d for d in declared.values() if d.family == family]
+        if not used:
+            continue
+        if any(not d.patch_tokens for d in used):
+            inputs[family, False] = side_cache.reference_tokens(reference_paths)
+        if any(d.patch_tokens for d in used):
+            rows = side_cache.reference_rows(reference_paths)
+            inputs[family, True] = lambda index, rows=rows, side_cache=side_cache: \
+                side_cache.reference_features(rows[index])
+        galleries[family] = side_cache.gallery_features(gallery_paths)
     for method in tqdm(methods, desc=f"{part.name} methods", disable=not progress):
-        if method in m2c.M2C_METHODS:
-            features = m2c_query_features(m2c_side, m2c_rows, reference_index, m2c_texts, method, templates[method],
-                                          batch_size)
-            targets = m2c_gallery
-        else:
-            features = query_features(model, tokens, reference_index, texts, method, templates.get(method),
-                                      batch_size)
-            targets = gallery
+        spec = declared[method]
+        side_model, _ = sides[spec.family]
+        features = query_features(side_model, inputs[spec.family, spec.patch_tokens], reference_index,
+                                  query_texts(dataset, part.queries, method), method, templates.get(method),
+                                  batch_size)
+        targets = galleries[spec.family]
         yield method, (features.to(targets.device) @ targets.T).cpu().numpy()
 
 
@@ -352,75 +364,26 @@ def evaluate(model, dataset: str, parts: list[Part], cache: FeatureCache, *, met
     }
 
 
-def _comma_list(value: str, allowed: Sequence[str], flag: str) -> list[str]:
-    items = list(dict.fromkeys(v.strip() for v in value.split(",") if v.strip()))
-    unknown = [v for v in items if v not in allowed]
-    if unknown or not items:
-        raise UserError(f"{flag}: unknown {', '.join(unknown) or 'empty list'}; choose from {', '.join(allowed)}")
-    return items
+def m2c_methods(methods: Sequence[str]) -> list[str]:
+    """The methods of `methods` that run on the M2C model."""
+    return [m for m in methods if registry.get(m).family == "m2c"]
 
 
-def m2c_config_from_args(args) -> m2c.M2CConfig | None:
-    """The config of --m2c-weights (read without its tensors, before any model work), or None."""
-    return m2c.read_m2c_config(args.m2c_weights) if args.m2c_weights is not None else None
+def default_methods(m2c_config: M2CConfig | None) -> list[str]:
+    """FTI4CIR's five methods, plus the M2C methods that weights of `m2c_config` (if any) can run."""
+    return list(registry.runnable({"fti4cir": True, "m2c": m2c_config}))
 
 
-def check_m2c_methods(methods: Sequence[str], config: m2c.M2CConfig | None, weights: str | None) -> None:
+def check_m2c_methods(methods: Sequence[str], config: M2CConfig | None, weights: str | None) -> None:
     """The M2C methods asked for must be runnable with the given weights (checked before any model work)."""
-    wanted = [m for m in methods if m in m2c.M2C_METHODS]
+    wanted = m2c_methods(methods)
     if wanted and config is None:
         raise UserError(f"method {', '.join(wanted)} needs --m2c-weights: an M2C .safetensors written by "
                         "`fti4cir m2c-train` (stage 2 for m2c+compose)")
-    missing = [m for m in wanted if m not in m2c.available_methods(config)]
+    missing = [m for m in wanted if not registry.get(m).available(config)]
     if missing:
         raise UserError(f"{weights} holds stage-I M2C weights (no composing adapters); {', '.join(missing)} needs "
                         "the weights of `fti4cir m2c-train --stage 2`")
-
-
-def m2c_side_from_args(args, model, cache: FeatureCache, methods: Sequence[str]) -> M2CSide | None:
-    """M2C weights on `model`'s backbone when an M2C method runs (else None), with the FTI4CIR cache when both
-    preprocess alike, else a cache of M2C's preprocessing sharing the file-hash memo."""
-    if not any(m in m2c.M2C_METHODS for m in methods):
-        return None
-    m2c_model = m2c.attach_m2c(model.backbone, args.m2c_weights, args.m2c_preprocess)
-    if m2c_model.identity() != model.identity():
-        cache = FeatureCache(m2c_model, args.cache_dir, batch_size=args.batch_size, num_workers=args.num_workers,
-                             hashes=cache.hashes)
-    return M2CSide(m2c_model, cache, str(args.m2c_weights))
-
-
-def _methods_from_args(args, config: m2c.M2CConfig | None) -> list[str]:
-    """--methods, or FTI4CIR's five methods plus the M2C methods that --m2c-weights can run."""
-    if args.methods is None:
-        return [*METHODS, *(m2c.available_methods(config) if config is not None else ())]
-    return _comma_list(args.methods, ALL_METHODS, "--methods")
-
-
-def _evaluate_command(args) -> int:
-    from fti4cir.cli import model_from_args
-
-    allowed = EVALUATE_SPLITS[args.dataset]
-    args.split = args.split or allowed[0]
-    if args.split not in allowed:
-        raise UserError(f"{args.dataset} is evaluated on its {' / '.join(allowed)} split, not {args.split!r}")
-    m2c_config = m2c_config_from_args(args)
-    methods = _methods_from_args(args, m2c_config)
-    check_m2c_methods(methods, m2c_config, args.m2c_weights)
-    categories = _comma_list(args.categories, FASHIONIQ_CATEGORIES, "--categories")
-    resolve_prompt(args.prompt, args.dataset)  # a bad template fails before any model work
-    parts = load_parts(args.dataset, args.root, args.split, categories=categories, max_queries=args.max_queries,
-                       subset_gallery=args.subset_gallery)
-    model = model_from_args(args).eval()  # dropout off in the inversion network
-    cache = FeatureCache(model, args.cache_dir, batch_size=args.batch_size, num_workers=args.num_workers)
-    side = m2c_side_from_args(args, model, cache, methods)
-    results = evaluate(model, args.dataset, parts, cache, methods=methods, prompt=args.prompt,
-                       batch_size=args.batch_size, weights=args.weights, m2c_side=side)
-    out = Path(args.out or Path("runs") / "evaluate" / f"{args.dataset}-{args.split}")
-    json_path, markdown_path = write_report(out, results)
-    print(to_markdown(results))
-    print(f"{results['features']['visual_passes']} visual passes, {results['seconds']:.1f} s; "
-          f"wrote {json_path} and {markdown_path}")
-    return 0
 
 
 # ---- submit -------------------------------------------------------------------------------------------------------
@@ -452,79 +415,3 @@ def write_submission(dataset: str, part: Part, similarity: np.ndarray, out: Path
     for path, obj in files.items():
         submission.write_json_atomic(path, obj)
     return list(files)
-
-
-def _submit_command(args) -> int:
-    from fti4cir.cli import model_from_args
-
-    check_m2c_methods([args.method], m2c_config_from_args(args), args.m2c_weights)
-    prompt = resolve_prompt(args.prompt, args.dataset)  # a bad template fails before any model work
-    (part,) = load_parts(args.dataset, args.root, args.split, max_queries=args.max_queries,
-                         subset_gallery=args.subset_gallery)
-    length = submission.CIRR_LENGTHS["recall"] if args.dataset == "cirr" else submission.CIRCO_LENGTH
-    if len(part.gallery) <= length:
-        raise UserError(f"the gallery has {len(part.gallery)} images; a top-{length} list without the reference "
-                        f"needs at least {length + 1}")
-    model = model_from_args(args).eval()  # dropout off in the inversion network
-    cache = FeatureCache(model, args.cache_dir, batch_size=args.batch_size, num_workers=args.num_workers)
-    side = m2c_side_from_args(args, model, cache, [args.method])
-    templates = method_prompts([args.method], prompt, args.dataset)
-    [(_, similarity)] = list(part_similarities(model, args.dataset, part, cache, templates, [args.method],
-                                               args.batch_size, m2c_side=side))
-    paths = write_submission(args.dataset, part, similarity, Path(args.out), args.name or args.method)
-    if part.subset:
-        sizes = part.sizes()
-        print(f"warning: partial submission ({sizes['queries']} of {sizes['queries_total']} queries, gallery "
-              f"{sizes['gallery']} of {sizes['gallery_total']}); the server rejects it. For smoke tests only.",
-              file=sys.stderr)
-    print("wrote " + ", ".join(map(str, paths)))
-    return 0
-
-
-# ---- CLI ----------------------------------------------------------------------------------------------------------
-def _add_common_args(parser: argparse.ArgumentParser) -> None:
-    from fti4cir.cli import add_model_args
-
-    parser.add_argument("--root", required=True, help="benchmark folder in its official layout")
-    parser.add_argument("--prompt", default=None,
-                        help=f"template of method fti4cir: {', '.join(prompts.PROMPTS)} or a template such as "
-                             f"'{prompts.DEFAULT}' (default: the dataset's; the M2C methods use the official M2C "
-                             f"prompts)")
-    parser.add_argument("--max-queries", type=positive_int, default=None,
-                        help="only the first N queries (per FashionIQ category): a subset run")
-    parser.add_argument("--subset-gallery", type=non_negative_int, default=None, metavar="N",
-                        help="rank only the images the selected queries use plus N other gallery images: a subset "
-                             "run, not comparable to published numbers")
-    parser.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR, help="feature cache root (default %(default)s)")
-    parser.add_argument("--batch-size", type=positive_int, default=32)
-    parser.add_argument("--num-workers", type=non_negative_int, default=None, help="image decoding processes")
-    add_model_args(parser)
-    parser.add_argument("--m2c-weights", default=None,
-                        help="M2C weights (.safetensors from `fti4cir m2c-train`, same backbone): enables the methods "
-                             "m2c and, with stage-2 weights, m2c+compose")
-    parser.add_argument("--m2c-preprocess", default="clip", choices=["targetpad", "clip"],
-                        help="M2C's image preprocessing (default %(default)s, as the official M2C evaluation)")
-
-
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("evaluate", help="FashionIQ / CIRR / CIRCO validation metrics (clothing-cir: test), all "
-                              "methods in one table")
-    p.add_argument("--dataset", required=True, choices=list(EVALUATE_SPLITS),
-                   help="clothing-cir: --root data/clothing-cir (the demo photos' benchmark)")
-    p.add_argument("--split", default=None, choices=["val", "test"],
-                   help="default: val (clothing-cir: test, its only split)")
-    p.add_argument("--methods", default=None, help="comma-separated, from: " + ", ".join(ALL_METHODS) +
-                   " (default: the five FTI4CIR methods, plus the M2C methods --m2c-weights can run)")
-    p.add_argument("--categories", default=",".join(FASHIONIQ_CATEGORIES), help="FashionIQ categories")
-    p.add_argument("--out", default=None, help="results folder (default runs/evaluate/<dataset>-<split>)")
-    _add_common_args(p)
-    p.set_defaults(func=_evaluate_command)
-
-    p = subparsers.add_parser("submit", help="CIRR / CIRCO test-server prediction files")
-    p.add_argument("--dataset", required=True, choices=["cirr", "circo"])
-    p.add_argument("--split", default="test", choices=["test"])
-    p.add_argument("--method", default="fti4cir", choices=ALL_METHODS)
-    p.add_argument("--out", default="runs/submit", help="output folder (default %(default)s)")
-    p.add_argument("--name", default=None, help="file name stem (default: the method)")
-    _add_common_args(p)
-    p.set_defaults(func=_submit_command)

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..backbone import Backbone, VisualFeatures
-from ..compose import average_text_variants, split_text_variants
+from ..queries import Composed, any_variant, average_text_variants, split_text_variants
 from ..config_checks import M2C_RELATIONS, M2C_RULES, check_fields
 from ..errors import UserError
 from ..model import BackboneModel
@@ -42,7 +42,7 @@ DEFAULT_VSI_LAYERS = (3, 7, 9, 11)
 DEFAULT_ADAPTER_LAYERS = (1, 3, 5, 7, 9, 11)
 DEFAULT_ADAPTER_RANK = 128
 
-# Query methods beside FTI4CIR's: the stage-I query, and the stage-II query through the composing adapters.
+# The names of the M2C query methods (declared in `fti4cir.m2c.methods`); kept here for app.py, which reads it.
 M2C_METHODS = ("m2c", "m2c+compose")
 
 # The sentence of stage I (and of the mapping term of stage II).
@@ -281,11 +281,17 @@ class M2CModel(BackboneModel):
                patches: torch.Tensor, *, use_adapters: bool) -> torch.Tensor:
         """Text features [B, E] (not normalised) of `template` with `*` = Phi(image) and VSI / adapters hooked in.
         texts: one `{text}` value per row (None for templates without fields, e.g. `MAPPING_PROMPT`)."""
+        return self.encode_prompt(template, texts, image_features, patches, use_adapters=use_adapters)[0]
+
+    def encode_prompt(self, template: str, texts: Sequence[str] | None, image_features: torch.Tensor,
+                      patches: torch.Tensor, *, use_adapters: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """`encode`, and which rows' text was cut to fit CLIP's context ([B] bool)."""
         fields = [{}] * image_features.shape[0] if texts is None else [{"text": t} for t in texts]
-        ids, mask = tokenize_prompts(template, fields, None, self.backbone.context_length)
+        ids, mask = tokenized = tokenize_prompts(template, fields, None, self.backbone.context_length)
         if not bool((mask.sum(dim=1) == 1).all()):
             raise UserError(f"An M2C prompt needs exactly one '*' placeholder: {template!r}")
-        return self.encode_tokens(ids, mask, self.net.mapper(image_features), patches, use_adapters=use_adapters)
+        features = self.encode_tokens(ids, mask, self.net.mapper(image_features), patches, use_adapters=use_adapters)
+        return features, tokenized.truncated
 
     def encode_tokens(self, token_ids: torch.Tensor, placeholder_mask: torch.Tensor, pseudo: torch.Tensor,
                       patches: torch.Tensor | None, *, use_adapters: bool) -> torch.Tensor:
@@ -340,31 +346,24 @@ def m2c_compose(m2c_model: M2CModel, references: Reference, texts: Sequence[Text
     use_adapters: the composing adapters of stage II (method "m2c+compose") or not (method "m2c", the stage-I
         query); None: whenever the weights have them.
     """
+    return m2c_query(m2c_model, references, texts, prompt=prompt, use_adapters=use_adapters).features
+
+
+def m2c_query(m2c_model: M2CModel, references: Reference, texts: Sequence[Text], *, prompt: str | None = None,
+              use_adapters: bool | None = None) -> Composed:
+    """`m2c_compose`, with which references' texts were cut to fit CLIP's context."""
     if use_adapters is None:
         use_adapters = m2c_model.net.has_adapters
     flat, n = split_text_variants(texts)
     image_features, patches = m2c_model.visual_inputs(references)
     if n > 1:
         image_features, patches = image_features.repeat_interleave(n, 0), patches.repeat_interleave(n, 0)
-    features = m2c_model.encode(prompt or PROMPTS["default"], flat, image_features, patches,
-                                use_adapters=use_adapters)
-    return average_text_variants(features, n)
+    features, truncated = m2c_model.encode_prompt(prompt or PROMPTS["default"], flat, image_features, patches,
+                                                  use_adapters=use_adapters)
+    return Composed(average_text_variants(features, n), any_variant(truncated, n))
 
 
 # ---- weights ------------------------------------------------------------------------------------------------------
-def uses_adapters(method: str) -> bool:
-    """Whether an M2C method runs the composing adapters ("m2c+compose") or not ("m2c")."""
-    if method not in M2C_METHODS:
-        raise UserError(f"Unknown M2C method {method!r}; choose {' or '.join(M2C_METHODS)}")
-    return method == "m2c+compose"
-
-
-def available_methods(weights: "M2CNetwork | M2CConfig") -> tuple[str, ...]:
-    """The M2C methods a network (or the config of a weights file) can run: "m2c+compose" needs stage-II weights."""
-    config = weights.config if isinstance(weights, M2CNetwork) else weights
-    return M2C_METHODS if config.adapter_layers else M2C_METHODS[:1]
-
-
 def attach_m2c(backbone: Backbone, weights: str | os.PathLike, preprocess: str = "clip") -> M2CModel:
     """M2C weights on an already loaded backbone (e.g. the one of an FTI4CIR model): both methods share it.
     preprocess: "clip" (resize + center crop) as the official M2C evaluation; galleries use their own."""
