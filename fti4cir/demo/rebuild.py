@@ -330,20 +330,18 @@ class Rebuild:
 
     def evaluate(self) -> None:
         from ..evaluation.report import to_markdown, write_report
-        from ..evaluation.run import METHODS, FeatureCache, M2CSide, evaluate, load_parts
+        from ..evaluation.run import FeatureCache, default_methods, evaluate, load_parts, make_m2c_side
         from ..factory import create_model
-        from ..m2c.model import available_methods, read_m2c_config
+        from ..m2c.model import read_m2c_config
         from .words import decoded_word_rates
 
         weights, m2c_weights = str(self.path(FTI4CIR_FILE)), str(self.path(M2C_FILE))
-        methods = [*METHODS, *available_methods(read_m2c_config(m2c_weights))]
+        methods = default_methods(read_m2c_config(m2c_weights))
         parts = load_parts("clothing-cir", self.benchmark_root, "test")
         model = create_model(self.model_spec(self.path(FTI4CIR_FILE), seed=COMMAND_SEED, m2c_weights=m2c_weights))
         cache = FeatureCache(model, self.cache)
-        m2c_cache = cache if model.m2c.identity() == model.identity() else \
-            FeatureCache(model.m2c, self.cache, hashes=cache.hashes)
         results = evaluate(model, "clothing-cir", parts, cache, methods=methods, weights=weights,
-                           m2c_side=M2CSide(model.m2c, m2c_cache, m2c_weights))
+                           m2c_side=make_m2c_side(model, cache, m2c_weights, model.preprocess_kind))
         json_path, markdown_path = write_report(self.path("evaluate"), results)
         self.say(to_markdown(results))
         self.say(f"{results['features']['visual_passes']} visual passes, {results['seconds']:.1f} s; "
