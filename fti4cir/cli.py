@@ -2,60 +2,60 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import sys
+from types import ModuleType
 
+from .commands import (
+    captions,
+    convert,
+    demo,
+    deploy_space,
+    evaluate,
+    features,
+    index,
+    inspect,
+    m2c_train,
+    search,
+    train,
+    triplets,
+)
 from .errors import UserError
 
 log = logging.getLogger("fti4cir.cli")  # also under python -m fti4cir.cli
 
 
-# Transitional: the shared flags moved to fti4cir.commands.common; these names go once every command has moved.
-from .commands.common import add_model_args, non_negative_int, positive_int  # noqa: E402,F401
-from .commands.common import none_or_str as _none_or_str  # noqa: E402,F401
-
-
-def model_from_args(args):
-    """Transitional: `create_model(spec_from_args(args))`."""
-    from .commands.common import spec_from_args
-    from .factory import create_model
-
-    return create_model(spec_from_args(args))
-
-
-# command -> (module whose `add_parser(subparsers)` registers it, the one-line help `fti4cir --help` lists). Only the
-# module of the command being run is imported, so `fti4cir --help` and `fti4cir CMD --help` import no torch (a stage
-# module imports its heavy dependencies in its handlers). tests/test_cli_conventions.py checks the lines against the
-# modules' own help.
-COMMANDS: dict[str, tuple[str, str]] = {
-    "convert": ("fti4cir.commands.convert", "convert an official FTI4CIR release .pth to safetensors + JSON "
+# command -> (module whose `add_parser(subparsers)` registers it, the one-line help `fti4cir --help` lists). Command
+# modules are light (each imports its heavy dependencies in its handler), so importing them all costs ~0.1 s; only the
+# parser of the command being run is built. tests/test_cli_conventions.py checks the lines against the modules' help.
+COMMANDS: dict[str, tuple[ModuleType, str]] = {
+    "convert": (convert, "convert an official FTI4CIR release .pth to safetensors + JSON "
                 "(safely)"),
-    "inspect": ("fti4cir.commands.inspect", "decode one image's pseudo-word tokens"),
-    "search": ("fti4cir.commands.search", "rank a gallery for a reference image (file or gallery image) and a text"),
-    "deploy-space": ("fti4cir.commands.deploy_space", "upload the app to a Hugging Face Space (--dry-run: list and "
+    "inspect": (inspect, "decode one image's pseudo-word tokens"),
+    "search": (search, "rank a gallery for a reference image (file or gallery image) and a text"),
+    "deploy-space": (deploy_space, "upload the app to a Hugging Face Space (--dry-run: list and "
                      "check only)"),
-    "caption": ("fti4cir.commands.captions", "BLIP captions for a folder of images (resumable JSONL)"),
-    "split-captions": ("fti4cir.commands.captions", "split captions into subject/attribute pairs (spaCy)"),
-    "features": ("fti4cir.commands.features", "extract and cache visual features (one visual pass per image)"),
-    "index": ("fti4cir.commands.index", "build or update a gallery: features, pseudo tokens, explanations, index"),
-    "train": ("fti4cir.commands.train", "train the inversion network on subject/attribute pairs"),
-    "evaluate": ("fti4cir.commands.evaluate", "FashionIQ / CIRR / CIRCO validation metrics (clothing-cir: test), "
+    "caption": (captions, "BLIP captions for a folder of images (resumable JSONL)"),
+    "split-captions": (captions, "split captions into subject/attribute pairs (spaCy)"),
+    "features": (features, "extract and cache visual features (one visual pass per image)"),
+    "index": (index, "build or update a gallery: features, pseudo tokens, explanations, index"),
+    "train": (train, "train the inversion network on subject/attribute pairs"),
+    "evaluate": (evaluate, "FashionIQ / CIRR / CIRCO validation metrics (clothing-cir: test), "
                  "all methods in one table"),
-    "submit": ("fti4cir.commands.evaluate", "CIRR / CIRCO test-server prediction files"),
-    "triplets": ("fti4cir.commands.triplets", "synthetic composed-retrieval triplets from a labelled image folder "
+    "submit": (evaluate, "CIRR / CIRCO test-server prediction files"),
+    "triplets": (triplets, "synthetic composed-retrieval triplets from a labelled image folder "
                  "(M2C stage II)"),
-    "m2c-train": ("fti4cir.commands.m2c_train", "train M2C (From Mapping to Composing): stage 1 mapping, stage 2 "
+    "m2c-train": (m2c_train, "train M2C (From Mapping to Composing): stage 1 mapping, stage 2 "
                   "composing adapters"),
-    "convert-m2c": ("fti4cir.commands.convert", "convert an official M2C checkpoint (.pt) to our safetensors"),
-    "demo-photos": ("fti4cir.commands.demo", "copy the clothing photos (<split>/<class>/*.jpg) into the repository, "
+    "convert-m2c": (convert, "convert an official M2C checkpoint (.pt) to our safetensors"),
+    "demo-photos": (demo, "copy the clothing photos (<split>/<class>/*.jpg) into the repository, "
                     "downscaled"),
-    "demo-labels": ("fti4cir.commands.demo", "class and colour labels of the demo photos (labels.json)"),
-    "demo-captions": ("fti4cir.commands.demo", "one caption per demo photo of a split (captions JSONL for "
+    "demo-labels": (demo, "class and colour labels of the demo photos (labels.json)"),
+    "demo-captions": (demo, "one caption per demo photo of a split (captions JSONL for "
                       "split-captions / CLIP training)"),
-    "demo-benchmark": ("fti4cir.commands.demo", "the clothing-cir composed-retrieval benchmark from the test photos' "
+    "demo-benchmark": (demo, "the clothing-cir composed-retrieval benchmark from the test photos' "
                        "labels (queries.json)"),
-    "demo-rebuild": ("fti4cir.commands.demo", "rebuild the embedded demo: CLIP -> captions -> FTI4CIR -> M2C -> "
+    "demo-rebuild": (demo, "rebuild the embedded demo: CLIP -> captions -> FTI4CIR -> M2C -> "
                      "gallery -> benchmark table (resumable)"),
 }
 
@@ -73,20 +73,15 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                         help="errors only on stderr (results still go to stdout)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     if command is None:
-        modules = _stage_modules()
+        modules = dict.fromkeys(module for module, _ in COMMANDS.values())
     else:
-        modules = [importlib.import_module(COMMANDS[command][0])] if command in COMMANDS else []
+        modules = [COMMANDS[command][0]] if command in COMMANDS else []
     for module in modules:
         module.add_parser(sub)
     for name, (_, summary) in COMMANDS.items():  # the rest: listed only
         if name not in sub.choices:
             sub.add_parser(name, help=summary, add_help=False)
     return parser
-
-
-def _stage_modules():
-    """The modules that register commands (every one of them is imported)."""
-    return [importlib.import_module(m) for m in dict.fromkeys(m for m, _ in COMMANDS.values())]
 
 
 def _command_of(argv: list[str]) -> str | None:

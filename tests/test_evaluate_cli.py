@@ -14,16 +14,17 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from benchmark_fixtures import benchmark_root, circo_image_ids, make_placeholder_images, write_circo_image_info
 
+from benchmark_fixtures import benchmark_root, circo_image_ids, make_placeholder_images, write_circo_image_info
 from fti4cir import cli
 from fti4cir.backbone import Backbone
-from fti4cir.commands import evaluate as evaluate_command
+from fti4cir.commands.common import spec_from_args
 from fti4cir.compose import METHODS
 from fti4cir.evaluation import run
 from fti4cir.evaluation.datasets import FASHIONIQ_CATEGORIES, load_benchmark
 from fti4cir.evaluation.metrics import cirr_metrics
 from fti4cir.evaluation.submission import validate_circo_submission, validate_cirr_submission
+from fti4cir.factory import create_model
 from fti4cir.features import FileHashes
 from fti4cir.inputs import load_image
 
@@ -45,14 +46,6 @@ HEADERS = {
 def _invoke(*argv, seed=0):
     """`fti4cir <argv> --seed SEED`: the seed picks the random tiny backbone, as a checkpoint would."""
     return cli.main([str(a) for a in argv] + ["--seed", str(seed)])
-
-
-@pytest.fixture(scope="module", autouse=True)
-def cli_with_evaluation():
-    """The CLI with this module's subcommands (however fti4cir.cli registers stages)."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(cli, "_stage_modules", lambda: [evaluate_command])
-        yield
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +168,7 @@ def test_cirr_metrics_match_a_direct_computation(evaluated):
     reported = json.loads((runs["folder"] / "out" / "results.json").read_text())["methods"]["image-only"]
 
     torch.manual_seed(0)
-    model = cli.model_from_args(cli.build_parser().parse_args(["inspect", "x", *TINY[:6]]))
+    model = create_model(spec_from_args(cli.build_parser().parse_args(["inspect", "x", *TINY[:6]])))
     benchmark = load_benchmark("cirr", runs["root"], "val")
     queries, gallery = benchmark.queries[:QUERIES], runs["galleries"]["cirr"]
     with torch.no_grad():
@@ -250,7 +243,7 @@ def test_missing_images_fail_before_any_model_work(tmp_path, monkeypatch, capsys
     split = "val" if command == "evaluate" else "test1"
     benchmark = load_benchmark("cirr", root, split)
     make_placeholder_images(benchmark, list(benchmark.images)[:5])
-    monkeypatch.setattr(cli, "model_from_args", lambda args: pytest.fail("model built despite missing images"))
+    monkeypatch.setattr("fti4cir.factory.create_model", lambda *a, **k: pytest.fail("model built despite missing images"))
     code = _invoke(command, "--dataset", "cirr", "--root", root, "--max-queries", 2, "--out", tmp_path / "out",
                 "--cache-dir", tmp_path / "cache", *TINY)
     error = capsys.readouterr().err

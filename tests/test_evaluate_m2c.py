@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from benchmark_fixtures import benchmark_root
 from conftest import random_m2c
-from test_evaluate_cli import QUERIES, TINY, _evaluate_args, _invoke, _root_with_images, cli_with_evaluation  # noqa: F401
+from test_evaluate_cli import QUERIES, TINY, _evaluate_args, _invoke, _root_with_images
 
 from fti4cir import cli, factory
 from fti4cir.backbone import VisualFeatures
@@ -161,7 +161,7 @@ def test_bad_m2c_options_are_user_errors(tmp_path, capsys, m2c_weights, tiny_mod
     files = {"STAGE1": m2c_weights["stage1"], "FTI4CIR": fti4cir_weights, "MISSING": tmp_path / "none.safetensors",
              "FOLDER": tmp_path}
     extra = [str(files.get(v, v)) for v in extra]
-    monkeypatch.setattr(cli, "model_from_args", lambda args: pytest.fail("model built despite a bad option"))
+    monkeypatch.setattr("fti4cir.factory.create_model", lambda *a, **k: pytest.fail("model built despite a bad option"))
     root, _ = _root_with_images(tmp_path, "cirr", "val")
     assert _invoke("evaluate", "--dataset", "cirr", "--root", root, "--max-queries", 2, "--subset-gallery", 2,
                    "--cache-dir", tmp_path / "cache", "--out", tmp_path / "out", *TINY, *extra) == 2
