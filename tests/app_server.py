@@ -50,9 +50,10 @@ def build_tiny_gallery(tmp: Path, count: int) -> Path:
     """`count` clothing photos copied to tmp/photos and indexed with the app's tiny model into tmp/galleries.
     The model is built the way `app.py --tiny` builds it, so the app accepts the gallery."""
     import app
+    from fti4cir.factory import create_model
 
     args = app.parse_args(["--tiny", "--device", "cpu"])
-    return build_small_gallery(app.create_app_model(args), tmp, count, name=GALLERY)
+    return build_small_gallery(create_model(app.model_spec(args)), tmp, count, name=GALLERY)
 
 
 @dataclass

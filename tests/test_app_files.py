@@ -190,7 +190,7 @@ def test_gallery_flag_outside_the_galleries_dir_is_refused(layout, tiny_model, m
     import app
 
     monkeypatch.chdir(layout["tmp"])  # relative names resolve the same way on every machine
-    monkeypatch.setattr(app, "create_app_model", lambda args: tiny_model)  # the name is refused before the model
+    monkeypatch.setattr(app, "create_model_or_fti4cir", lambda spec: (tiny_model, None))  # no model to build
     setup = app.load_service(app.parse_args(["--tiny", "--device", "cpu", "--gallery", gallery,
                                              "--galleries-dir", layout["galleries"]]))
     assert setup.service is None and "Invalid gallery name" in setup.problems[0], setup.problems
