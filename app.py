@@ -268,6 +268,11 @@ table.words .score { color: #777; }
 /* phone-width screens: the token table scrolls inside its box instead of widening the page */
 table.words { display: block; max-width: 100%; overflow-x: auto; }
 .sentence { overflow-wrap: anywhere; }
+/* and the image grids take fewer columns instead of scrolling sideways (gradio keeps 100 px a column) */
+@media (max-width: 640px) {
+  #results .grid-container, #heatmaps .grid-container { grid-template-columns: repeat(3, minmax(0, 1fr)); }
+  #gallery .grid-container { grid-template-columns: repeat(4, minmax(0, 1fr)); }
+}
 """
 
 
@@ -469,9 +474,11 @@ def build_demo(setup: Setup, cache_max_age: int = 3600):
         method.input(event(page.settings), search_inputs, outputs(RESULT_OUTPUTS), **ui)
         top_k.release(event(page.settings), search_inputs, outputs(RESULT_OUTPUTS), **ui)
         upload.upload(event(page.upload), [upload, text, method, top_k], outputs(REFERENCE_OUTPUTS), **ui)
-        # a file dropped or pasted on the reference, or a webcam photo (input: the user's changes, not ours)
-        reference_view.input(event(page.upload), [reference_view, text, method, top_k], outputs(REFERENCE_OUTPUTS),
-                             **ui)
+        # a file dropped on the reference box or chosen there, a pasted image, a webcam photo: all are "upload"s
+        # (never fired by our own updates of the box); clearing the box forgets the session's reference
+        reference_inputs = [reference_view, text, method, top_k]
+        reference_view.upload(event(page.upload), reference_inputs, outputs(REFERENCE_OUTPUTS), **ui)
+        reference_view.clear(event(page.upload), reference_inputs, outputs(REFERENCE_OUTPUTS), **ui)
         browser.select(on_browser_select, [text, method, top_k], outputs(REFERENCE_OUTPUTS), **ui)
         results.select(on_result_select, [shown_state, text, method, top_k], outputs(REFERENCE_OUTPUTS), **ui)
         if page.example_rows:

@@ -90,6 +90,21 @@ def test_gallery_images_are_served(server, layout):
         assert status == 200 and body in sources
 
 
+def test_search_answers_carry_urls_the_server_serves(server, layout):
+    """/search gives each result's name, score and URL; fetching the URL gives the gallery image's bytes (through
+    gradio_client and through the plain HTTP API)."""
+    root = Path(layout["root"])
+    answers = [client_for(server).predict(None, layout["name"], "is red", "fti4cir", 4, api_name="/search"),
+               call_search_raw(server.url, [None, layout["name"], "is red", "fti4cir", 4])[1][0]]
+    for answer in answers:
+        assert [set(r) for r in answer["results"]] == [{"rank", "name", "score", "url"}] * 4, answer
+        for result in answer["results"]:
+            assert result["url"].startswith(f"{server.url}gradio_api/file="), result
+            with urllib.request.urlopen(result["url"], timeout=30) as response:
+                assert response.read() == (root / result["name"]).read_bytes()
+    assert answers[0]["results"] == answers[1]["results"]
+
+
 def test_uploads_are_served_and_searchable(server, layout):
     status, body = upload_raw(server.url, Path(layout["root"]) / layout["name"])
     assert status == 200

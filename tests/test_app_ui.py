@@ -170,12 +170,14 @@ def test_page_wires_every_event_to_the_page_logic(service):
     for fn in demo.fns.values():
         for block, trigger in fn.targets:
             targets[(ids.get(block), trigger)] = fn
-    drop = targets[("reference", "input")]
+    drop = targets[("reference", "upload")]
     assert [ids.get(o._id) for o in drop.outputs][:len(RESULT_OUTPUTS)] == [
         "sentence", "timing", "results", "relevance", "heatmaps", "switches", "moved", "status", None, None]
     out = drop.fn(str(service.gallery.paths[0]), "is red", "fti4cir", 3)
     by_id = {getattr(c, "elem_id", None): v for c, v in out.items()}
     assert "but is red" in by_id["sentence"] and len(by_id["results"]) == 3
     assert by_id["switches"]["__type__"] == "update" and by_id["switches"]["choices"]
+    cleared = targets[("reference", "clear")].fn(None, "is red", "fti4cir", 3)
+    assert [type(c).__name__ for c in cleared] == ["State"] and list(cleared.values()) == [None]  # forgotten
     failed = targets[("search", "click")].fn(None, "x", "fti4cir", 3)
     assert {getattr(c, "elem_id", None): v for c, v in failed.items()} == {"status": status_html(NO_REFERENCE)}
