@@ -47,13 +47,22 @@ def space(tmp_path_factory) -> Path:
     return folder
 
 
-def test_the_space_comes_up_and_answers_a_query(space, tmp_path):
+@pytest.mark.parametrize("preset", [False, True], ids=["no-variables", "FTI4CIR_MODEL-offline"])
+def test_the_space_comes_up_and_answers_a_query(space, tmp_path, preset):
+    """No variables: the embedded demo, no banner about random weights. FTI4CIR_MODEL=fti4cir-official with no
+    network and an empty Hub cache: the same demo, with the fallback banner."""
     name, text = EXAMPLES[0]
-    with running_space(space, tmp_path) as server:
+    variables = {"FTI4CIR_MODEL": "fti4cir-official", "HF_HOME": str(tmp_path / "empty-hf-home")} if preset else {}
+    with running_space(space, tmp_path, **variables) as server:
         log = server.log_text()
         assert f"0.0.0.0:{server.port}" in log, log[-2000:]  # listening on every interface, on $PORT
         banner = banner_of(config_of(server.url))
         assert not banner["visible"] or "random" not in banner["value"].lower(), banner
+        if preset:
+            assert banner["visible"] and FALLBACK in banner["value"] and OFFLINE_MESSAGE in banner["value"], banner
+            assert "serving the embedded demo instead" in log
+        else:
+            assert not banner["visible"] or FALLBACK not in banner["value"]
         event, data = call_search_raw(server.url, [None, name, text, "fti4cir", 5])
         assert event == "complete" and "error" not in data[0], data
         answer = data[0]
