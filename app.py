@@ -369,6 +369,18 @@ def build_demo(setup: Setup, cache_max_age: int = 3600):
     from fti4cir.compose import METHODS
     from fti4cir.inputs import MAX_TEXT_CHARS, describe_limits
 
+    class ReferenceImage(gr.Image):
+        """gr.Image that hands the event the uploaded file's path without decoding it (gradio has checked that it
+        is an upload): `fti4cir.inputs.load_image` reads and checks it like every upload, so a dropped file that is
+        no image gets the page's readable message instead of a gradio error."""
+
+        is_template = True  # the page shows it as gradio's own image component
+
+        def preprocess(self, payload):
+            if payload is not None and payload.path:
+                return payload.path
+            return super().preprocess(payload)
+
     page = Page(setup.service, setup.problems)
     enabled = setup.service is not None
     banner = "\n\n".join(setup.problems + setup.notes)
@@ -389,9 +401,9 @@ def build_demo(setup: Setup, cache_max_age: int = 3600):
         with gr.Row(equal_height=False):
             with gr.Column(scale=1, min_width=280):
                 # drop a file on it, paste one (clipboard) or take a webcam photo; or the button below
-                reference_view = gr.Image(label="Reference (drop, paste or webcam)", type="filepath",
-                                          image_mode=None, sources=["upload", "clipboard", "webcam"], height=240,
-                                          interactive=enabled, buttons=[], elem_id="reference")
+                reference_view = ReferenceImage(label="Reference (drop, paste or webcam)", type="filepath",
+                                                sources=["upload", "clipboard", "webcam"], height=240,
+                                                interactive=enabled, buttons=[], elem_id="reference")
                 upload = gr.UploadButton("Upload a reference image", file_types=["image"], type="filepath",
                                          size="md", elem_id="upload", interactive=enabled)
                 text = gr.Textbox(label="Modification text", placeholder="e.g. is red and has long sleeves",

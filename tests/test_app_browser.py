@@ -4,8 +4,8 @@
 relevance chart, the heatmaps and k results appear; switching a token off re-ranks (the "moved" summary and the
 sentence update); clicking a result makes it the reference. `python app.py` (the embedded demo, no flags): one click
 on an example gives results of the asked class and colour, also on a phone-width (390 px) screen. At 390 px the
-reference is also dropped on its box, pasted from the clipboard and taken with a (fake) webcam, each giving a new
-search, and nothing is wider than the screen. Screenshots go to the test's tmp folder; the demo's, with
+reference is also dropped on its box (a file that is no image: the readable message), pasted from the clipboard and
+taken with a (fake) webcam, each giving a new search, and nothing is wider than the screen. Screenshots go to the test's tmp folder; the demo's, with
 FTI4CIR_UPDATE_SCREENSHOT=1, also to docs/screenshot.png (the README's picture), so that a plain test run leaves the
 checkout unchanged.
 """
@@ -191,6 +191,11 @@ def test_reference_by_drop_paste_and_webcam_at_phone_width(app_url, tmp_path):
             assert [b.get_attribute("aria-label") for b in sources.all()] == [
                 "Upload file", "Capture from camera", "Paste from clipboard"]
             assert_fits(page, PHONE["width"])
+
+            not_an_image = base64.b64encode(b"This is not an image.\n" * 20).decode()
+            page.evaluate(DROP_JS, [not_an_image, "notes.jpg"])  # a readable message, as for the upload button
+            expect(page.locator("#status")).to_contain_text('"notes.jpg" is not a supported image')
+            assert page.locator("#results img").count() == 0
 
             page.fill("#text textarea", "is dropped")
             page.evaluate(DROP_JS, [encoded[0], photos[0].name])  # drag and drop

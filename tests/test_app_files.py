@@ -197,6 +197,40 @@ def test_search_file_parameter_takes_only_uploads(server, layout, path):
     assert server.alive()
 
 
+def test_reference_box_takes_only_uploads(server, layout):
+    """The page's reference box (drop, paste, webcam) hands its event the file's path undecoded: gradio still accepts
+    only files from its upload folder there, so a crafted event naming any other file fails without reading it."""
+    import uuid
+
+    with urllib.request.urlopen(f"{server.url}config", timeout=10) as response:
+        config = json.load(response)
+    box = next(c["id"] for c in config["components"] if c["props"].get("elem_id") == "reference")
+    assert next(c["type"] for c in config["components"] if c["id"] == box) == "image"
+    fn_index = next(i for i, d in enumerate(config["dependencies"]) if [box, "upload"] in d["targets"])
+
+    def drop(path: str) -> tuple[dict, list]:
+        session = uuid.uuid4().hex
+        body = {"data": [{"path": path, "meta": {"_type": "gradio.FileData"}}, "is red", "fti4cir", 3],
+                "fn_index": fn_index, "trigger_id": None, "session_hash": session}
+        request = urllib.request.Request(f"{server.url}gradio_api/queue/join", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"}, method="POST")
+        with urllib.request.urlopen(request, timeout=60):
+            pass
+        with urllib.request.urlopen(f"{server.url}gradio_api/queue/data?session_hash={session}", timeout=60) as r:
+            messages = [json.loads(line[6:]) for line in r if line.startswith(b"data: ")]
+        return next(m for m in messages if m.get("msg") == "process_completed"), messages
+
+    status, body = upload_raw(server.url, Path(layout["root"]) / layout["name"])
+    assert status == 200
+    final, _ = drop(json.loads(body)[0])  # an upload: searched
+    assert final["success"] and "but is red" in json.dumps(final["output"]), final
+    for path in ("/etc/passwd", "{root}/secret.txt", "{root}/{name}", "{galleries}/demo/CURRENT"):
+        final, messages = drop(path.format(**layout))
+        assert not final["success"], (path, final)
+        assert_no_leak(json.dumps(messages))
+    assert server.alive()
+
+
 # ---- the --gallery flag --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("gallery", ["../x", "/etc", "..", "demo/../demo", "photos/../../x", "%2e%2e", "demo\0",
                                      ".hidden", "/etc/passwd"])

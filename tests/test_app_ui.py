@@ -165,6 +165,7 @@ def test_page_wires_every_event_to_the_page_logic(service):
     props = page_props(demo)
     assert set(props["reference"]["sources"]) == {"upload", "clipboard", "webcam"}
     assert props["reference"]["interactive"] is True and props["upload"]["interactive"] is True
+    assert page_props(app.build_demo(app.Setup(None, ["no model"], [])))["reference"]["interactive"] is False
     ids = {c["id"]: c["props"].get("elem_id") for c in demo.get_config_file()["components"]}
     targets = {}
     for fn in demo.fns.values():
