@@ -4,10 +4,11 @@
     with running_app(tmp_path, galleries) as server:                  # a free loopback port, waits until it serves
         server.url, server.pid, server.rss_bytes(), server.log_text()
     # stopped here, whatever happened (SIGTERM, then SIGKILL after a grace period)
+    with running_space(copy_of_the_space, tmp_path) as server: ...   # `python app.py` as a Space starts it
 
 Clients: `client_for(server)` (a gradio_client.Client), `call_search_raw(url, data)` (the /search endpoint through
 gradio's plain HTTP API, for inputs gradio_client cannot send), `upload_raw(url, path)` (gradio's upload route).
-Used by test_app_browser.py, test_app_load.py and test_app_files.py.
+Used by test_app_browser.py, test_app_load.py, test_app_files.py, test_app_space.py and test_reliability_app.py.
 """
 from __future__ import annotations
 
@@ -50,9 +51,10 @@ def build_tiny_gallery(tmp: Path, count: int) -> Path:
     """`count` clothing photos copied to tmp/photos and indexed with the app's tiny model into tmp/galleries.
     The model is built the way `app.py --tiny` builds it, so the app accepts the gallery."""
     import app
+    from fti4cir.factory import create_model
 
     args = app.parse_args(["--tiny", "--device", "cpu"])
-    return build_small_gallery(app.create_app_model(args), tmp, count, name=GALLERY)
+    return build_small_gallery(create_model(app.model_spec(args)), tmp, count, name=GALLERY)
 
 
 @dataclass
@@ -155,14 +157,40 @@ def running_app(tmp: Path, galleries: Path | None, *, gallery: str | None = GALL
         command += ["--gallery", gallery]
     if galleries is not None:
         command += ["--galleries-dir", str(galleries)]
+    env = clean_environment(tmp)
+    env["PYTHONPATH"] = str(REPO)
+    with serving([*command, *extra_args], cwd, env, tmp / f"app-{port}.log", port) as server:
+        yield server
+
+
+@contextlib.contextmanager
+def running_space(folder: Path, tmp: Path, **variables: str) -> Iterator[AppServer]:
+    """`python app.py` with no arguments in `folder` (a copy of the Space's files), as a Hugging Face Space starts
+    it: PORT=<a free port>, GRADIO_SERVER_NAME=0.0.0.0, the Space's variables (`variables`, e.g.
+    FTI4CIR_MODEL="fti4cir-official"), no PYTHONPATH (the copy's own package is imported); offline. Its log and
+    gradio's upload dir go to `tmp`, outside the copy."""
+    port = free_port()
+    env = clean_environment(tmp)
+    env.pop("PYTHONPATH", None)
+    env.update(PORT=str(port), GRADIO_SERVER_NAME="0.0.0.0", **variables)
+    with serving([sys.executable, "app.py"], folder, env, tmp / f"space-{port}.log", port) as server:
+        yield server
+
+
+def clean_environment(tmp: Path) -> dict[str, str]:
+    """This process's environment without the app's own variables, offline, gradio's uploads under tmp."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("GRADIO_SERVER_NAME", "GRADIO_SERVER_PORT", "PORT") and not k.startswith("FTI4CIR_")}
     env.update(GRADIO_ANALYTICS_ENABLED="False", GRADIO_TEMP_DIR=str(tmp / "gradio-uploads"), HF_HUB_OFFLINE="1",
-               PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO))
-    log = tmp / f"app-{port}.log"
+               PYTHONUNBUFFERED="1")
+    return env
+
+
+@contextlib.contextmanager
+def serving(command: list[str], cwd: Path, env: dict[str, str], log: Path, port: int) -> Iterator[AppServer]:
+    """Runs the app's command until it answers on http://127.0.0.1:<port>/; always stopped on exit."""
     with open(log, "w") as out:
-        process = subprocess.Popen([*command, *extra_args], cwd=cwd, env=env, stdout=out,
-                                   stderr=subprocess.STDOUT)
+        process = subprocess.Popen(command, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
         url = f"http://127.0.0.1:{port}/"
         wait_until_serving(url, process, log)

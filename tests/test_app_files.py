@@ -90,6 +90,21 @@ def test_gallery_images_are_served(server, layout):
         assert status == 200 and body in sources
 
 
+def test_search_answers_carry_urls_the_server_serves(server, layout):
+    """/search gives each result's name, score and URL; fetching the URL gives the gallery image's bytes (through
+    gradio_client and through the plain HTTP API)."""
+    root = Path(layout["root"])
+    answers = [client_for(server).predict(None, layout["name"], "is red", "fti4cir", 4, api_name="/search"),
+               call_search_raw(server.url, [None, layout["name"], "is red", "fti4cir", 4])[1][0]]
+    for answer in answers:
+        assert [set(r) for r in answer["results"]] == [{"rank", "name", "score", "url"}] * 4, answer
+        for result in answer["results"]:
+            assert result["url"].startswith(f"{server.url}gradio_api/file="), result
+            with urllib.request.urlopen(result["url"], timeout=30) as response:
+                assert response.read() == (root / result["name"]).read_bytes()
+    assert answers[0]["results"] == answers[1]["results"]
+
+
 def test_uploads_are_served_and_searchable(server, layout):
     status, body = upload_raw(server.url, Path(layout["root"]) / layout["name"])
     assert status == 200
@@ -182,6 +197,40 @@ def test_search_file_parameter_takes_only_uploads(server, layout, path):
     assert server.alive()
 
 
+def test_reference_box_takes_only_uploads(server, layout):
+    """The page's reference box (drop, paste, webcam) hands its event the file's path undecoded: gradio still accepts
+    only files from its upload folder there, so a crafted event naming any other file fails without reading it."""
+    import uuid
+
+    with urllib.request.urlopen(f"{server.url}config", timeout=10) as response:
+        config = json.load(response)
+    box = next(c["id"] for c in config["components"] if c["props"].get("elem_id") == "reference")
+    assert next(c["type"] for c in config["components"] if c["id"] == box) == "image"
+    fn_index = next(i for i, d in enumerate(config["dependencies"]) if [box, "upload"] in d["targets"])
+
+    def drop(path: str) -> tuple[dict, list]:
+        session = uuid.uuid4().hex
+        body = {"data": [{"path": path, "meta": {"_type": "gradio.FileData"}}, "is red", "fti4cir", 3],
+                "fn_index": fn_index, "trigger_id": None, "session_hash": session}
+        request = urllib.request.Request(f"{server.url}gradio_api/queue/join", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"}, method="POST")
+        with urllib.request.urlopen(request, timeout=60):
+            pass
+        with urllib.request.urlopen(f"{server.url}gradio_api/queue/data?session_hash={session}", timeout=60) as r:
+            messages = [json.loads(line[6:]) for line in r if line.startswith(b"data: ")]
+        return next(m for m in messages if m.get("msg") == "process_completed"), messages
+
+    status, body = upload_raw(server.url, Path(layout["root"]) / layout["name"])
+    assert status == 200
+    final, _ = drop(json.loads(body)[0])  # an upload: searched
+    assert final["success"] and "but is red" in json.dumps(final["output"]), final
+    for path in ("/etc/passwd", "{root}/secret.txt", "{root}/{name}", "{galleries}/demo/CURRENT"):
+        final, messages = drop(path.format(**layout))
+        assert not final["success"], (path, final)
+        assert_no_leak(json.dumps(messages))
+    assert server.alive()
+
+
 # ---- the --gallery flag --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("gallery", ["../x", "/etc", "..", "demo/../demo", "photos/../../x", "%2e%2e", "demo\0",
                                      ".hidden", "/etc/passwd"])
@@ -190,7 +239,7 @@ def test_gallery_flag_outside_the_galleries_dir_is_refused(layout, tiny_model, m
     import app
 
     monkeypatch.chdir(layout["tmp"])  # relative names resolve the same way on every machine
-    monkeypatch.setattr(app, "create_app_model", lambda args: tiny_model)  # the name is refused before the model
+    monkeypatch.setattr(app, "create_model_or_fti4cir", lambda spec: (tiny_model, None))  # no model to build
     setup = app.load_service(app.parse_args(["--tiny", "--device", "cpu", "--gallery", gallery,
                                              "--galleries-dir", layout["galleries"]]))
     assert setup.service is None and "Invalid gallery name" in setup.problems[0], setup.problems

@@ -238,9 +238,10 @@ def test_gallery_of_another_model_is_refused(tiny_model, tmp_path):
 def test_tiny_mode_loads_a_gallery_built_by_another_process_model(tmp_path):
     """Galleries built with the app's tiny model load in the app (the random weights are reproducible)."""
     import app
+    from fti4cir import create_model
 
     args = app.parse_args(["--tiny", "--galleries-dir", str(tmp_path / "galleries"), "--device", "cpu"])
-    build_small_gallery(app.create_app_model(args), tmp_path, 3)
+    build_small_gallery(create_model(app.model_spec(args)), tmp_path, 3)
     setup = app.load_service(args)  # a fresh model, as in another process
     assert setup.service is not None and setup.service.size == 3 and not setup.problems
 

@@ -10,13 +10,11 @@ from .methods import (  # importing declares the M2C query methods
     m2c_model_of,
 )
 from .model import (
-    M2C_METHODS,
     MAPPING_PROMPT,
     PROMPTS,
     M2CConfig,
     M2CModel,
     M2CNetwork,
-    attach_m2c,
     fashioniq_text,
     is_m2c_weights,
     load_m2c_weights,
@@ -26,6 +24,6 @@ from .model import (
     save_m2c_weights,
 )
 
-__all__ = ["M2C_METHODS", "MAPPING_PROMPT", "PROMPTS", "M2CConfig", "M2CModel", "M2CNetwork", "attach_m2c",
+__all__ = ["MAPPING_PROMPT", "PROMPTS", "M2CConfig", "M2CModel", "M2CNetwork",
            "available_methods", "fashioniq_text", "is_m2c_weights", "load_m2c_weights",
            "m2c_compose", "m2c_model_of", "m2c_query", "read_m2c_config", "save_m2c_weights"]

@@ -27,10 +27,10 @@ import torch
 from torch import nn
 
 from ..backbone import Backbone, VisualFeatures
-from ..queries import Composed, any_variant, average_text_variants, split_text_variants
 from ..config_checks import M2C_RELATIONS, M2C_RULES, check_fields
 from ..errors import UserError
 from ..model import BackboneModel
+from ..queries import Composed, any_variant, average_text_variants, split_text_variants
 from ..tokens import tokenize_prompts
 from ..weights import build_network, read_config, save_weights
 
@@ -41,9 +41,6 @@ REFERENCE_DEPTH = 12  # the default hook layers are given for a 12-block text to
 DEFAULT_VSI_LAYERS = (3, 7, 9, 11)
 DEFAULT_ADAPTER_LAYERS = (1, 3, 5, 7, 9, 11)
 DEFAULT_ADAPTER_RANK = 128
-
-# The names of the M2C query methods (declared in `fti4cir.m2c.methods`); kept here for app.py, which reads it.
-M2C_METHODS = ("m2c", "m2c+compose")
 
 # The sentence of stage I (and of the mapping term of stage II).
 MAPPING_PROMPT = "a photo of *"
@@ -364,12 +361,6 @@ def m2c_query(m2c_model: M2CModel, references: Reference, texts: Sequence[Text],
 
 
 # ---- weights ------------------------------------------------------------------------------------------------------
-def attach_m2c(backbone: Backbone, weights: str | os.PathLike, preprocess: str = "clip") -> M2CModel:
-    """M2C weights on an already loaded backbone (e.g. the one of an FTI4CIR model): both methods share it.
-    preprocess: "clip" (resize + center crop) as the official M2C evaluation; galleries use their own."""
-    return M2CModel(backbone, load_m2c_weights(weights).eval(), preprocess)
-
-
 def save_m2c_weights(net: M2CNetwork, path: str | os.PathLike) -> Path:
     """`path` (.safetensors, config also in its metadata) and the config beside it as `<stem>.json`."""
     return save_weights(net, path, CONFIG_KEY)
