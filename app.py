@@ -68,33 +68,72 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(parser)
     # model flags left out (and no FTI4CIR_* variable): the model the gallery was built with (see gallery_model)
-    parser.set_defaults(backbone=env("FTI4CIR_BACKBONE", UNSET), pretrained=env("FTI4CIR_PRETRAINED", UNSET),
-                        weights=env("FTI4CIR_WEIGHTS") or UNSET, model=env("FTI4CIR_MODEL") or None)
-    parser.add_argument("--m2c-weights", default=env("FTI4CIR_M2C_WEIGHTS") or UNSET,
-                        help="M2C weights (.safetensors from `fti4cir m2c-train`, same backbone): adds the methods m2c "
-                             "and, for stage-2 weights, m2c+compose")
-    parser.add_argument("--tiny", action="store_true", default=env("FTI4CIR_TINY", "") not in ("", "0"),
-                        help="tiny random-weight model (fti4cir-tiny, no pretrained weights; for tests and offline "
-                             "demos: results are meaningless)")
-    parser.add_argument("--gallery", default=env("FTI4CIR_GALLERY"),
-                        help="gallery name under --galleries-dir or a gallery folder (default: the only gallery "
-                             "there)")
-    parser.add_argument("--galleries-dir", default=env("FTI4CIR_GALLERIES_DIR", "galleries"),
-                        help="folder of named galleries (default %(default)s)")
-    parser.add_argument("--host", default=env("GRADIO_SERVER_NAME", "127.0.0.1"),
-                        help="address to listen on (0.0.0.0: every interface; default %(default)s)")
-    parser.add_argument("--port", type=int, default=int(env("GRADIO_SERVER_PORT") or env("PORT") or 7860),
-                        help="port (default: $GRADIO_SERVER_PORT, else $PORT, else 7860)")
+    parser.set_defaults(
+        backbone=env("FTI4CIR_BACKBONE", UNSET),
+        pretrained=env("FTI4CIR_PRETRAINED", UNSET),
+        weights=env("FTI4CIR_WEIGHTS") or UNSET,
+        model=env("FTI4CIR_MODEL") or None,
+    )
+    parser.add_argument(
+        "--m2c-weights",
+        default=env("FTI4CIR_M2C_WEIGHTS") or UNSET,
+        help="M2C weights (.safetensors from `fti4cir m2c-train`, same backbone): adds the methods m2c "
+        "and, for stage-2 weights, m2c+compose",
+    )
+    parser.add_argument(
+        "--tiny",
+        action="store_true",
+        default=env("FTI4CIR_TINY", "") not in ("", "0"),
+        help="tiny random-weight model (fti4cir-tiny, no pretrained weights; for tests and offline "
+        "demos: results are meaningless)",
+    )
+    parser.add_argument(
+        "--gallery",
+        default=env("FTI4CIR_GALLERY"),
+        help="gallery name under --galleries-dir or a gallery folder (default: the only gallery there)",
+    )
+    parser.add_argument(
+        "--galleries-dir",
+        default=env("FTI4CIR_GALLERIES_DIR", "galleries"),
+        help="folder of named galleries (default %(default)s)",
+    )
+    parser.add_argument(
+        "--host",
+        default=env("GRADIO_SERVER_NAME", "127.0.0.1"),
+        help="address to listen on (0.0.0.0: every interface; default %(default)s)",
+    )
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=int(env("GRADIO_SERVER_PORT") or env("PORT") or 7860),
+        help="port (default: $GRADIO_SERVER_PORT, else $PORT, else 7860)",
+    )
     parser.add_argument("--share", action="store_true", help="also serve through a public gradio.live link")
-    parser.add_argument("--concurrency", type=int, default=int(env("FTI4CIR_CONCURRENCY", "2")),
-                        help="requests computed at the same time; the rest wait in the queue (default %(default)s)")
-    parser.add_argument("--max-queue", type=int, default=int(env("FTI4CIR_MAX_QUEUE", "64")),
-                        help="waiting requests beyond which new ones are refused (default %(default)s)")
-    parser.add_argument("--cache-max-age", type=int, default=int(env("FTI4CIR_CACHE_MAX_AGE", "3600")),
-                        help="seconds an uploaded or result file stays in gradio's cache (default %(default)s)")
-    parser.add_argument("--max-sessions", type=int, default=int(env("FTI4CIR_MAX_SESSIONS", "256")),
-                        help="browser sessions whose state is kept; the least recently active are dropped beyond "
-                             "this (default %(default)s)")
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=int(env("FTI4CIR_CONCURRENCY", "2")),
+        help="requests computed at the same time; the rest wait in the queue (default %(default)s)",
+    )
+    parser.add_argument(
+        "--max-queue",
+        type=int,
+        default=int(env("FTI4CIR_MAX_QUEUE", "64")),
+        help="waiting requests beyond which new ones are refused (default %(default)s)",
+    )
+    parser.add_argument(
+        "--cache-max-age",
+        type=int,
+        default=int(env("FTI4CIR_CACHE_MAX_AGE", "3600")),
+        help="seconds an uploaded or result file stays in gradio's cache (default %(default)s)",
+    )
+    parser.add_argument(
+        "--max-sessions",
+        type=int,
+        default=int(env("FTI4CIR_MAX_SESSIONS", "256")),
+        help="browser sessions whose state is kept; the least recently active are dropped beyond "
+        "this (default %(default)s)",
+    )
     args = parser.parse_args(argv)
     if args.tiny:
         from fti4cir import TINY_MODEL
@@ -117,7 +156,8 @@ def gallery_model(args) -> None:
         if len(available) == 1 or DEMO_GALLERY in available:
             args.gallery = available[0] if len(available) == 1 else DEMO_GALLERY
     chosen = getattr(args, "model", None) is not None or any(
-        getattr(args, key) is not UNSET for key in ("backbone", "pretrained", "weights"))
+        getattr(args, key) is not UNSET for key in ("backbone", "pretrained", "weights")
+    )
     values = definition_model(args.galleries_dir, args.gallery) if args.gallery and not chosen else {}
     for key, fallback in zip(MODEL_FLAGS, (DEFAULT_MODEL, DEFAULT_PRETRAINED, None, None)):
         if getattr(args, key) is UNSET:
@@ -145,9 +185,17 @@ def model_spec(args):
     model carries the M2C model on the same backbone (`.m2c`)."""
     from fti4cir.spec import ModelSpec
 
-    return ModelSpec(backbone=args.backbone, pretrained=args.pretrained, weights=args.weights,
-                     weights_revision=args.weights_revision, m2c_weights=args.m2c_weights or None,
-                     preprocess=args.preprocess, device=args.device, seed=args.seed, model=args.model)
+    return ModelSpec(
+        backbone=args.backbone,
+        pretrained=args.pretrained,
+        weights=args.weights,
+        weights_revision=args.weights_revision,
+        m2c_weights=args.m2c_weights or None,
+        preprocess=args.preprocess,
+        device=args.device,
+        seed=args.seed,
+        model=args.model,
+    )
 
 
 @dataclass
@@ -167,8 +215,11 @@ def load_service(args) -> Setup:
 
     problems, notes = [], []
     spec = model_spec(args)
-    what = (f"preset {args.model}" if args.model else
-            f"backbone {args.backbone} / pretrained {args.pretrained} / inversion weights {args.weights or 'random'}")
+    what = (
+        f"preset {args.model}"
+        if args.model
+        else f"backbone {args.backbone} / pretrained {args.pretrained} / inversion weights {args.weights or 'random'}"
+    )
     try:
         spec = spec.resolved()  # a preset's weights are fetched (and converted) here
         model, m2c_problem = create_model_or_fti4cir(spec)
@@ -179,25 +230,38 @@ def load_service(args) -> Setup:
         return Setup(None, [f"**The model could not be loaded** ({what}).\n\n{e}\n\n{_weights_help()}"], notes)
     except Exception as e:  # noqa: BLE001 - a broken file or platform problem must not stop the page
         log.exception("loading the model failed")
-        return Setup(None, [(f"**The model could not be loaded** ({what}): {type(e).__name__}: {e}\n\n"
-                             f"{_weights_help()}")], notes)
+        return Setup(
+            None, [(f"**The model could not be loaded** ({what}): {type(e).__name__}: {e}\n\n{_weights_help()}")], notes
+        )
     if m2c_problem:
         notes.append(m2c_problem)
     if args.tiny or spec.pretrained is None:
-        notes.append("Running a **random-weight model** (tiny or `--pretrained none`): the interface works, the "
-                     "rankings and words are meaningless.")
+        notes.append(
+            "Running a **random-weight model** (tiny or `--pretrained none`): the interface works, the "
+            "rankings and words are meaningless."
+        )
     elif spec.weights is None:
-        notes.append("The inversion network has **random weights** (no `--weights` given): the pseudo words and "
-                     "rankings are meaningless. " + _weights_help())
+        notes.append(
+            "The inversion network has **random weights** (no `--weights` given): the pseudo words and "
+            "rankings are meaningless. " + _weights_help()
+        )
 
     gallery_name = args.gallery
     if gallery_name is None:
         available = list_galleries(args.galleries_dir)
         if len(available) != 1:
             listed = ", ".join(available) if available else "none"
-            return Setup(None, [(f"**No gallery chosen.** Galleries in `{args.galleries_dir}/`: {listed}. Start "
-                                 "with `--gallery NAME`, or build one: `fti4cir index IMAGE_FOLDER --name NAME` (same "
-                                 "`--backbone/--pretrained/--weights` as the app).")], notes)
+            return Setup(
+                None,
+                [
+                    (
+                        f"**No gallery chosen.** Galleries in `{args.galleries_dir}/`: {listed}. Start "
+                        "with `--gallery NAME`, or build one: `fti4cir index IMAGE_FOLDER --name NAME` (same "
+                        "`--backbone/--pretrained/--weights` as the app)."
+                    )
+                ],
+                notes,
+            )
         gallery_name = available[0]
     try:
         gallery = Gallery.load(gallery_name, model=model, galleries_dir=args.galleries_dir)
@@ -223,8 +287,7 @@ def create_model_or_fti4cir(spec):
         if isinstance(e, UserError):
             return model, f"**The M2C methods are off:** {e}"
         log.error("loading the M2C weights failed", exc_info=e)
-        return model, (f"**The M2C methods are off:** {spec.m2c_weights} could not be read ({type(e).__name__}: "
-                       f"{e})")
+        return model, (f"**The M2C methods are off:** {spec.m2c_weights} could not be read ({type(e).__name__}: {e})")
 
 
 def embedded_fallback(args, reason: Exception) -> Setup | None:
@@ -233,21 +296,27 @@ def embedded_fallback(args, reason: Exception) -> Setup | None:
     if not args.model or not (Path(args.galleries_dir) / f"{DEMO_GALLERY}.json").is_file():
         return None
     log.warning("the preset %s could not be loaded, serving the embedded demo instead: %s", args.model, reason)
-    fallback = argparse.Namespace(**{**vars(args), "model": None, "gallery": DEMO_GALLERY,
-                                     **dict.fromkeys(MODEL_FLAGS, UNSET)})
+    fallback = argparse.Namespace(
+        **{**vars(args), "model": None, "gallery": DEMO_GALLERY, **dict.fromkeys(MODEL_FLAGS, UNSET)}
+    )
     gallery_model(fallback)
     setup = load_service(fallback)
-    setup.notes.insert(0, f"**The model {args.model} could not be loaded, so this page serves the embedded demo "
-                          f"model** (gallery {DEMO_GALLERY}, a small CLIP trained on the demo photos) instead.\n\n"
-                          f"{reason}")
+    setup.notes.insert(
+        0,
+        f"**The model {args.model} could not be loaded, so this page serves the embedded demo "
+        f"model** (gallery {DEMO_GALLERY}, a small CLIP trained on the demo photos) instead.\n\n"
+        f"{reason}",
+    )
     return setup
 
 
 def _weights_help() -> str:
-    return ("To use real weights: `--pretrained /path/to/ViT-L-14.pt` (OpenAI CLIP file) or a filled Hugging Face "
-            "cache for the backbone, and `--weights` with our `.safetensors`, the official FTI4CIR release `.pth` "
-            "or a hub id for the inversion network. For an offline demo with random weights: `python app.py --tiny "
-            "--gallery NAME` (with a gallery built by `fti4cir index ... --backbone fti4cir-tiny --pretrained none`).")
+    return (
+        "To use real weights: `--pretrained /path/to/ViT-L-14.pt` (OpenAI CLIP file) or a filled Hugging Face "
+        "cache for the backbone, and `--weights` with our `.safetensors`, the official FTI4CIR release `.pth` "
+        "or a hub id for the inversion network. For an offline demo with random weights: `python app.py --tiny "
+        "--gallery NAME` (with a gallery built by `fti4cir index ... --backbone fti4cir-tiny --pretrained none`)."
+    )
 
 
 CSS = """
@@ -306,7 +375,7 @@ class GalleryFilesOnly:
             if at >= 0:
                 if "\0" in path:  # no file has such a name (and realpath would raise)
                     return False
-                requested = os.path.realpath(path[at + len(route):])
+                requested = os.path.realpath(path[at + len(route) :])
                 inside = os.path.commonpath([requested, self.root]) == self.root
                 return not inside or requested in self.images
         return True
@@ -335,7 +404,7 @@ class ServingHeaders:
                 headers["X-Content-Type-Options"] = "nosniff"
                 if is_file:
                     disposition = headers.get("content-disposition", "")
-                    name = disposition[disposition.find("filename"):] if "filename" in disposition else ""
+                    name = disposition[disposition.find("filename") :] if "filename" in disposition else ""
                     headers["Content-Disposition"] = "attachment" + (f"; {name}" if name else "")
             await send(message)
 
@@ -385,11 +454,14 @@ def build_demo(setup: Setup, cache_max_age: int = 3600):
 
     # gradio deletes cached files older than the age every CACHE_SWEEP_S and all of them at shutdown; `sweep_cache`
     # adds the rounds that survive its races (and sweeps sooner for short ages)
-    with gr.Blocks(title="FTI4CIR composed image retrieval", delete_cache=(CACHE_SWEEP_S, max(1, cache_max_age))) \
-            as demo:
-        gr.Markdown("## FTI4CIR · composed image retrieval\nGive a reference image and say what to change; the "
-                    "image is turned into pseudo words (a subject and a few attributes) that are read together with "
-                    "your text.")
+    with gr.Blocks(
+        title="FTI4CIR composed image retrieval", delete_cache=(CACHE_SWEEP_S, max(1, cache_max_age))
+    ) as demo:
+        gr.Markdown(
+            "## FTI4CIR · composed image retrieval\nGive a reference image and say what to change; the "
+            "image is turned into pseudo words (a subject and a few attributes) that are read together with "
+            "your text."
+        )
         gr.Markdown(banner, visible=bool(banner), elem_id="banner")
         reference_state = gr.State(None, time_to_live=SESSION_TTL_S)  # lean app_service.Reference of this session
         base_state = gr.State(None, time_to_live=SESSION_TTL_S)  # lean Result, all tokens on: what switches compare to
@@ -398,40 +470,93 @@ def build_demo(setup: Setup, cache_max_age: int = 3600):
         with gr.Row(equal_height=False):
             with gr.Column(scale=1, min_width=280):
                 # drop a file on it, paste one (clipboard) or take a webcam photo; or the button below
-                reference_view = ReferenceImage(label="Reference (drop, paste or webcam)", type="filepath",
-                                                sources=["upload", "clipboard", "webcam"], height=240,
-                                                interactive=enabled, buttons=[], elem_id="reference")
-                upload = gr.UploadButton("Upload a reference image", file_types=["image"], type="filepath",
-                                         size="md", elem_id="upload", interactive=enabled)
-                text = gr.Textbox(label="Modification text", placeholder="e.g. is red and has long sleeves",
-                                  max_lines=3, max_length=4 * MAX_TEXT_CHARS, elem_id="text")
+                reference_view = ReferenceImage(
+                    label="Reference (drop, paste or webcam)",
+                    type="filepath",
+                    sources=["upload", "clipboard", "webcam"],
+                    height=240,
+                    interactive=enabled,
+                    buttons=[],
+                    elem_id="reference",
+                )
+                upload = gr.UploadButton(
+                    "Upload a reference image",
+                    file_types=["image"],
+                    type="filepath",
+                    size="md",
+                    elem_id="upload",
+                    interactive=enabled,
+                )
+                text = gr.Textbox(
+                    label="Modification text",
+                    placeholder="e.g. is red and has long sleeves",
+                    max_lines=3,
+                    max_length=4 * MAX_TEXT_CHARS,
+                    elem_id="text",
+                )
                 method = gr.Radio(page.methods(METHODS), value="fti4cir", label="Method", elem_id="method")
                 top_k = gr.Slider(k_min, k_max, value=k_value, step=1, label="Results (top-k)", elem_id="topk")
                 search = gr.Button("Search", variant="primary", elem_id="search", interactive=enabled)
                 status = gr.HTML(elem_id="status")
                 examples_slot = gr.Column()  # the one-click examples, filled once the outputs exist (below)
             with gr.Column(scale=2, min_width=300):
-                sentence = gr.HTML("<p>Upload a reference image or click one in the gallery below to see its "
-                                   "pseudo words.</p>", elem_id="sentence")
+                sentence = gr.HTML(
+                    "<p>Upload a reference image or click one in the gallery below to see its pseudo words.</p>",
+                    elem_id="sentence",
+                )
                 timing = gr.Markdown(elem_id="timing")
-                results = gr.Gallery(label="Results (click one to use it as the reference)", columns=5,
-                                     height="auto", object_fit="contain", allow_preview=False, interactive=False,
-                                     buttons=[], elem_id="results")
-                switches = gr.CheckboxGroup(label="Counterfactual: pseudo tokens in the query (untick to switch "
-                                                  "one off; the results re-rank at once)", elem_id="switches")
+                results = gr.Gallery(
+                    label="Results (click one to use it as the reference)",
+                    columns=5,
+                    height="auto",
+                    object_fit="contain",
+                    allow_preview=False,
+                    interactive=False,
+                    buttons=[],
+                    elem_id="results",
+                )
+                switches = gr.CheckboxGroup(
+                    label="Counterfactual: pseudo tokens in the query (untick to switch "
+                    "one off; the results re-rank at once)",
+                    elem_id="switches",
+                )
                 moved = gr.Markdown(elem_id="moved")
         with gr.Row(equal_height=False):
-            chart = gr.Plot(label="Relevance of the attribute queries", show_label=False, elem_id="relevance",
-                            scale=1, min_width=300)
-            heatmaps = gr.Gallery(label="Attention of each kept attribute token", columns=4, height=300,
-                                  object_fit="contain", allow_preview=False, interactive=False, buttons=[],
-                                  elem_id="heatmaps", scale=1, min_width=300)
+            chart = gr.Plot(
+                label="Relevance of the attribute queries",
+                show_label=False,
+                elem_id="relevance",
+                scale=1,
+                min_width=300,
+            )
+            heatmaps = gr.Gallery(
+                label="Attention of each kept attribute token",
+                columns=4,
+                height=300,
+                object_fit="contain",
+                allow_preview=False,
+                interactive=False,
+                buttons=[],
+                elem_id="heatmaps",
+                scale=1,
+                min_width=300,
+            )
         example_image = gr.Image(visible=False, type="filepath")  # what an example row holds: a gallery photo
-        with gr.Accordion(f"Gallery: click an image to use it as the reference ({len(page.shown_rows)} of "
-                          f"{page.size} shown)", open=True):
-            browser = gr.Gallery(value=page.browser_items(), show_label=False, columns=10, height=260,
-                                 object_fit="cover", allow_preview=False, interactive=False, buttons=[],
-                                 elem_id="gallery")
+        with gr.Accordion(
+            f"Gallery: click an image to use it as the reference ({len(page.shown_rows)} of {page.size} shown)",
+            open=True,
+        ):
+            browser = gr.Gallery(
+                value=page.browser_items(),
+                show_label=False,
+                columns=10,
+                height=260,
+                object_fit="cover",
+                allow_preview=False,
+                interactive=False,
+                buttons=[],
+                elem_id="gallery",
+            )
         gr.Markdown(describe_limits() + " The gallery image used as the reference is left out of its results.")
 
         # hidden components of the stateless API endpoint (/search, for scripts and gradio_client)
@@ -444,10 +569,22 @@ def build_demo(setup: Setup, cache_max_age: int = 3600):
         api_out = gr.JSON(visible=False)
         api_trigger = gr.Button(visible=False)
 
-        components = {"sentence": sentence, "timing": timing, "results": results, "chart": chart,
-                      "heatmaps": heatmaps, "switches": switches, "moved": moved, "status": status,
-                      "base_state": base_state, "shown_state": shown_state, "reference_state": reference_state,
-                      "reference_view": reference_view, "method": method, "top_k": top_k}
+        components = {
+            "sentence": sentence,
+            "timing": timing,
+            "results": results,
+            "chart": chart,
+            "heatmaps": heatmaps,
+            "switches": switches,
+            "moved": moved,
+            "status": status,
+            "base_state": base_state,
+            "shown_state": shown_state,
+            "reference_state": reference_state,
+            "reference_view": reference_view,
+            "method": method,
+            "top_k": top_k,
+        }
 
         def event(fn):
             """A Page method as an event function: its {name: value} as {component: value}; a failure's message in
@@ -460,8 +597,13 @@ def build_demo(setup: Setup, cache_max_age: int = 3600):
                     return gr.skip()
                 if "warning" in out:
                     gr.Warning(out.pop("warning"))
-                return {components[name]: gr.update(choices=value.choices, value=value.value)
-                        if isinstance(value, Choices) else value for name, value in out.items()}
+                return {
+                    components[name]: gr.update(choices=value.choices, value=value.value)
+                    if isinstance(value, Choices)
+                    else value
+                    for name, value in out.items()
+                }
+
             return run
 
         def outputs(names):
@@ -492,13 +634,21 @@ def build_demo(setup: Setup, cache_max_age: int = 3600):
         results.select(on_result_select, [shown_state, text, method, top_k], outputs(REFERENCE_OUTPUTS), **ui)
         if page.example_rows:
             with examples_slot:
-                gr.Examples(page.example_items(), [example_image, text], outputs(EXAMPLE_OUTPUTS),
-                            event(page.example), cache_examples=False, run_on_click=True, elem_id="examples",
-                            label="Try an example (a gallery photo and a change)",
-                            examples_per_page=len(page.example_rows))
+                gr.Examples(
+                    page.example_items(),
+                    [example_image, text],
+                    outputs(EXAMPLE_OUTPUTS),
+                    event(page.example),
+                    cache_examples=False,
+                    run_on_click=True,
+                    elem_id="examples",
+                    label="Try an example (a gallery photo and a change)",
+                    examples_per_page=len(page.example_rows),
+                )
         switches.input(event(page.switch), [switches, base_state], outputs(SWITCH_OUTPUTS), **ui)
-        api_trigger.click(api_search, [api_image, api_gallery_name, text, api_method, api_k], [api_out],
-                          api_name="search")
+        api_trigger.click(
+            api_search, [api_image, api_gallery_name, text, api_method, api_k], [api_out], api_name="search"
+        )
     return demo
 
 
@@ -530,8 +680,9 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("search disabled: %s", problem.replace("**", ""))
     demo = build_demo(setup, args.cache_max_age)
     age = max(1, args.cache_max_age)
-    threading.Thread(target=sweep_cache, args=(demo, age, min(CACHE_SWEEP_S, age)), name="cache-sweep",
-                     daemon=True).start()
+    threading.Thread(
+        target=sweep_cache, args=(demo, age, min(CACHE_SWEEP_S, age)), name="cache-sweep", daemon=True
+    ).start()
     demo.queue(default_concurrency_limit=max(1, args.concurrency), max_size=max(1, args.max_queue))
     from starlette.middleware import Middleware
 
@@ -541,9 +692,18 @@ def main(argv: list[str] | None = None) -> int:
         allowed = [str(gallery.root)]
         middleware.append(Middleware(GalleryFilesOnly, root=gallery.root, images=gallery.paths))
     # enable_monitoring=False: gradio's /monitoring routes (traffic summary and dashboard) answer 403 to everyone
-    demo.launch(server_name=args.host, server_port=args.port, share=args.share, max_file_size=MAX_UPLOAD_BYTES,
-                allowed_paths=allowed, show_error=False, css=CSS, app_kwargs={"middleware": middleware},
-                state_session_capacity=max(1, args.max_sessions), enable_monitoring=False)
+    demo.launch(
+        server_name=args.host,
+        server_port=args.port,
+        share=args.share,
+        max_file_size=MAX_UPLOAD_BYTES,
+        allowed_paths=allowed,
+        show_error=False,
+        css=CSS,
+        app_kwargs={"middleware": middleware},
+        state_session_capacity=max(1, args.max_sessions),
+        enable_monitoring=False,
+    )
     return 0
 
 

@@ -3,6 +3,7 @@
 --quick is a smoke run for CI (small sizes, nothing written to RESULTS.md); the full run takes roughly 20-30 minutes
 on a 2-core machine.
 """
+
 from __future__ import annotations
 
 import argparse

@@ -12,6 +12,7 @@ only the inversion network on cached features and the text encoder.
    full benchmarks from per-item costs (one visual pass, one inversion, one composed query per method) measured on
    ViT-B-32 and ViT-L-14. Image decoding is left out of the cold cost there, so the projection is conservative.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,11 +36,16 @@ SHARED_CIRR = Path(__file__).resolve().parents[2] / "shared" / "data" / "benchma
 OTHER_PROMPT = "a picture of * showing {attrs}, {text}"
 CAPTION = "show three bottles of soft drink"  # a CIRR val caption of the average length (11 words)
 # Full benchmark shapes: gallery images, distinct references, queries, caption variants per query.
-FULL_SHAPES = {"CIRR val": (2297, 2165, 4181, 1), "FashionIQ val (3 categories)": (15536, 4326, 6016, 2),
-               "CIRCO val": (123403, 220, 220, 1)}
+FULL_SHAPES = {
+    "CIRR val": (2297, 2165, 4181, 1),
+    "FashionIQ val (3 categories)": (15536, 4326, 6016, 2),
+    "CIRCO val": (123403, 220, 220, 1),
+}
 # scenario -> (cold command arguments, warm command arguments)
-SCENARIOS = {"all 5 methods, same command": ([], []),
-             "fti4cir, another prompt": (["--methods", "fti4cir"], ["--methods", "fti4cir", "--prompt", OTHER_PROMPT])}
+SCENARIOS = {
+    "all 5 methods, same command": ([], []),
+    "fti4cir, another prompt": (["--methods", "fti4cir"], ["--methods", "fti4cir", "--prompt", OTHER_PROMPT]),
+}
 
 
 def make_root(folder: Path, queries: int) -> Path:
@@ -72,27 +78,51 @@ def evaluate_once(argv: list[str]) -> dict:
 
 def measure(backbone: str, queries: int, folder: Path, repeat: int) -> list[dict]:
     root = make_root(folder / backbone, queries)
-    base = ["--dataset", "cirr", "--root", str(root), "--max-queries", str(queries), "--subset-gallery", "0",
-            "--backbone", backbone, "--pretrained", "none", "--device", "cpu", "--out", str(folder / "out")]
+    base = [
+        "--dataset",
+        "cirr",
+        "--root",
+        str(root),
+        "--max-queries",
+        str(queries),
+        "--subset-gallery",
+        "0",
+        "--backbone",
+        backbone,
+        "--pretrained",
+        "none",
+        "--device",
+        "cpu",
+        "--out",
+        str(folder / "out"),
+    ]
     rows = []
     for index, (scenario, (cold_args, warm_args)) in enumerate(SCENARIOS.items()):
         cache = ["--cache-dir", str(folder / f"cache-{backbone}-{index}")]
         cold = {}
         (cold_seconds,) = time_calls(lambda: cold.update(evaluate_once(base + cache + cold_args)), repeat=1, warmup=0)
         warm_runs = []
-        warm_seconds = float(np.median(time_calls(lambda: warm_runs.append(evaluate_once(base + cache + warm_args)),
-                                                  repeat=repeat, warmup=0)))
+        warm_seconds = float(
+            np.median(
+                time_calls(lambda: warm_runs.append(evaluate_once(base + cache + warm_args)), repeat=repeat, warmup=0)
+            )
+        )
         assert all(warm["features"]["visual_passes"] == 0 for warm in warm_runs)
         warm_pipeline = float(np.median([warm["seconds"] for warm in warm_runs]))
         part = cold["parts"][0]
-        rows.append({
-            "backbone": backbone, "scenario": scenario, "queries": part["queries"], "gallery": part["gallery"],
-            "visual passes (cold / warm)": f"{cold['features']['visual_passes']} / 0",
-            "command s (cold / warm)": f"{cold_seconds:.2f} / {warm_seconds:.2f}",
-            "**command speed-up**": f"{cold_seconds / warm_seconds:.1f}x",
-            "pipeline s (cold / warm)": f"{cold['seconds']:.2f} / {warm_pipeline:.2f}",
-            "**pipeline speed-up**": f"{cold['seconds'] / warm_pipeline:.1f}x",
-        })
+        rows.append(
+            {
+                "backbone": backbone,
+                "scenario": scenario,
+                "queries": part["queries"],
+                "gallery": part["gallery"],
+                "visual passes (cold / warm)": f"{cold['features']['visual_passes']} / 0",
+                "command s (cold / warm)": f"{cold_seconds:.2f} / {warm_seconds:.2f}",
+                "**command speed-up**": f"{cold_seconds / warm_seconds:.1f}x",
+                "pipeline s (cold / warm)": f"{cold['seconds']:.2f} / {warm_pipeline:.2f}",
+                "**pipeline speed-up**": f"{cold['seconds'] / warm_pipeline:.1f}x",
+            }
+        )
     return rows
 
 
@@ -106,8 +136,9 @@ def unit_costs(backbone: str, repeat: int, visual_batch: int, query_batch: int) 
     with torch.inference_mode():
         costs = {"visual": per_item(lambda: model.backbone.encode_visual(images), visual_batch)}
         one = model.backbone.encode_visual(images[:1])
-        visual = VisualFeatures(one.global_features.expand(query_batch, -1), one.patch_tokens.expand(query_batch, -1,
-                                                                                                        -1))
+        visual = VisualFeatures(
+            one.global_features.expand(query_batch, -1), one.patch_tokens.expand(query_batch, -1, -1)
+        )
         costs["inversion"] = per_item(lambda: model.invert(visual), query_batch)
         tokens, texts = model.invert(visual), [CAPTION] * query_batch
         for method in METHODS:
@@ -123,9 +154,15 @@ def projection(backbone: str, unit: dict[str, float]) -> list[dict]:
             text = queries * variants * sum(unit[m] for m in methods)
             warm = references * unit["inversion"] + text
             cold = gallery * unit["visual"] + warm
-            rows.append({"backbone": backbone, "benchmark": name, "scenario": scenario,
-                         "projected speed-up": f"{cold / warm:.0f}x",
-                         "with pseudo tokens cached too": f"{cold / text:.0f}x"})
+            rows.append(
+                {
+                    "backbone": backbone,
+                    "benchmark": name,
+                    "scenario": scenario,
+                    "projected speed-up": f"{cold / warm:.0f}x",
+                    "with pseudo tokens cached too": f"{cold / text:.0f}x",
+                }
+            )
     return rows
 
 
@@ -141,21 +178,28 @@ def run(quick: bool = False) -> str:
     # smaller batches cost more per item, and text is the warm run's cost)
     sizes = [("ViT-B-32", 4, 32)] + ([] if quick else [("ViT-L-14", 2, 8)])
     costs = {backbone: unit_costs(backbone, repeat, visual, query) for backbone, visual, query in sizes}
-    cost_rows = [{"backbone": backbone, **{f"{item} ms": f"{1e3 * seconds:.1f}" for item, seconds in unit.items()}}
-                 for backbone, unit in costs.items()]
+    cost_rows = [
+        {"backbone": backbone, **{f"{item} ms": f"{1e3 * seconds:.1f}" for item, seconds in unit.items()}}
+        for backbone, unit in costs.items()
+    ]
     projected = [row for backbone, unit in costs.items() for row in projection(backbone, unit)]
-    return (f"CPU, {torch.get_num_threads()} torch threads, random weights. End to end: CIRR val subset (gallery = "
-            f"the images the queries use), synthetic 384x384 PNGs, warm = median of {repeat} runs. Goal: >= 20x.\n\n"
-            + markdown_table(rows)
-            + "\nPer-item costs (ms; methods = one composed query, caption \"" + CAPTION + "\"):\n\n"
-            + markdown_table(cost_rows)
-            + "\nProjected pipeline speed-up of a warm rerun on the full benchmarks (the warm run inverts every "
-              "distinct reference and encodes every query text; FashionIQ encodes two caption orders per query; "
-              "the last column assumes pseudo tokens were cached as well):\n\n" + markdown_table(projected))
+    return (
+        f"CPU, {torch.get_num_threads()} torch threads, random weights. End to end: CIRR val subset (gallery = "
+        f"the images the queries use), synthetic 384x384 PNGs, warm = median of {repeat} runs. Goal: >= 20x.\n\n"
+        + markdown_table(rows)
+        + '\nPer-item costs (ms; methods = one composed query, caption "'
+        + CAPTION
+        + '"):\n\n'
+        + markdown_table(cost_rows)
+        + "\nProjected pipeline speed-up of a warm rerun on the full benchmarks (the warm run inverts every "
+        "distinct reference and encodes every query text; FashionIQ encodes two caption orders per query; "
+        "the last column assumes pseudo tokens were cached as well):\n\n" + markdown_table(projected)
+    )
 
 
 def main(argv=None) -> None:
     bench_main(run, "Evaluation rerun", __doc__, argv)
+
 
 if __name__ == "__main__":
     main()

@@ -4,6 +4,7 @@ pre-decoded tensors at the same batch size (goal: >= 90% of the encoder-only thr
 Both use the product's path: `fti4cir.features.image_loader` (DataLoader workers running `load_image` + the
 targetpad transform) feeding `Backbone.encode_visual`, on the shared photos, with a real-sized random ViT-B-32.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -35,6 +36,7 @@ def measure(model, name: str, paths: list, batch: int, rounds: int) -> list[dict
             def run_once():
                 for _, images, _ in image_loader(paths, model.transform, batch, num_workers=workers):
                     model.backbone.encode_visual(images)
+
             return run_once
 
         default = image_loader(paths, model.transform, batch).num_workers
@@ -45,8 +47,10 @@ def measure(model, name: str, paths: list, batch: int, rounds: int) -> list[dict
         wall, _ = time_round_robin(passes, repeat=rounds, warmup=0)
     rate = {label: len(paths) / percentile(times, 50) for label, times in wall.items()}
     reference = rate["encoder only (pre-decoded tensors)"]
-    return [{"photos": name, "pipeline": label, "images/s": f"{r:.1f}",
-             "vs encoder only": f"{100 * r / reference:.0f}%"} for label, r in rate.items()]
+    return [
+        {"photos": name, "pipeline": label, "images/s": f"{r:.1f}", "vs encoder only": f"{100 * r / reference:.0f}%"}
+        for label, r in rate.items()
+    ]
 
 
 def run(quick: bool = False) -> str:
@@ -58,13 +62,16 @@ def run(quick: bool = False) -> str:
     model = create_model("ViT-B-32", None, device="cpu").eval()
     rounds = 1 if quick else 3
     rows = [row for name, paths in folders.items() for row in measure(model, name, paths, batch, rounds)]
-    return (f"ViT-B-32 (random weights), batch {batch}, the first {count} JPEGs of each folder of shared/data/photos, "
-            f"{torch.get_num_threads()} torch threads; median of {rounds} full passes per pipeline, the pipelines "
-            f"taking turns. Goal: >= 90% of encoder-only.\n\n" + markdown_table(rows))
+    return (
+        f"ViT-B-32 (random weights), batch {batch}, the first {count} JPEGs of each folder of shared/data/photos, "
+        f"{torch.get_num_threads()} torch threads; median of {rounds} full passes per pipeline, the pipelines "
+        f"taking turns. Goal: >= 90% of encoder-only.\n\n" + markdown_table(rows)
+    )
 
 
 def main(argv=None) -> None:
     bench_main(run, "Indexing throughput", __doc__, argv)
+
 
 if __name__ == "__main__":
     main()

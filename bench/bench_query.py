@@ -8,8 +8,8 @@
    the same sentence (the floor for any text-side query).
 Preprocessing (decode + resize) is the same for all paths and left out. Timing does not depend on weight values.
 """
-from __future__ import annotations
 
+from __future__ import annotations
 
 import torch
 
@@ -31,13 +31,19 @@ def weights_read(model) -> dict[str, float]:
     clip = model.backbone.clip
     visual = parameters(clip.visual)
     # the text side reads the transformer, final norm and projection; of the embedding table only the used rows
-    text = (parameters(clip.transformer, clip.ln_final) + clip.text_projection.numel()
-            + clip.positional_embedding.numel())
+    text = (
+        parameters(clip.transformer, clip.ln_final) + clip.text_projection.numel() + clip.positional_embedding.numel()
+    )
     inversion = parameters(model.inversion)
-    return {"floor: encode_image": visual, "ours: compose (uploaded)": visual + inversion + text,
-            "official: img_to_text": 2 * visual + inversion + text, "text floor: one truncated text pass": text,
-            "ours: compose (gallery reference)": text, "stage: visual pass (ours)": visual,
-            "stage: inversion (from visual features)": inversion}
+    return {
+        "floor: encode_image": visual,
+        "ours: compose (uploaded)": visual + inversion + text,
+        "official: img_to_text": 2 * visual + inversion + text,
+        "text floor: one truncated text pass": text,
+        "ours: compose (gallery reference)": text,
+        "stage: visual pass (ours)": visual,
+        "stage: inversion (from visual features)": inversion,
+    }
 
 
 def flops(fn) -> int:
@@ -74,29 +80,49 @@ def measure(backbone: str, repeat: int) -> tuple[list[dict], str]:
     weights = weights_read(model)
     p50 = {name: percentile(t, 50) for name, t in times.items()}
     floor, ours = "floor: encode_image", "ours: compose (uploaded)"
-    rows = [{"backbone": backbone, "path": name, "p50 ms": f"{1e3 * p50[name]:.1f}",
-             "p95 ms": f"{1e3 * percentile(t, 95):.1f}", "GFLOPs": f"{work[name] / 1e9:.2f}",
-             "weights read (M)": f"{weights[name] / 1e6:.1f}"} for name, t in times.items()]
+    rows = [
+        {
+            "backbone": backbone,
+            "path": name,
+            "p50 ms": f"{1e3 * p50[name]:.1f}",
+            "p95 ms": f"{1e3 * percentile(t, 95):.1f}",
+            "GFLOPs": f"{work[name] / 1e9:.2f}",
+            "weights read (M)": f"{weights[name] / 1e6:.1f}",
+        }
+        for name, t in times.items()
+    ]
 
     def ratio(label: str, a: str, b: str, digits: int = 3) -> dict:
-        return {"backbone": backbone, "path": label, "p50 ms": f"{p50[a] / p50[b]:.{digits}f}x",
-                "GFLOPs": f"{work[a] / work[b]:.2f}x", "weights read (M)": f"{weights[a] / weights[b]:.2f}x"}
+        return {
+            "backbone": backbone,
+            "path": label,
+            "p50 ms": f"{p50[a] / p50[b]:.{digits}f}x",
+            "GFLOPs": f"{work[a] / work[b]:.2f}x",
+            "weights read (M)": f"{weights[a] / weights[b]:.2f}x",
+        }
 
     rows.append(ratio("**ours / floor** (goal <= 1.15)", ours, floor))
     rows.append(ratio("**official / ours**", "official: img_to_text", ours, 2))
-    rows.append(ratio("**gallery ref / text pass** (goal <= 1.3)", "ours: compose (gallery reference)",
-                      "text floor: one truncated text pass"))
+    rows.append(
+        ratio(
+            "**gallery ref / text pass** (goal <= 1.3)",
+            "ours: compose (gallery reference)",
+            "text floor: one truncated text pass",
+        )
+    )
     measured = p50[ours] / p50[floor]
     inversion = work["stage: inversion (from visual features)"] / work[floor]
     text = work["text floor: one truncated text pass"] / work[floor]
-    summary = (f"{backbone}: ours / floor {measured:.3f}x (goal <= 1.15: {'met' if measured <= 1.15 else 'not met'}). "
-               f"Arithmetic alone puts ours at {work[ours] / work[floor]:.3f}x the floor: the inversion network "
-               f"(official architecture, kept exactly) adds {100 * inversion:.0f}% of the visual tower's FLOPs and "
-               f"the text pass {100 * text:.0f}%; what ours measures beyond that is memory traffic at batch 1 "
-               f"(weights read {weights[ours] / weights[floor]:.2f}x). Official / ours "
-               f"{p50['official: img_to_text'] / p50[ours]:.2f}x; gallery reference / text pass "
-               f"{p50['ours: compose (gallery reference)'] / p50['text floor: one truncated text pass']:.3f}x "
-               f"(goal <= 1.3).")
+    summary = (
+        f"{backbone}: ours / floor {measured:.3f}x (goal <= 1.15: {'met' if measured <= 1.15 else 'not met'}). "
+        f"Arithmetic alone puts ours at {work[ours] / work[floor]:.3f}x the floor: the inversion network "
+        f"(official architecture, kept exactly) adds {100 * inversion:.0f}% of the visual tower's FLOPs and "
+        f"the text pass {100 * text:.0f}%; what ours measures beyond that is memory traffic at batch 1 "
+        f"(weights read {weights[ours] / weights[floor]:.2f}x). Official / ours "
+        f"{p50['official: img_to_text'] / p50[ours]:.2f}x; gallery reference / text pass "
+        f"{p50['ours: compose (gallery reference)'] / p50['text floor: one truncated text pass']:.3f}x "
+        f"(goal <= 1.3)."
+    )
     return rows, summary
 
 
@@ -106,16 +132,22 @@ def run(quick: bool = False) -> str:
     measured = [measure(b, repeat=repeat) for b in backbones]
     rows = [row for table, _ in measured for row in table]
     summaries = "\n".join(f"- {summary}" for _, summary in measured)
-    return (f"Batch 1, CPU, {torch.get_num_threads()} threads, random weights, fp32, "
-            f"{repeat} calls per path timed in turns. Text: \"{TEXT}\". GFLOPs from torch's FlopCounterMode "
-            f"(matrix products and attention); weights read = parameters each path touches once per query. Ratios "
-            f"put the measured latency beside the work ratios: a path bound by arithmetic follows the GFLOPs ratio, "
-            f"one bound by memory traffic (batch 1, few tokens) follows the weights ratio.\n\n" + markdown_table(rows) +
-            "\n" + summaries + "\n")
+    return (
+        f"Batch 1, CPU, {torch.get_num_threads()} threads, random weights, fp32, "
+        f'{repeat} calls per path timed in turns. Text: "{TEXT}". GFLOPs from torch\'s FlopCounterMode '
+        f"(matrix products and attention); weights read = parameters each path touches once per query. Ratios "
+        f"put the measured latency beside the work ratios: a path bound by arithmetic follows the GFLOPs ratio, "
+        f"one bound by memory traffic (batch 1, few tokens) follows the weights ratio.\n\n"
+        + markdown_table(rows)
+        + "\n"
+        + summaries
+        + "\n"
+    )
 
 
 def main(argv=None) -> None:
     bench_main(run, "Query latency", __doc__, argv)
+
 
 if __name__ == "__main__":
     main()

@@ -16,6 +16,7 @@ indexes have more trouble with these out-of-distribution queries, so both recall
 
 Run: `python -m bench.bench_search [--quick]` (the full run writes the "Search" section of bench/RESULTS.md).
 """
+
 from __future__ import annotations
 
 import gc
@@ -24,9 +25,8 @@ import time
 
 import numpy as np
 
-from fti4cir.search import EXACT_MAX_VECTORS, VectorIndex, choose_index_spec, set_num_threads
-
 from bench.common import bench_main, machine_info, markdown_table, percentile, time_calls
+from fti4cir.search import EXACT_MAX_VECTORS, VectorIndex, choose_index_spec, set_num_threads
 
 K = 10
 RECALL_QUERIES = 500  # per query type
@@ -45,8 +45,11 @@ def clip_like_vectors(n: int, dim: int, *, seed: int = 0, chunk: int = 65_536) -
     n_clusters = max(1, n // cluster_size)
     shared = _unit_rows(rng.standard_normal((1, dim), dtype=np.float32))
     topics = _unit_rows(rng.standard_normal((n_topics, dim), dtype=np.float32))
-    centres = (0.63 * shared + 0.45 * topics[rng.integers(0, n_topics, n_clusters)]
-               + 0.45 * _unit_rows(rng.standard_normal((n_clusters, dim), dtype=np.float32))).astype(np.float32)
+    centres = (
+        0.63 * shared
+        + 0.45 * topics[rng.integers(0, n_topics, n_clusters)]
+        + 0.45 * _unit_rows(rng.standard_normal((n_clusters, dim), dtype=np.float32))
+    ).astype(np.float32)
     basis = _unit_rows(rng.standard_normal((rank, dim), dtype=np.float32)) * np.float32(0.3 / np.sqrt(rank))
     cluster_cdf = np.cumsum(1.0 / np.arange(1, n_clusters + 1) ** 0.8)
     cluster_cdf /= cluster_cdf[-1]
@@ -85,8 +88,13 @@ def _measure_index(index: VectorIndex, build_s: float, queries: dict, repeat: in
     """Row of measurements, and the top-k ids per query type (for recall)."""
     found = {name: index.search(q, K)[1] for name, q in queries.items()}
     latency = _single_query_ms(index, np.concatenate(list(queries.values())), repeat)
-    row = {"index": index.spec.describe(), "build s": build_s, "size MB": index.nbytes() / 1e6,
-           "p50 ms": percentile(latency, 50), "p95 ms": percentile(latency, 95)}
+    row = {
+        "index": index.spec.describe(),
+        "build s": build_s,
+        "size MB": index.nbytes() / 1e6,
+        "p50 ms": percentile(latency, 50),
+        "p95 ms": percentile(latency, 95),
+    }
     return row, found
 
 
@@ -106,9 +114,15 @@ def measure(n: int, dim: int, *, seed: int = 0) -> list[dict]:
         row, found = _measure_index(index, build_s, queries, repeat)
         if kind == "exact":
             truth = found
-        row.update({"n": n, "dim": dim, "auto picks": "yes" if choose_index_spec(n, dim).kind == spec.kind else "",
-                    "recall@10 image": _recall(found["image"], truth["image"]),
-                    "recall@10 text": _recall(found["text"], truth["text"])})
+        row.update(
+            {
+                "n": n,
+                "dim": dim,
+                "auto picks": "yes" if choose_index_spec(n, dim).kind == spec.kind else "",
+                "recall@10 image": _recall(found["image"], truth["image"]),
+                "recall@10 text": _recall(found["text"], truth["text"]),
+            }
+        )
         rows.append(row)
         del index
         gc.collect()
@@ -117,8 +131,19 @@ def measure(n: int, dim: int, *, seed: int = 0) -> list[dict]:
     return rows
 
 
-COLUMNS = ["n", "dim", "index", "auto picks", "build s", "size MB", "p50 ms", "p95 ms", "recall@10 image",
-           "recall@10 text", "exact/approx p50"]
+COLUMNS = [
+    "n",
+    "dim",
+    "index",
+    "auto picks",
+    "build s",
+    "size MB",
+    "p50 ms",
+    "p95 ms",
+    "recall@10 image",
+    "recall@10 text",
+    "exact/approx p50",
+]
 
 
 def run(quick: bool = False) -> str:
@@ -148,13 +173,15 @@ def _verdict(rows: list[dict], n: int) -> str:
         if row["n"] == n and row["index"] != "exact":
             recall = min(row["recall@10 image"], row["recall@10 text"])
             met = row["p50 ms"] < GOAL_P50_MS and recall >= GOAL_RECALL
-            parts.append(f"dim {row['dim']}: p50 {row['p50 ms']:.1f} ms, recall@10 {recall:.3f} "
-                         f"({'met' if met else 'NOT met'})")
+            parts.append(
+                f"dim {row['dim']}: p50 {row['p50 ms']:.1f} ms, recall@10 {recall:.3f} ({'met' if met else 'NOT met'})"
+            )
     return f"Goal at {n:,} vectors: p50 < {GOAL_P50_MS:.0f} ms with recall@10 >= {GOAL_RECALL}. {'; '.join(parts)}."
 
 
 def main(argv=None) -> None:
     bench_main(run, "Search", __doc__, argv)
+
 
 if __name__ == "__main__":
     main()

@@ -1,8 +1,8 @@
 """Helpers shared by the benchmarks: machine description, timing, percentiles, Markdown tables, RESULTS.md updates."""
+
 from __future__ import annotations
 
 import argparse
-
 import datetime
 import os
 import platform
@@ -55,7 +55,7 @@ def machine_info() -> dict:
         "open_clip": _version("open_clip_torch"),
         "torch_threads": torch.get_num_threads(),
         "faiss_threads": faiss.omp_get_max_threads(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
 
 
@@ -71,8 +71,9 @@ def time_calls(fn: Callable[[], object], *, repeat: int, warmup: int = 1) -> lis
     return times
 
 
-def time_round_robin(fns: dict[str, Callable[[], object]], *, repeat: int, warmup: int = 1
-                     ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+def time_round_robin(
+    fns: dict[str, Callable[[], object]], *, repeat: int, warmup: int = 1
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     """(wall seconds, CPU seconds of this process) per call of each function, timed in turns (one call of each per
     round) so that a change of machine load hits every path alike; `warmup` untimed rounds first."""
     for _ in range(warmup):
@@ -136,12 +137,16 @@ def _split_sections(text: str) -> list[tuple[str, str]]:
 
 
 def _header(info: dict) -> str:
-    machine = (f"{info['cpu']}, {info['usable_cores']} usable of {info['cores']} cores; torch {info['torch']} "
-               f"({info['torch_threads']} threads), faiss {info['faiss']} ({info['faiss_threads']} threads), "
-               f"numpy {info['numpy']}, Python {info['python']}")
-    return (f"{RESULTS_TITLE}\n\nWritten by `python -m bench` (one section per benchmark, each rewritten by its own "
-            f"run; the line under each heading says when and at what load it ran).\n\n"
-            f"Machine of the latest update: {machine}.\n")
+    machine = (
+        f"{info['cpu']}, {info['usable_cores']} usable of {info['cores']} cores; torch {info['torch']} "
+        f"({info['torch_threads']} threads), faiss {info['faiss']} ({info['faiss_threads']} threads), "
+        f"numpy {info['numpy']}, Python {info['python']}"
+    )
+    return (
+        f"{RESULTS_TITLE}\n\nWritten by `python -m bench` (one section per benchmark, each rewritten by its own "
+        f"run; the line under each heading says when and at what load it ran).\n\n"
+        f"Machine of the latest update: {machine}.\n"
+    )
 
 
 def write_results_section(path: Path, section: str, markdown: str) -> None:
@@ -154,7 +159,6 @@ def write_results_section(path: Path, section: str, markdown: str) -> None:
     sections[section] = f"{run_line}\n\n{markdown.strip()}"
     body = "\n\n".join(f"## {title}\n\n{text}" for title, text in sections.items())
     write_text_atomic(path, f"{_header(info)}\n{body}\n")
-
 
 
 def bench_main(run, section: str, description: str, argv=None) -> None:

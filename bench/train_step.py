@@ -11,6 +11,7 @@
 Both: forward + backward + AdamW step, CPU, fp32, one thread, dropout off (eval mode) so that the losses compare
 exactly.
 """
+
 from __future__ import annotations
 
 import tempfile
@@ -25,15 +26,23 @@ from fti4cir.training.data import TrainingData
 from fti4cir.training.losses import fti4cir_loss
 from fti4cir.training.trainer import TrainConfig, make_optimizer, train_step
 
-THREADS = ("Timed as CPU time of one thread: on a shared machine wall time swings with other processes' load (both "
-           "are shown), and both paths do the same kind of large-matrix work, so one thread compares them fairly.")
+THREADS = (
+    "Timed as CPU time of one thread: on a shared machine wall time swings with other processes' load (both "
+    "are shown), and both paths do the same kind of large-matrix work, so one thread compares them fairly."
+)
 
 # BLIP-like caption splits (subject up to the first noun, attribute the rest), cycled over the batch
-SUBJECTS = ["a dog", "a small brown bird", "a man", "a red car", "two women", "a plate", "a wooden boat",
-            "a cat"]
-ATTRIBUTES = ["sitting on the grass", "perched on a branch in the rain", "riding a bike down the street",
-              "parked in front of a house", "standing next to each other", "of food on a table",
-              "on the water near a dock", "laying on a bed with a blanket"]
+SUBJECTS = ["a dog", "a small brown bird", "a man", "a red car", "two women", "a plate", "a wooden boat", "a cat"]
+ATTRIBUTES = [
+    "sitting on the grass",
+    "perched on a branch in the rain",
+    "riding a bike down the street",
+    "parked in front of a house",
+    "standing next to each other",
+    "of food on a table",
+    "on the water near a dock",
+    "laying on a bed with a blanket",
+]
 
 
 def measure(backbone: str, batch: int, repeat: int) -> tuple[list[dict], dict]:
@@ -55,9 +64,13 @@ def measure(backbone: str, batch: int, repeat: int) -> tuple[list[dict], dict]:
             ours_exact = float(fti4cir_loss(model, visual, subjects, attributes).total)
             ours_cached = float(fti4cir_loss(model, data.batch(range(batch)).visual, subjects, attributes).total)
             official = float(official_get_loss(clip, net, images, subjects, attributes)[0])
-        check = {"ours (fp32 features)": ours_exact, "ours (fp16 feature cache)": ours_cached, "official": official,
-                 "relative difference": abs(ours_exact - official) / abs(official),
-                 "relative difference (fp16 cache)": abs(ours_cached - official) / abs(official)}
+        check = {
+            "ours (fp32 features)": ours_exact,
+            "ours (fp16 feature cache)": ours_cached,
+            "official": official,
+            "relative difference": abs(ours_exact - official) / abs(official),
+            "relative difference (fp16 cache)": abs(ours_cached - official) / abs(official),
+        }
 
         ours_optimizer = make_optimizer(model.inversion, TrainConfig(images=None, pairs="", out="", lr=1e-6))
         scaler = torch.amp.GradScaler("cpu", enabled=False)
@@ -80,9 +93,11 @@ def measure(backbone: str, batch: int, repeat: int) -> tuple[list[dict], dict]:
 
         steps = {
             "ours: cached features + cached caption targets": lambda: train_step(
-                model, ours_optimizer, scaler, data.batch(range(batch)), False),
+                model, ours_optimizer, scaler, data.batch(range(batch)), False
+            ),
             "ours: cached features, caption targets encoded each step": lambda: train_step(
-                model, ours_optimizer, scaler, uncached.batch(range(batch)), False),
+                model, ours_optimizer, scaler, uncached.batch(range(batch)), False
+            ),
             "official step (CLIP frozen)": official_step,
             "official step as released (CLIP weight grads too)": released_step,
         }
@@ -90,15 +105,24 @@ def measure(backbone: str, batch: int, repeat: int) -> tuple[list[dict], dict]:
 
     p50 = {name: percentile(t, 50) for name, t in cpu.items()}
     official = p50["official step (CLIP frozen)"]
-    rows = [{"backbone": backbone, "batch": batch, "step": name, "CPU s (p50)": f"{p50[name]:.3f}",
-             "wall s (p50)": f"{percentile(wall[name], 50):.3f}", "wall s (min)": f"{min(wall[name]):.3f}",
-             "official / this (CPU)": f"{official / p50[name]:.2f}x"} for name in steps]
+    rows = [
+        {
+            "backbone": backbone,
+            "batch": batch,
+            "step": name,
+            "CPU s (p50)": f"{p50[name]:.3f}",
+            "wall s (p50)": f"{percentile(wall[name], 50):.3f}",
+            "wall s (min)": f"{min(wall[name]):.3f}",
+            "official / this (CPU)": f"{official / p50[name]:.2f}x",
+        }
+        for name in steps
+    ]
     ours = p50["ours: cached features + cached caption targets"]
     check["speed-up (official frozen / ours)"] = official / ours
     check["speed-up (official as released / ours)"] = p50["official step as released (CLIP weight grads too)"] / ours
-    check["speed-up, wall (official frozen / ours)"] = (percentile(wall["official step (CLIP frozen)"], 50)
-                                                       / percentile(wall["ours: cached features + cached caption "
-                                                                         "targets"], 50))
+    check["speed-up, wall (official frozen / ours)"] = percentile(wall["official step (CLIP frozen)"], 50) / percentile(
+        wall["ours: cached features + cached caption targets"], 50
+    )
     return rows, check
 
 

@@ -6,6 +6,7 @@ Data path: image -> visual features (`backbone`) -> pseudo tokens (`inversion`) 
 The names below are imported on first use (module `__getattr__`), so `import fti4cir` and the command line's help
 import neither torch nor open_clip.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -16,17 +17,31 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it
 _EXPORTS = {
-    "DEFAULT_MODEL": "presets", "DEFAULT_PRETRAINED": "presets", "TINY_MODEL": "presets",
-    "Backbone": "backbone", "VisualFeatures": "backbone", "load_backbone": "backbone",
-    "METHODS": "compose", "compose": "compose", "encode_with_pseudo_tokens": "compose",
-    "convert_official": "convert", "read_official": "convert",
-    "decode": "decode", "decoded_sentence": "decode",
+    "DEFAULT_MODEL": "presets",
+    "DEFAULT_PRETRAINED": "presets",
+    "TINY_MODEL": "presets",
+    "Backbone": "backbone",
+    "VisualFeatures": "backbone",
+    "load_backbone": "backbone",
+    "METHODS": "compose",
+    "compose": "compose",
+    "encode_with_pseudo_tokens": "compose",
+    "convert_official": "convert",
+    "read_official": "convert",
+    "decode": "decode",
+    "decoded_sentence": "decode",
     "UserError": "errors",
-    "InversionConfig": "inversion", "InversionNetwork": "inversion", "PseudoTokens": "inversion",
-    "CIRModel": "model", "create_model": "factory", "ModelSpec": "spec",
-    "load_weights": "weights", "save_weights": "weights",
+    "InversionConfig": "inversion",
+    "InversionNetwork": "inversion",
+    "PseudoTokens": "inversion",
+    "CIRModel": "model",
+    "create_model": "factory",
+    "ModelSpec": "spec",
+    "load_weights": "weights",
+    "save_weights": "weights",
     "official_weights": "presets",
-    "Gallery": "gallery", "SearchService": "app_service",
+    "Gallery": "gallery",
+    "SearchService": "app_service",
 }
 
 __all__ = [*_EXPORTS, "__version__"]

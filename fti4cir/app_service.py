@@ -15,12 +15,14 @@ weights) rank the same gallery through `compose` on the same backbone. What a me
 upload keeps them from its one visual pass; a gallery reference gets them from one visual pass over its file the
 first time such a method needs them.
 """
+
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Literal
 
 import numpy as np
 import PIL.Image
@@ -57,7 +59,7 @@ class Reference:
     def num_kept(self) -> int:
         return len(self.explanation.attributes)
 
-    def lean(self) -> "Reference":
+    def lean(self) -> Reference:
         """This reference without what only its first display needs (the image and the heatmaps): what a session
         keeps to search again."""
         return replace(self, image=None, explanation=replace(self.explanation, heatmaps=[]))
@@ -95,8 +97,10 @@ class Result:
         return self.timings["compose"] + self.timings["search"]
 
     def timing_text(self) -> str:
-        text = (f"{self.seconds * 1000:.0f} ms (compose {self.timings['compose'] * 1000:.0f} ms, "
-                f"search {self.timings['search'] * 1000:.1f} ms)")
+        text = (
+            f"{self.seconds * 1000:.0f} ms (compose {self.timings['compose'] * 1000:.0f} ms, "
+            f"search {self.timings['search'] * 1000:.1f} ms)"
+        )
         if "reference" in self.timings:
             what = "cached tokens" if self.reference.gallery_index is not None else "visual pass + inversion"
             text += f" · reference {self.timings['reference'] * 1000:.0f} ms ({what})"
@@ -139,7 +143,7 @@ def rank_changes(before: Sequence[Hit], after: Sequence[Hit]) -> list[Move]:
 
 
 def summarize_moves(moves: Sequence[Move]) -> str:
-    """"2 up, 1 down, 1 new, 1 dropped out, 6 unchanged" (only non-zero counts), or "no change"."""
+    """ "2 up, 1 down, 1 new, 1 dropped out, 6 unchanged" (only non-zero counts), or "no change"."""
     counts = {kind: sum(m.kind == kind for m in moves) for kind in ("up", "down", "new", "out", "same")}
     if counts["same"] == len(moves):
         return "no change"
@@ -188,8 +192,9 @@ class SearchService:
         tokens = self.gallery.tokens_of([index])
         evidence = AttributeEvidence.from_dict(self.gallery.explanations(index))
         explanation = explain(self.model, tokens, evidence, image)
-        return Reference(self.gallery.names[index], _display(image), tokens, explanation, index,
-                         time.perf_counter() - start)
+        return Reference(
+            self.gallery.names[index], _display(image), tokens, explanation, index, time.perf_counter() - start
+        )
 
     def upload_reference(self, source, *, display: bool = True) -> Reference:
         """An uploaded image: decoded safely (UserError for anything unusable), then one visual pass."""
@@ -201,8 +206,15 @@ class SearchService:
         evidence = AttributeEvidence.from_selection(tokens.selection)
         explanation = explain(self.model, tokens, evidence, image if display else None)
         kept = _moved(visual, "cpu") if self.m2c_model is not None else None
-        return Reference(_upload_name(source), _display(image) if display else None, tokens, explanation, None,
-                         time.perf_counter() - start, kept)
+        return Reference(
+            _upload_name(source),
+            _display(image) if display else None,
+            tokens,
+            explanation,
+            None,
+            time.perf_counter() - start,
+            kept,
+        )
 
     def _visual(self, reference: Reference, device) -> VisualFeatures:
         """The reference's visual features (on `device`); a gallery reference's come from one visual pass over its file
@@ -212,9 +224,11 @@ class SearchService:
             try:
                 image = load_image(path)
             except UserError as e:
-                raise UserError(f"The M2C methods read the gallery image itself, and {reference.name} cannot be read "
-                                f"({e}). Put the gallery's images back where it was built from, or rebuild the "
-                                f"gallery; the FTI4CIR methods work from the gallery's cached tokens.") from None
+                raise UserError(
+                    f"The M2C methods read the gallery image itself, and {reference.name} cannot be read "
+                    f"({e}). Put the gallery's images back where it was built from, or rebuild the "
+                    f"gallery; the FTI4CIR methods work from the gallery's cached tokens."
+                ) from None
             reference.visual = _moved(self._encode(image), "cpu")
         return _moved(reference.visual, device)
 
@@ -224,8 +238,15 @@ class SearchService:
             return self.model.backbone.encode_visual(self.model.preprocess([image]))
 
     # ---- search --------------------------------------------------------------------------------------------------
-    def search(self, reference, text: str | None, method: str = "fti4cir", k: int = 10,
-               keep_attributes: Sequence[bool] | None = None, keep_subject: bool = True) -> Result:
+    def search(
+        self,
+        reference,
+        text: str | None,
+        method: str = "fti4cir",
+        k: int = 10,
+        keep_attributes: Sequence[bool] | None = None,
+        keep_subject: bool = True,
+    ) -> Result:
         """Rank the gallery for one query. keep_attributes: one switch per kept attribute token (prompt order); the
         switches act on FTI4CIR's pseudo tokens and leave the other methods' queries as they are."""
         if method not in self.methods:
@@ -236,8 +257,10 @@ class SearchService:
         r = reference.num_kept
         keep = [True] * r if keep_attributes is None else [bool(v) for v in keep_attributes]
         if len(keep) != r:
-            raise UserError(f"The token switches ({len(keep)}) do not match this reference's {r} attribute "
-                            "tokens; run the search again.")
+            raise UserError(
+                f"The token switches ({len(keep)}) do not match this reference's {r} attribute "
+                "tokens; run the search again."
+            )
         exclude = reference.gallery_index is not None
         k = max(1, min(int(k), MAX_K, self.size - exclude))
 
@@ -246,24 +269,40 @@ class SearchService:
         start = time.perf_counter()
         with torch.inference_mode():
             inputs = self._visual(reference, model.device) if declared.patch_tokens else reference.tokens
-            query = compose_query(model, inputs, [text], method=method,
-                                  keep_attributes=self._keep_mask(keep, reference.tokens),
-                                  keep_subject=torch.tensor([bool(keep_subject)]))
+            query = compose_query(
+                model,
+                inputs,
+                [text],
+                method=method,
+                keep_attributes=self._keep_mask(keep, reference.tokens),
+                keep_subject=torch.tensor([bool(keep_subject)]),
+            )
         composed = time.perf_counter()
-        scores, indices = self.gallery.search(query.features.float().cpu(), k,
-                                              exclude=[[reference.gallery_index]] if exclude else None)
+        scores, indices = self.gallery.search(
+            query.features.float().cpu(), k, exclude=[[reference.gallery_index]] if exclude else None
+        )
         searched = time.perf_counter()
 
-        hits = [Hit(rank, i, self.gallery.names[i], Path(self.gallery.paths[i]), s)
-                for rank, (i, s) in enumerate(zip(_row(indices), _row(scores)), start=1) if i >= 0]
+        hits = [
+            Hit(rank, i, self.gallery.names[i], Path(self.gallery.paths[i]), s)
+            for rank, (i, s) in enumerate(zip(_row(indices), _row(scores)), start=1)
+            if i >= 0
+        ]
         own_word = self._m2c_word(inputs) if declared.family == "m2c" else None  # M2C's own pseudo token
-        sentence = query_sentence(reference.explanation, text, method, keep_attributes=keep,
-                                  keep_subject=bool(keep_subject), subject_word=own_word)
+        sentence = query_sentence(
+            reference.explanation,
+            text,
+            method,
+            keep_attributes=keep,
+            keep_subject=bool(keep_subject),
+            subject_word=own_word,
+        )
         timings = {"compose": composed - start, "search": searched - composed}
         if prepared_here:
             timings["reference"] = reference.seconds
-        return Result(reference, text, method, hits, sentence, keep, bool(keep_subject), timings,
-                      bool(query.truncated[0]))
+        return Result(
+            reference, text, method, hits, sentence, keep, bool(keep_subject), timings, bool(query.truncated[0])
+        )
 
     def _m2c_word(self, visual: VisualFeatures) -> str:
         """The nearest word of M2C's pseudo token (Phi of the global feature) for the displayed sentence."""

@@ -3,6 +3,7 @@
 Data path position: image -> **visual features** (global + patch tokens); token ids + pseudo tokens ->
 **text features**.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -96,8 +97,11 @@ class Backbone(nn.Module):
         backbone is named by a digest of its values (no tag names them)."""
         if self._identity is None:
             # a local checkpoint is named by its content, so a gallery built here matches in any clone or folder
-            pretrained = f"sha256:{file_digest(self.pretrained)}" if self.pretrained and \
-                os.path.isfile(self.pretrained) else str(self.pretrained)
+            pretrained = (
+                f"sha256:{file_digest(self.pretrained)}"
+                if self.pretrained and os.path.isfile(self.pretrained)
+                else str(self.pretrained)
+            )
             self._identity = {"backbone": self.name, "pretrained": pretrained, "embed_dim": self.embed_dim}
             if self.pretrained is None:
                 self._identity["backbone_digest"] = parameter_digest(self.clip)
@@ -253,8 +257,10 @@ def load_backbone(
         if not open_clip.get_pretrained_cfg(name, tag):
             tags = open_clip.list_pretrained_tags_by_model(name)
             raise UserError(f"'{tag}' is neither a file nor a pretrained tag of {name}. Tags: {tags}")
-        model = _cache_then_hub(lambda: open_clip.create_model_and_transforms(name, pretrained=tag, **kwargs)[0],
-                                lambda: _offline_message(name, tag, cache_dir))
+        model = _cache_then_hub(
+            lambda: open_clip.create_model_and_transforms(name, pretrained=tag, **kwargs)[0],
+            lambda: _offline_message(name, tag, cache_dir),
+        )
     preprocess_cfg = dict(getattr(model.visual, "preprocess_cfg", {}))
     model = model.to(device)
     return Backbone(model, name, None if pretrained is None else str(pretrained), preprocess_cfg)
@@ -275,7 +281,7 @@ def _cache_then_hub(create, message):
 
 def _load_hf_hub(name: str, pretrained, cache_dir: str | None) -> nn.Module:
     """An open_clip model from a Hub repository (`hf-hub:org/repo`): its config and weights, cache first."""
-    repo = name[len(HF_HUB_PREFIX):]
+    repo = name[len(HF_HUB_PREFIX) :]
     if repo.count("/") != 1 or not all(repo.split("/")):
         raise UserError(f"Backbone {name[:200]!r} must look like hf-hub:org/repo")
     if pretrained not in (None, "hf-hub", DEFAULT_PRETRAINED):
@@ -284,11 +290,15 @@ def _load_hf_hub(name: str, pretrained, cache_dir: str | None) -> nn.Module:
         raise UserError(f"Backbone {name[:200]!r} has no random-weight form; use a model name with --pretrained none")
 
     def message() -> str:
-        return (f"CLIP {name} is not available offline. Tried: the Hugging Face cache ({hub.cache_dir()}); "
-                f"hub repo '{repo}' ({hub.endpoint()}). Run once with network access to fill the cache.")
+        return (
+            f"CLIP {name} is not available offline. Tried: the Hugging Face cache ({hub.cache_dir()}); "
+            f"hub repo '{repo}' ({hub.endpoint()}). Run once with network access to fill the cache."
+        )
 
-    return _cache_then_hub(lambda: open_clip.create_model_and_transforms(name, precision="fp32", device="cpu",
-                                                                          cache_dir=cache_dir)[0], message)
+    return _cache_then_hub(
+        lambda: open_clip.create_model_and_transforms(name, precision="fp32", device="cpu", cache_dir=cache_dir)[0],
+        message,
+    )
 
 
 def _offline_message(name: str, tag: str, cache_dir: str | None) -> str:

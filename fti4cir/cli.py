@@ -1,4 +1,5 @@
 """`fti4cir` command line: one subcommand per pipeline stage."""
+
 from __future__ import annotations
 
 import argparse
@@ -29,34 +30,37 @@ log = logging.getLogger("fti4cir.cli")  # also under python -m fti4cir.cli
 # modules are light (each imports its heavy dependencies in its handler), so importing them all costs ~0.1 s; only the
 # parser of the command being run is built. tests/test_cli_conventions.py checks the lines against the modules' help.
 COMMANDS: dict[str, tuple[ModuleType, str]] = {
-    "convert": (convert, "convert an official FTI4CIR release .pth to safetensors + JSON "
-                "(safely)"),
+    "convert": (convert, "convert an official FTI4CIR release .pth to safetensors + JSON (safely)"),
     "inspect": (inspect, "decode one image's pseudo-word tokens"),
     "search": (search, "rank a gallery for a reference image (file or gallery image) and a text"),
-    "deploy-space": (deploy_space, "upload the app to a Hugging Face Space (--dry-run: list and "
-                     "check only)"),
+    "deploy-space": (deploy_space, "upload the app to a Hugging Face Space (--dry-run: list and check only)"),
     "caption": (captions, "BLIP captions for a folder of images (resumable JSONL)"),
     "split-captions": (captions, "split captions into subject/attribute pairs (spaCy)"),
     "features": (features, "extract and cache visual features (one visual pass per image)"),
     "index": (index, "build or update a gallery: features, pseudo tokens, explanations, index"),
     "train": (train, "train the inversion network on subject/attribute pairs"),
-    "evaluate": (evaluate, "FashionIQ / CIRR / CIRCO validation metrics (clothing-cir: test), "
-                 "all methods in one table"),
+    "evaluate": (
+        evaluate,
+        "FashionIQ / CIRR / CIRCO validation metrics (clothing-cir: test), all methods in one table",
+    ),
     "submit": (evaluate, "CIRR / CIRCO test-server prediction files"),
-    "triplets": (triplets, "synthetic composed-retrieval triplets from a labelled image folder "
-                 "(M2C stage II)"),
-    "m2c-train": (m2c_train, "train M2C (From Mapping to Composing): stage 1 mapping, stage 2 "
-                  "composing adapters"),
+    "triplets": (triplets, "synthetic composed-retrieval triplets from a labelled image folder (M2C stage II)"),
+    "m2c-train": (m2c_train, "train M2C (From Mapping to Composing): stage 1 mapping, stage 2 composing adapters"),
     "convert-m2c": (convert, "convert an official M2C checkpoint (.pt) to our safetensors"),
-    "demo-photos": (demo, "copy the clothing photos (<split>/<class>/*.jpg) into the repository, "
-                    "downscaled"),
+    "demo-photos": (demo, "copy the clothing photos (<split>/<class>/*.jpg) into the repository, downscaled"),
     "demo-labels": (demo, "class and colour labels of the demo photos (labels.json)"),
-    "demo-captions": (demo, "one caption per demo photo of a split (captions JSONL for "
-                      "split-captions / CLIP training)"),
-    "demo-benchmark": (demo, "the clothing-cir composed-retrieval benchmark from the test photos' "
-                       "labels (queries.json)"),
-    "demo-rebuild": (demo, "rebuild the embedded demo: CLIP -> captions -> FTI4CIR -> M2C -> "
-                     "gallery -> benchmark table (resumable)"),
+    "demo-captions": (
+        demo,
+        "one caption per demo photo of a split (captions JSONL for split-captions / CLIP training)",
+    ),
+    "demo-benchmark": (
+        demo,
+        "the clothing-cir composed-retrieval benchmark from the test photos' labels (queries.json)",
+    ),
+    "demo-rebuild": (
+        demo,
+        "rebuild the embedded demo: CLIP -> captions -> FTI4CIR -> M2C -> gallery -> benchmark table (resumable)",
+    ),
 }
 
 
@@ -67,10 +71,22 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="fti4cir", description=__doc__)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    parser.add_argument("-v", "--verbose", action="count", default=0, dest="verbosity",
-                        help="more log output (-v: debug messages of fti4cir, -vv: of every library)")
-    parser.add_argument("-q", "--quiet", action="store_const", const=-1, dest="verbosity",
-                        help="errors only on stderr (results still go to stdout)")
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        dest="verbosity",
+        help="more log output (-v: debug messages of fti4cir, -vv: of every library)",
+    )
+    parser.add_argument(
+        "-q",
+        "--quiet",
+        action="store_const",
+        const=-1,
+        dest="verbosity",
+        help="errors only on stderr (results still go to stdout)",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     if command is None:
         modules = dict.fromkeys(module for module, _ in COMMANDS.values())

@@ -4,6 +4,7 @@ Used by the app, evaluation and training alike. `method` names a declared query 
 FTI4CIR, one of its baselines, or a method another package declared (the M2C methods once `fti4cir.m2c` is imported).
 `compose` returns the features; `compose_query` also says which texts were cut to fit CLIP's context.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -37,8 +38,14 @@ def compose_query(
 ) -> Composed:
     """`compose`, with `truncated` [B]: whether a reference's text was cut to fit CLIP's context."""
     declared = methods.get(method)
-    return declared.compose(model, references, texts, template=prompt or declared.template,
-                            keep_attributes=keep_attributes, keep_subject=keep_subject)
+    return declared.compose(
+        model,
+        references,
+        texts,
+        template=prompt or declared.template,
+        keep_attributes=keep_attributes,
+        keep_subject=keep_subject,
+    )
 
 
 def compose(
@@ -61,5 +68,12 @@ def compose(
     model: the model of the method's family (`methods.get(method).family`): an FTI4CIR model, or for the M2C methods
         an M2C model or an FTI4CIR model built with M2C weights.
     """
-    return compose_query(model, references, texts, prompt=prompt, method=method, keep_attributes=keep_attributes,
-                         keep_subject=keep_subject).features
+    return compose_query(
+        model,
+        references,
+        texts,
+        prompt=prompt,
+        method=method,
+        keep_attributes=keep_attributes,
+        keep_subject=keep_subject,
+    ).features

@@ -7,6 +7,7 @@ fields (defaults filled in first, so relations between fields are checked too) a
 first bad field; callers turn it into a UserError. Sizes of the tensors are checked separately, against the
 safetensors header, before anything is allocated (`fti4cir.weightfiles.build_network`).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -48,8 +49,9 @@ class Float:
         if not math.isfinite(value):
             raise ValueError(f"{name} must be finite, not {value}")
         if not (self.low < value if self.low_open else self.low <= value) or value > self.high:
-            raise ValueError(f"{name} must be in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}], "
-                             f"not {value:g}")
+            raise ValueError(
+                f"{name} must be in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}], not {value:g}"
+            )
 
 
 @dataclass(frozen=True)
@@ -137,10 +139,22 @@ COUNT = Int(1, MAX_COUNT)
 FRACTION = Float(0.0, 1.0)
 
 INVERSION_RULES: dict[str, Rule] = {
-    "embed_dim": DIM, "token_dim": DIM, "patch_dim": DIM, "num_k": COUNT, "topk": COUNT, "epsilon": FRACTION,
-    "tf_layers": Int(0, 64), "tf_heads": COUNT, "mlp_ratio": Float(0.0, 64.0, low_open=True), "dropout": FRACTION,
-    "temperature": Float(0.0, 100.0, low_open=True), "reg_weight": Float(0.0, 1e6), "backbone": Text(),
-    "pretrained": Text(), "version": Int(1, 1), "extra": JsonDict(),
+    "embed_dim": DIM,
+    "token_dim": DIM,
+    "patch_dim": DIM,
+    "num_k": COUNT,
+    "topk": COUNT,
+    "epsilon": FRACTION,
+    "tf_layers": Int(0, 64),
+    "tf_heads": COUNT,
+    "mlp_ratio": Float(0.0, 64.0, low_open=True),
+    "dropout": FRACTION,
+    "temperature": Float(0.0, 100.0, low_open=True),
+    "reg_weight": Float(0.0, 1e6),
+    "backbone": Text(),
+    "pretrained": Text(),
+    "version": Int(1, 1),
+    "extra": JsonDict(),
 }
 INVERSION_RELATIONS: tuple[Relation, ...] = (
     ("topk <= num_k", lambda c: c["topk"] <= c["num_k"]),
@@ -149,10 +163,22 @@ INVERSION_RELATIONS: tuple[Relation, ...] = (
 )
 
 M2C_RULES: dict[str, Rule] = {
-    "embed_dim": DIM, "token_dim": DIM, "text_layers": Int(1, 1024), "grid": Ints(COUNT, length=2),
-    "middle_dim": DIM, "dropout": FRACTION, "vsi_dim": DIM, "vsi_heads": COUNT, "vsi_depth": Int(0, 64),
-    "vsi_layers": Ints(Int(0, 1023), max_items=1024), "adapter_layers": Ints(Int(0, 1023), max_items=1024),
-    "adapter_rank": DIM, "backbone": Text(), "pretrained": Text(), "method": Text(), "version": Int(1, 1),
+    "embed_dim": DIM,
+    "token_dim": DIM,
+    "text_layers": Int(1, 1024),
+    "grid": Ints(COUNT, length=2),
+    "middle_dim": DIM,
+    "dropout": FRACTION,
+    "vsi_dim": DIM,
+    "vsi_heads": COUNT,
+    "vsi_depth": Int(0, 64),
+    "vsi_layers": Ints(Int(0, 1023), max_items=1024),
+    "adapter_layers": Ints(Int(0, 1023), max_items=1024),
+    "adapter_rank": DIM,
+    "backbone": Text(),
+    "pretrained": Text(),
+    "method": Text(),
+    "version": Int(1, 1),
     "extra": JsonDict(),
 }
 M2C_RELATIONS: tuple[Relation, ...] = (

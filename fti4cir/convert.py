@@ -18,6 +18,7 @@ those modules and run whatever the pickle says. Here a restricted unpickler chec
 
 Every failure is a UserError with a short message.
 """
+
 from __future__ import annotations
 
 import io
@@ -53,9 +54,16 @@ OFFICIAL_MODULES = ("i2t_model", "MHTransformer")
 ALLOWED_FUNCTIONS = {("torch.nn.functional", "relu"), ("torch.nn.functional", "gelu")}
 TENSOR_REBUILDERS = ("_rebuild_tensor_v2", "_rebuild_parameter", "_rebuild_parameter_with_state")
 STORAGE_DTYPES = {
-    "FloatStorage": torch.float32, "HalfStorage": torch.float16, "BFloat16Storage": torch.bfloat16,
-    "DoubleStorage": torch.float64, "LongStorage": torch.int64, "IntStorage": torch.int32,
-    "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8, "BoolStorage": torch.bool,
+    "FloatStorage": torch.float32,
+    "HalfStorage": torch.float16,
+    "BFloat16Storage": torch.bfloat16,
+    "DoubleStorage": torch.float64,
+    "LongStorage": torch.int64,
+    "IntStorage": torch.int32,
+    "ShortStorage": torch.int16,
+    "CharStorage": torch.int8,
+    "ByteStorage": torch.uint8,
+    "BoolStorage": torch.bool,
 }
 MAX_PICKLE_BYTES = 16 * 2**20  # the official data.pkl is ~20 kB: it holds structure, the tensors are members
 MAX_RELEASE_BYTES = 2**30  # all storages together; the ViT-L/14 release holds ~220 MB of float32
@@ -68,7 +76,8 @@ _ALLOWED_OPCODES = frozenset(
     "BINFLOAT STRING BINSTRING SHORT_BINSTRING UNICODE BINUNICODE SHORT_BINUNICODE BINUNICODE8 EMPTY_TUPLE TUPLE "
     "TUPLE1 TUPLE2 TUPLE3 EMPTY_LIST LIST APPEND APPENDS EMPTY_DICT DICT SETITEM SETITEMS EMPTY_SET ADDITEMS "
     "FROZENSET GLOBAL STACK_GLOBAL REDUCE NEWOBJ BUILD PERSID BINPERSID PUT BINPUT LONG_BINPUT MEMOIZE GET BINGET "
-    "LONG_BINGET".split())
+    "LONG_BINGET".split()
+)
 
 
 class ReleaseFileError(pickle.UnpicklingError):
@@ -123,6 +132,7 @@ def _opcode_table() -> dict:
 def _refused_opcode(name: str):
     def refuse(self):
         raise ReleaseFileError(f"pickle opcode {name} is not used by torch.save and is refused")
+
     return refuse
 
 
@@ -170,6 +180,7 @@ class RestrictedUnpickler(pickle._Unpickler):  # the pure-Python unpickler: its 
         if not isinstance(args, tuple):
             raise ReleaseFileError("call arguments must be a tuple")
         self.stack[-1] = call(*args)
+
     dispatch[pickle.REDUCE[0]] = load_reduce
 
     def load_newobj(self):
@@ -178,6 +189,7 @@ class RestrictedUnpickler(pickle._Unpickler):  # the pure-Python unpickler: its 
         if not (isinstance(cls, type) and issubclass(cls, Inert)) or args != ():
             raise ReleaseFileError(f"creating {_kind(cls)} is not allowed in an FTI4CIR checkpoint")
         self.append(cls())
+
     dispatch[pickle.NEWOBJ[0]] = load_newobj
 
     def load_build(self):
@@ -190,16 +202,19 @@ class RestrictedUnpickler(pickle._Unpickler):  # the pure-Python unpickler: its 
         if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
             raise ReleaseFileError(f"the state of {type(target).qualname} is {_kind(state)}, not a dict of names")
         target.__state__ = state
+
     dispatch[pickle.BUILD[0]] = load_build
 
     def load_setitem(self):
         value, key = self.stack.pop(), self.stack.pop()
         self._set_items(self.stack[-1], [key, value])
+
     dispatch[pickle.SETITEM[0]] = load_setitem
 
     def load_setitems(self):
         items = self.pop_mark()
         self._set_items(self.stack[-1], items)
+
     dispatch[pickle.SETITEMS[0]] = load_setitems
 
     def load_dict(self):
@@ -207,6 +222,7 @@ class RestrictedUnpickler(pickle._Unpickler):  # the pure-Python unpickler: its 
         target = {}
         self._set_items(target, items)
         self.append(target)
+
     dispatch[pickle.DICT[0]] = load_dict
 
     def _set_items(self, target, items: list) -> None:
@@ -220,11 +236,13 @@ class RestrictedUnpickler(pickle._Unpickler):  # the pure-Python unpickler: its 
     def load_append(self):
         value = self.stack.pop()
         self._extend(self.stack[-1], [value])
+
     dispatch[pickle.APPEND[0]] = load_append
 
     def load_appends(self):
         items = self.pop_mark()
         self._extend(self.stack[-1], items)
+
     dispatch[pickle.APPENDS[0]] = load_appends
 
     def _extend(self, target, items: list) -> None:
@@ -238,16 +256,19 @@ class RestrictedUnpickler(pickle._Unpickler):  # the pure-Python unpickler: its 
         if type(target) is not set:
             raise ReleaseFileError(f"adding set members to {_kind(target)} is not allowed")
         target.update(self._set(items))
+
     dispatch[pickle.ADDITEMS[0]] = load_additems
 
     def load_frozenset(self):
         self.append(frozenset(self._set(self.pop_mark())))
+
     dispatch[pickle.FROZENSET[0]] = load_frozenset
 
     def load_mark(self):
         if len(self.metastack) >= MAX_MARK_DEPTH:
             raise ReleaseFileError(f"structures nest deeper than {MAX_MARK_DEPTH} levels")
         super().load_mark()
+
     dispatch[pickle.MARK[0]] = load_mark
 
     def persistent_load(self, saved_id):
@@ -281,8 +302,14 @@ class RestrictedUnpickler(pickle._Unpickler):  # the pure-Python unpickler: its 
     def _rebuild_tensor_v2(self, storage, offset, size, stride, requires_grad, hooks, metadata=None):
         if not isinstance(storage, _Storage):
             raise ReleaseFileError(f"a tensor's storage is {_kind(storage)}")
-        if not (isinstance(size, tuple) and isinstance(stride, tuple) and len(size) == len(stride) <= MAX_TENSOR_DIMS
-                and all(_is_int(v) and v >= 0 for v in size + stride) and _is_int(offset) and offset >= 0):
+        if not (
+            isinstance(size, tuple)
+            and isinstance(stride, tuple)
+            and len(size) == len(stride) <= MAX_TENSOR_DIMS
+            and all(_is_int(v) and v >= 0 for v in size + stride)
+            and _is_int(offset)
+            and offset >= 0
+        ):
             raise ReleaseFileError("a tensor with a malformed size, stride or offset")
         if not isinstance(requires_grad, bool) or not _empty(hooks) or not _empty(metadata):
             raise ReleaseFileError("a tensor with backward hooks or extra metadata")
@@ -341,8 +368,9 @@ def _storage_reader(zf: zipfile.ZipFile, prefix: str, name: str, max_bytes: int)
         if info.file_size != expected:
             raise ReleaseFileError(f"storage {quote(key)} has {info.file_size} bytes, its tensor needs {expected}")
         if expected > budget[0]:
-            raise ReleaseFileError(f"the tensors of {name} hold more than {max_bytes / 2**20:.0f} MB, the limit "
-                                   "for a release file")
+            raise ReleaseFileError(
+                f"the tensors of {name} hold more than {max_bytes / 2**20:.0f} MB, the limit for a release file"
+            )
         budget[0] -= expected
         if not expected:
             return torch.empty(0, dtype=dtype)
@@ -375,16 +403,29 @@ def read_pickled_module(path: str | os.PathLike, max_bytes: int = MAX_RELEASE_BY
     except UserError:
         raise
     except zipfile.BadZipFile:
-        raise UserError(f"{name} is not a torch zip checkpoint (corrupted, truncated, or the legacy format; "
-                        "re-save it with torch >= 1.6)") from None
+        raise UserError(
+            f"{name} is not a torch zip checkpoint (corrupted, truncated, or the legacy format; "
+            "re-save it with torch >= 1.6)"
+        ) from None
     except ReleaseFileError as e:
         raise UserError(f"Refusing to load {name}: {e}") from None
     except pickle.UnpicklingError as e:
         raise UserError(f"{name} is corrupted or truncated: {str(e)[:100]}") from None
     except RecursionError:
         raise UserError(f"Refusing to load {name}: its structure nests too deeply") from None
-    except (OSError, EOFError, ValueError, TypeError, KeyError, IndexError, AttributeError, RuntimeError,
-            OverflowError, MemoryError, zipfile.LargeZipFile) as e:  # a malformed archive or pickle
+    except (
+        OSError,
+        EOFError,
+        ValueError,
+        TypeError,
+        KeyError,
+        IndexError,
+        AttributeError,
+        RuntimeError,
+        OverflowError,
+        MemoryError,
+        zipfile.LargeZipFile,
+    ) as e:  # a malformed archive or pickle
         raise UserError(f"{name} is corrupted or malformed ({type(e).__name__} while reading it)") from None
 
 
@@ -459,22 +500,24 @@ def official_config(root, state: dict[str, torch.Tensor], backbone=None) -> Inve
     if missing or [len(shapes[k]) for k in needed] != [2, 2, 3, 2]:
         raise UserError(f"the official module lacks or mis-shapes {', '.join(missing) or 'its weights'}")
     fc1 = shapes["transformer.layers.0.mlp.fc1.weight"]
-    return InversionConfig.from_dict(dict(
-        embed_dim=shapes["phi_s.layers.0.weight"][1],
-        token_dim=shapes["phi_s.layers.6.weight"][0],
-        patch_dim=shapes["templates"][-1],
-        num_k=_number(attrs, "num_k", shapes["templates"][1], int),
-        topk=_number(attrs, "topk", 12, int),
-        epsilon=_number(attrs, "epsilon", 0.05, float),
-        tf_layers=len(layers),
-        tf_heads=_number(attention if isinstance(attention, dict) else {}, "num_heads", 1, int),
-        mlp_ratio=fc1[0] / fc1[1] if fc1[1] else float("nan"),
-        temperature=_number(attrs, "temperature", 0.2, float),
-        reg_weight=_number(attrs, "hy_regLoss", 1.4, float),
-        backbone=backbone.name if backbone is not None else "",
-        pretrained=str(backbone.pretrained) if backbone is not None else "",
-        extra={"converted_from": "official FTI4CIR release"},
-    ))
+    return InversionConfig.from_dict(
+        dict(
+            embed_dim=shapes["phi_s.layers.0.weight"][1],
+            token_dim=shapes["phi_s.layers.6.weight"][0],
+            patch_dim=shapes["templates"][-1],
+            num_k=_number(attrs, "num_k", shapes["templates"][1], int),
+            topk=_number(attrs, "topk", 12, int),
+            epsilon=_number(attrs, "epsilon", 0.05, float),
+            tf_layers=len(layers),
+            tf_heads=_number(attention if isinstance(attention, dict) else {}, "num_heads", 1, int),
+            mlp_ratio=fc1[0] / fc1[1] if fc1[1] else float("nan"),
+            temperature=_number(attrs, "temperature", 0.2, float),
+            reg_weight=_number(attrs, "hy_regLoss", 1.4, float),
+            backbone=backbone.name if backbone is not None else "",
+            pretrained=str(backbone.pretrained) if backbone is not None else "",
+            extra={"converted_from": "official FTI4CIR release"},
+        )
+    )
 
 
 def read_official(path: str | os.PathLike, backbone=None, max_bytes: int = MAX_RELEASE_BYTES) -> InversionNetwork:
@@ -502,8 +545,9 @@ def read_official(path: str | os.PathLike, backbone=None, max_bytes: int = MAX_R
     return net
 
 
-def convert_official(src: str | os.PathLike, dst: str | os.PathLike, backbone_name: str = "ViT-L-14",
-                     pretrained: str = "openai") -> Path:
+def convert_official(
+    src: str | os.PathLike, dst: str | os.PathLike, backbone_name: str = "ViT-L-14", pretrained: str = "openai"
+) -> Path:
     """Convert an official release file to our .safetensors + .json (no backbone needs to be loaded)."""
     net = read_official(src)
     net.config.backbone, net.config.pretrained = backbone_name, pretrained

@@ -1,4 +1,5 @@
 """Pseudo tokens -> nearest vocabulary words, to show what the network "said" about an image."""
+
 from __future__ import annotations
 
 import weakref
@@ -39,8 +40,10 @@ def decode(backbone, tokens: torch.Tensor, k: int = 3) -> list[list[Word]]:
     sims = F.normalize(tokens.detach().to(table.dtype), dim=-1) @ table.T
     sims[:, [SOT_ID, EOT_ID]] = -2.0  # special tokens are not words
     scores, ids = sims.topk(k, dim=-1)
-    return [[Word(vocabulary_word(i), s) for i, s in zip(row_ids.tolist(), row_scores.tolist())]
-            for row_ids, row_scores in zip(ids, scores)]
+    return [
+        [Word(vocabulary_word(i), s) for i, s in zip(row_ids.tolist(), row_scores.tolist())]
+        for row_ids, row_scores in zip(ids, scores)
+    ]
 
 
 def decoded_sentence(backbone, subject: torch.Tensor, attributes: torch.Tensor, text: str = "") -> str:

@@ -5,6 +5,7 @@ tokens in the order they enter the prompt), the relevance of all attribute queri
 every kept attribute token a heatmap of its attention over the image patches drawn on the image as the model saw it.
 `query_sentence` renders the text side of a query (method, switched-off tokens and all) with the words in brackets.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -43,7 +44,7 @@ def patch_attention(attention: list[torch.Tensor], num_k: int) -> torch.Tensor:
     each other and to the class token).
     """
     stacked = torch.stack([a.float() for a in attention])  # [layers, B, heads, num_k, columns]
-    return stacked.mean(dim=(0, 2))[:, :, num_k + 1:]
+    return stacked.mean(dim=(0, 2))[:, :, num_k + 1 :]
 
 
 @dataclass(frozen=True)
@@ -56,21 +57,27 @@ class AttributeEvidence:
     # None when the inversion ran without return_attention (no heatmaps then)
 
     @classmethod
-    def from_selection(cls, selection: AttributeSelection, row: int = 0) -> "AttributeEvidence":
+    def from_selection(cls, selection: AttributeSelection, row: int = 0) -> AttributeEvidence:
         r = int(selection.num_kept[row])
         maps = None
         if selection.attention is not None:
-            maps = patch_attention([a[row: row + 1] for a in selection.attention], selection.relevance.shape[1])
+            maps = patch_attention([a[row : row + 1] for a in selection.attention], selection.relevance.shape[1])
             maps = maps[0].detach().cpu().numpy()
-        return cls(selection.relevance[row].detach().cpu().float().numpy(),
-                   selection.indices[row, :r].detach().cpu().numpy().astype(np.int64), maps)
+        return cls(
+            selection.relevance[row].detach().cpu().float().numpy(),
+            selection.indices[row, :r].detach().cpu().numpy().astype(np.int64),
+            maps,
+        )
 
     @classmethod
-    def from_dict(cls, data: dict) -> "AttributeEvidence":
+    def from_dict(cls, data: dict) -> AttributeEvidence:
         """From a gallery's stored explanation: keys "relevance", "kept", "attention" (arrays or tensors)."""
         as_array = lambda v: v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v)  # noqa: E731
-        return cls(as_array(data["relevance"]).astype(np.float32), as_array(data["kept"]).astype(np.int64),
-                   as_array(data["attention"]).astype(np.float32))
+        return cls(
+            as_array(data["relevance"]).astype(np.float32),
+            as_array(data["kept"]).astype(np.int64),
+            as_array(data["attention"]).astype(np.float32),
+        )
 
 
 @dataclass(frozen=True)
@@ -133,8 +140,14 @@ def heatmap_overlay(image: PIL.Image.Image, attention: np.ndarray) -> PIL.Image.
     return PIL.Image.fromarray(np.rint(base * (1.0 - alpha) + colour * alpha).astype(np.uint8), "RGB")
 
 
-def explain(model, tokens: PseudoTokens, evidence: AttributeEvidence, image: PIL.Image.Image | None = None,
-            *, top_words: int = TOP_WORDS) -> Explanation:
+def explain(
+    model,
+    tokens: PseudoTokens,
+    evidence: AttributeEvidence,
+    image: PIL.Image.Image | None = None,
+    *,
+    top_words: int = TOP_WORDS,
+) -> Explanation:
     """The explanation of one reference image.
 
     tokens: that image's pseudo tokens (batch of one; cached gallery tokens or a fresh inversion).
@@ -149,21 +162,29 @@ def explain(model, tokens: PseudoTokens, evidence: AttributeEvidence, image: PIL
         words = decode(model.backbone, rows, k=top_words)
     queries = [int(q) for q in evidence.kept]
     subject = TokenWords("subject", None, words[0])
-    attributes = [TokenWords(f"attribute {i + 1} (query {q})", q, w)
-                  for i, (q, w) in enumerate(zip(queries, words[1:]))]
+    attributes = [
+        TokenWords(f"attribute {i + 1} (query {q})", q, w) for i, (q, w) in enumerate(zip(queries, words[1:]))
+    ]
     heatmaps = []
     if image is not None:
         if evidence.attention is None:
             raise ValueError("heatmaps need attention maps: invert with return_attention=True")
         view = model_view(model, image)
         heatmaps = [heatmap_overlay(view, evidence.attention[q]) for q in queries]
-    return Explanation(subject, attributes, evidence.relevance, float(model.inversion.config.epsilon),
-                       evidence.kept, heatmaps)
+    return Explanation(
+        subject, attributes, evidence.relevance, float(model.inversion.config.epsilon), evidence.kept, heatmaps
+    )
 
 
-def query_sentence(explanation: Explanation | None, text: str, method: str = "fti4cir", *,
-                   keep_attributes: list[bool] | None = None, keep_subject: bool = True,
-                   subject_word: str | None = None) -> str:
+def query_sentence(
+    explanation: Explanation | None,
+    text: str,
+    method: str = "fti4cir",
+    *,
+    keep_attributes: list[bool] | None = None,
+    keep_subject: bool = True,
+    subject_word: str | None = None,
+) -> str:
     """The query's text side with pseudo tokens shown as their top word in brackets (the method's declared sentence).
 
     "a photo of [dress] with [floral, red] but is shorter" for fti4cir; switched-off attribute tokens are left out

@@ -3,6 +3,7 @@ training use, from a `ModelSpec` (or its fields).
 
 It sits above the core and `fti4cir.m2c` because it builds both: an FTI4CIR `CIRModel` (with the M2C model of
 `spec.m2c_weights` on the same backbone as `.m2c`), or, for `family="m2c"`, an `M2CModel`."""
+
 from __future__ import annotations
 
 import torch

@@ -9,23 +9,32 @@ On-disk layout of one store (`<root>/<key>/`): `meta.json`, `global.f16` and `pa
 and `hashes.txt` (one content hash per committed row). Rows are appended data-first, then their hashes; a kill at any
 point leaves at most a torn tail, which the next writer cuts off, so nothing committed is ever lost or duplicated.
 """
+
 from __future__ import annotations
 
 import fcntl
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .atomic import atomic_path, write_json_atomic
 from .errors import UserError
 from .hub import file_digest
+
+if TYPE_CHECKING:
+    import torch
+    from torch.utils.data import DataLoader
+
+    from .backbone import VisualFeatures
+    from .inversion import PseudoTokens
 
 # torch, the model modules and tqdm are imported where used: `fti4cir features --help` stays fast
 
@@ -39,6 +48,7 @@ def content_hash(path: str | os.PathLike) -> str:
 
 def hash_files(paths: list[Path], threads: int = 8) -> list[str | None]:
     """Content hashes (None for unreadable files); threads because hashlib and file reads release the GIL."""
+
     def one(p):
         try:
             return content_hash(p)
@@ -95,8 +105,9 @@ class FileHashes:
 class FeatureStore:
     """Append-only, memory-mapped float16 feature rows keyed by content hash."""
 
-    def __init__(self, root: str | os.PathLike, identity: dict, *, with_patches: bool,
-                 dims: tuple[int, int, int] | None = None):
+    def __init__(
+        self, root: str | os.PathLike, identity: dict, *, with_patches: bool, dims: tuple[int, int, int] | None = None
+    ):
         """identity: what makes features comparable (model.identity(), plus weights if they matter).
         dims: (embed_dim, num_patch_tokens, patch_dim), needed when the store is created."""
         key = hashlib.sha1(json.dumps({**identity, "patches": with_patches}, sort_keys=True).encode()).hexdigest()
@@ -113,18 +124,23 @@ class FeatureStore:
                 raise ValueError("dims are needed to create a new feature store")
             self.dims = tuple(int(d) for d in dims)
             self.dir.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(meta_path, {"identity": identity, "with_patches": with_patches, "dims": self.dims,
-                                          "dtype": "float16"})
+            write_json_atomic(
+                meta_path, {"identity": identity, "with_patches": with_patches, "dims": self.dims, "dtype": "float16"}
+            )
         self._hashes: list[str] = []
         self._row_of: dict[str, int] = {}
         self._refresh()
 
     @classmethod
-    def for_model(cls, root, model, *, with_patches: bool, extra_identity: dict | None = None) -> "FeatureStore":
+    def for_model(cls, root, model, *, with_patches: bool, extra_identity: dict | None = None) -> FeatureStore:
         bb = model.backbone
         tokens = 1 + bb.grid_size[0] * bb.grid_size[1]
-        return cls(root, {**model.identity(), **(extra_identity or {})}, with_patches=with_patches,
-                   dims=(bb.embed_dim, tokens, bb.patch_dim))
+        return cls(
+            root,
+            {**model.identity(), **(extra_identity or {})},
+            with_patches=with_patches,
+            dims=(bb.embed_dim, tokens, bb.patch_dim),
+        )
 
     # ---- files ------------------------------------------------------------------------------------------------
     @property
@@ -256,7 +272,6 @@ class TokenCache:
 
     def add(self, hashes: list[str], tokens: PseudoTokens) -> None:
         import torch
-
         from safetensors.torch import save_file
 
         new = {k: getattr(tokens, k).detach().cpu() for k in self.FIELDS}
@@ -265,8 +280,11 @@ class TokenCache:
             self._row_of[h] = len(self._row_of)
         ordered = sorted(self._row_of, key=self._row_of.get)
         with atomic_path(self.path) as tmp:
-            save_file({k: v.contiguous() for k, v in self._tensors.items()}, str(tmp),
-                      metadata={"hashes": json.dumps(ordered)})
+            save_file(
+                {k: v.contiguous() for k, v in self._tensors.items()},
+                str(tmp),
+                metadata={"hashes": json.dumps(ordered)},
+            )
 
     def get(self, hashes: list[str]) -> PseudoTokens:
         import torch
@@ -324,9 +342,15 @@ def image_loader(paths: list[Path], transform, batch_size: int, num_workers: int
 
     if num_workers is None:
         num_workers = default_num_workers(len(paths), batch_size)
-    return DataLoader(_ImageFiles(paths, transform), batch_size=batch_size, num_workers=num_workers,
-                      collate_fn=_collate, worker_init_fn=_worker_init if num_workers else None,
-                      persistent_workers=False, prefetch_factor=4 if num_workers else None)
+    return DataLoader(
+        _ImageFiles(paths, transform),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        collate_fn=_collate,
+        worker_init_fn=_worker_init if num_workers else None,
+        persistent_workers=False,
+        prefetch_factor=4 if num_workers else None,
+    )
 
 
 @dataclass
@@ -337,8 +361,15 @@ class ExtractResult:
     computed: int = 0  # images that went through the visual tower in this call
 
 
-def extract_features(model, paths: list[str | os.PathLike], store: FeatureStore, *, batch_size: int = 32,
-                     num_workers: int | None = None, progress: bool = True) -> ExtractResult:
+def extract_features(
+    model,
+    paths: list[str | os.PathLike],
+    store: FeatureStore,
+    *,
+    batch_size: int = 32,
+    num_workers: int | None = None,
+    progress: bool = True,
+) -> ExtractResult:
     """Make sure every readable file in `paths` has a row in `store`: one visual pass per new image."""
     import torch
     from tqdm.auto import tqdm

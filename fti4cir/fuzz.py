@@ -20,6 +20,7 @@ Targets and the property each must keep (any other outcome is a failure, reporte
 The test suite runs each target with a few dozen examples (tests/test_fuzz_inputs.py); the command
 `python -m fti4cir.commands.fuzz` runs longer. It needs hypothesis, a development requirement (requirements-dev.txt).
 """
+
 from __future__ import annotations
 
 import io
@@ -64,8 +65,10 @@ def image_files(draw) -> bytes:
     else:
         width, height = draw(st.integers(5, 300)), draw(st.integers(5, 300))
     seed = draw(st.integers(0, 2**16))
-    frames = [_image(mode, width, height, seed + i) for i in range(draw(st.integers(1, 3)) if fmt in
-                                                                      ("GIF", "PNG", "WEBP") else 1)]
+    frames = [
+        _image(mode, width, height, seed + i)
+        for i in range(draw(st.integers(1, 3)) if fmt in ("GIF", "PNG", "WEBP") else 1)
+    ]
     options = {}
     if len(frames) > 1:
         options.update(save_all=True, append_images=frames[1:])
@@ -101,10 +104,11 @@ def image_files(draw) -> bytes:
 def _image(mode: str, width: int, height: int, seed: int) -> Image.Image:
     rng = np.random.default_rng(seed)
     if mode in ("I;16", "I", "F"):
-        values = {"I;16": lambda: rng.integers(0, 65536, (height, width), dtype=np.uint16),
-                  "I": lambda: rng.integers(-2**31, 2**31 - 1, (height, width), dtype=np.int32),
-                  "F": lambda: rng.choice([0.0, 0.5, 1.0, -3.0, 1e30, np.nan, np.inf], (height, width))
-                  .astype(np.float32)}[mode]()
+        values = {
+            "I;16": lambda: rng.integers(0, 65536, (height, width), dtype=np.uint16),
+            "I": lambda: rng.integers(-(2**31), 2**31 - 1, (height, width), dtype=np.int32),
+            "F": lambda: rng.choice([0.0, 0.5, 1.0, -3.0, 1e30, np.nan, np.inf], (height, width)).astype(np.float32),
+        }[mode]()
         return Image.fromarray(values, mode if mode != "I;16" else "I;16")
     rgba = Image.fromarray(rng.integers(0, 256, (height, width, 4), dtype=np.uint8), "RGBA")
     if mode in ("P", "PA"):
@@ -143,10 +147,31 @@ def check_image(data: bytes) -> str:
 # ---- texts ---------------------------------------------------------------------------------------------------------
 def texts():
     any_char = st.characters(codec=None, exclude_categories=())
-    pieces = st.sampled_from(["*", "$", "{", "}", "\u202e", "\u200d", "\u200b", "\x00", "\x1b[31m", "\ud800", " ",
-                              "\u0301", "👩\u200d💻", "\r\n", "a photo of * with"])
-    return st.one_of(st.text(any_char, max_size=200), st.lists(pieces, max_size=40).map("".join),
-                     st.integers(990, 4100).map(lambda n: "a" * n), st.none())
+    pieces = st.sampled_from(
+        [
+            "*",
+            "$",
+            "{",
+            "}",
+            "\u202e",
+            "\u200d",
+            "\u200b",
+            "\x00",
+            "\x1b[31m",
+            "\ud800",
+            " ",
+            "\u0301",
+            "👩\u200d💻",
+            "\r\n",
+            "a photo of * with",
+        ]
+    )
+    return st.one_of(
+        st.text(any_char, max_size=200),
+        st.lists(pieces, max_size=40).map("".join),
+        st.integers(990, 4100).map(lambda n: "a" * n),
+        st.none(),
+    )
 
 
 def check_text(text) -> str:
@@ -165,10 +190,48 @@ def check_text(text) -> str:
 
 # ---- configs -------------------------------------------------------------------------------------------------------
 HOSTILE_VALUES = st.one_of(
-    st.sampled_from([0, -1, 1, 2, 3, 7, 4096, 16385, 2**31, 2**63, 10**30, -10**30, 0.0, -0.5, 0.5, 1.5, 1e308,
-                     float("nan"), float("inf"), float("-inf"), True, False, None, "", "16", "x" * 2000, [], [2, 2],
-                     [1, 2, 3], [[1]], {}, {"a": [1]}, [-1, 0], [0, 10**9]]),
-    st.integers(-5, 100), st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=5))
+    st.sampled_from(
+        [
+            0,
+            -1,
+            1,
+            2,
+            3,
+            7,
+            4096,
+            16385,
+            2**31,
+            2**63,
+            10**30,
+            -(10**30),
+            0.0,
+            -0.5,
+            0.5,
+            1.5,
+            1e308,
+            float("nan"),
+            float("inf"),
+            float("-inf"),
+            True,
+            False,
+            None,
+            "",
+            "16",
+            "x" * 2000,
+            [],
+            [2, 2],
+            [1, 2, 3],
+            [[1]],
+            {},
+            {"a": [1]},
+            [-1, 0],
+            [0, 10**9],
+        ]
+    ),
+    st.integers(-5, 100),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=5),
+)
 
 
 @st.composite
@@ -188,12 +251,22 @@ def _valid_config(kind: str) -> dict:
     if kind == "fti4cir":
         from .inversion import InversionConfig
 
-        return InversionConfig(embed_dim=8, token_dim=8, patch_dim=8, num_k=4, topk=2, tf_layers=1,
-                               tf_heads=2).to_dict()
+        return InversionConfig(
+            embed_dim=8, token_dim=8, patch_dim=8, num_k=4, topk=2, tf_layers=1, tf_heads=2
+        ).to_dict()
     from .m2c.model import M2CConfig
 
-    return M2CConfig(embed_dim=8, token_dim=8, text_layers=2, grid=(2, 2), middle_dim=8, vsi_dim=8, vsi_heads=2,
-                     vsi_depth=1, vsi_layers=(1,)).to_dict()
+    return M2CConfig(
+        embed_dim=8,
+        token_dim=8,
+        text_layers=2,
+        grid=(2, 2),
+        middle_dim=8,
+        vsi_dim=8,
+        vsi_heads=2,
+        vsi_depth=1,
+        vsi_layers=(1,),
+    ).to_dict()
 
 
 class ConfigFiles:
@@ -209,10 +282,13 @@ class ConfigFiles:
         self.folder = Path(tempfile.mkdtemp(prefix="fti4cir-fuzz-"))
         torch.manual_seed(0)
         self.paths = {
-            "fti4cir": save_weights(InversionNetwork(InversionConfig.from_dict(_valid_config("fti4cir"))),
-                                    self.folder / "fti4cir.safetensors"),
-            "m2c": save_m2c_weights(M2CNetwork(M2CConfig.from_dict(_valid_config("m2c"))),
-                                    self.folder / "m2c.safetensors"),
+            "fti4cir": save_weights(
+                InversionNetwork(InversionConfig.from_dict(_valid_config("fti4cir"))),
+                self.folder / "fti4cir.safetensors",
+            ),
+            "m2c": save_m2c_weights(
+                M2CNetwork(M2CConfig.from_dict(_valid_config("m2c"))), self.folder / "m2c.safetensors"
+            ),
         }
 
     def check(self, kind: str, config: dict) -> str:
@@ -249,15 +325,40 @@ class ConfigFiles:
 
 # ---- pickles -------------------------------------------------------------------------------------------------------
 ALLOWED_GLOBALS = [
-    ("i2t_model", "IMG2TEXT"), ("i2t_model", "Phi"), ("MHTransformer", "Transformer"),
-    ("torch.nn.modules.linear", "Linear"), ("torch.nn.modules.container", "ModuleList"),
-    ("collections", "OrderedDict"), ("__builtin__", "set"), ("builtins", "frozenset"),
-    ("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_parameter"),
-    ("torch._utils", "_rebuild_parameter_with_state"), ("torch", "FloatStorage"), ("torch", "LongStorage"),
+    ("i2t_model", "IMG2TEXT"),
+    ("i2t_model", "Phi"),
+    ("MHTransformer", "Transformer"),
+    ("torch.nn.modules.linear", "Linear"),
+    ("torch.nn.modules.container", "ModuleList"),
+    ("collections", "OrderedDict"),
+    ("__builtin__", "set"),
+    ("builtins", "frozenset"),
+    ("torch._utils", "_rebuild_tensor_v2"),
+    ("torch._utils", "_rebuild_parameter"),
+    ("torch._utils", "_rebuild_parameter_with_state"),
+    ("torch", "FloatStorage"),
+    ("torch", "LongStorage"),
     ("torch.nn.functional", "relu"),
 ]
-_NAMES = ["_modules", "_parameters", "_buffers", "_non_persistent_buffers_set", "weight", "bias", "0", "layers",
-          "transformer", "attn", "num_heads", "num_k", "topk", "epsilon", "phi_s", "templates", "storage"]
+_NAMES = [
+    "_modules",
+    "_parameters",
+    "_buffers",
+    "_non_persistent_buffers_set",
+    "weight",
+    "bias",
+    "0",
+    "layers",
+    "transformer",
+    "attn",
+    "num_heads",
+    "num_k",
+    "topk",
+    "epsilon",
+    "phi_s",
+    "templates",
+    "storage",
+]
 
 
 @st.composite
@@ -267,11 +368,35 @@ def pickle_programs(draw) -> bytes:
     out = [b"\x80\x02"]
     memo = 0
     for _ in range(draw(st.integers(1, 60))):
-        op = draw(st.sampled_from(["int", "str", "float", "none", "bool", "tuple", "list", "dict", "global", "reduce",
-                                   "newobj", "build", "setitems", "appends", "mark", "put", "get", "persid", "pop",
-                                   "tuple2", "dup"]))
+        op = draw(
+            st.sampled_from(
+                [
+                    "int",
+                    "str",
+                    "float",
+                    "none",
+                    "bool",
+                    "tuple",
+                    "list",
+                    "dict",
+                    "global",
+                    "reduce",
+                    "newobj",
+                    "build",
+                    "setitems",
+                    "appends",
+                    "mark",
+                    "put",
+                    "get",
+                    "persid",
+                    "pop",
+                    "tuple2",
+                    "dup",
+                ]
+            )
+        )
         if op == "int":
-            out.append(b"J" + struct.pack("<i", draw(st.integers(-2**31, 2**31 - 1))))
+            out.append(b"J" + struct.pack("<i", draw(st.integers(-(2**31), 2**31 - 1))))
         elif op == "str":
             text = draw(st.sampled_from(_NAMES)).encode()
             out.append(b"X" + struct.pack("<I", len(text)) + text)
@@ -287,8 +412,20 @@ def pickle_programs(draw) -> bytes:
             module, name = draw(st.sampled_from(ALLOWED_GLOBALS))
             out.append(b"c" + module.encode() + b"\n" + name.encode() + b"\n")
         else:
-            out.append({"reduce": b"R", "newobj": b"\x81", "build": b"b", "setitems": b"u", "appends": b"e",
-                        "mark": b"(", "pop": b"0", "tuple2": b"\x86", "dup": b"2", "persid": b"Q"}.get(op, b""))
+            out.append(
+                {
+                    "reduce": b"R",
+                    "newobj": b"\x81",
+                    "build": b"b",
+                    "setitems": b"u",
+                    "appends": b"e",
+                    "mark": b"(",
+                    "pop": b"0",
+                    "tuple2": b"\x86",
+                    "dup": b"2",
+                    "persid": b"Q",
+                }.get(op, b"")
+            )
             if op == "put":
                 out.append(b"q" + bytes([memo % 256]))
                 memo += 1
@@ -307,9 +444,9 @@ def mutated_pickles(draw, original: bytes) -> bytes:
         if action == "flip":
             data[at] ^= 1 << draw(st.integers(0, 7))
         elif action == "delete":
-            del data[at: at + draw(st.integers(1, 16))]
+            del data[at : at + draw(st.integers(1, 16))]
         elif action == "duplicate":
-            data[at:at] = data[at: at + draw(st.integers(1, 32))]
+            data[at:at] = data[at : at + draw(st.integers(1, 32))]
         else:
             data[at] = draw(st.integers(0, 255))
         if not data:
@@ -359,14 +496,17 @@ class Tally:
 def run_target(target: str, examples: int, release_template: Path | None = None) -> Tally:
     """Run one target's property over `examples` generated inputs; the tally of outcomes and the first failure."""
     tally = Tally()
-    options = settings(max_examples=examples, deadline=None, database=None, derandomize=False,
-                       suppress_health_check=list(HealthCheck))
+    options = settings(
+        max_examples=examples, deadline=None, database=None, derandomize=False, suppress_health_check=list(HealthCheck)
+    )
     if target == "images":
+
         @options
         @given(image_files())
         def prop(data):
             tally.count(check_image(data))
     elif target == "texts":
+
         @options
         @given(texts())
         def prop(text):
@@ -404,11 +544,24 @@ def _release_template() -> Path:
 
     folder = Path(tempfile.mkdtemp(prefix="fti4cir-fuzz-release-"))
     torch.manual_seed(0)
-    net = official.OfficialIMG2TEXT(embed_dim=8, token_dim=8, patch_dim=8, num_k=4, topk=2, epsilon=0.1, tf_layer=1,
-                                    tf_head=2, hy_regLoss=1.4, temperature=0.2).eval()
-    classes = {"i2t_model": {"IMG2TEXT": official.OfficialIMG2TEXT, "Phi": official.Phi},
-               "MHTransformer": {c: getattr(official, c) for c in ("MlpTransformer", "MultiHeadAttention",
-                                                                   "TransformerLayer", "Transformer")}}
+    net = official.OfficialIMG2TEXT(
+        embed_dim=8,
+        token_dim=8,
+        patch_dim=8,
+        num_k=4,
+        topk=2,
+        epsilon=0.1,
+        tf_layer=1,
+        tf_head=2,
+        hy_regLoss=1.4,
+        temperature=0.2,
+    ).eval()
+    classes = {
+        "i2t_model": {"IMG2TEXT": official.OfficialIMG2TEXT, "Phi": official.Phi},
+        "MHTransformer": {
+            c: getattr(official, c) for c in ("MlpTransformer", "MultiHeadAttention", "TransformerLayer", "Transformer")
+        },
+    }
     saved = {}
     for module, names in classes.items():
         sys.modules[module] = types.ModuleType(module)

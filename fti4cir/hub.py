@@ -4,6 +4,7 @@ Hub access is cache first (no network, no hang), then the network when huggingfa
 `HF_HUB_OFFLINE`, `HF_ENDPOINT` (a mirror) and the proxies of its HTTP session are honoured. Hub file specs may carry a
 revision: `org/repo@rev` or `org/repo/file.safetensors@rev` (a branch, tag or commit).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -77,8 +78,10 @@ def download(repo: str, filename: str, *, revision: str | None = None, what: str
     else:
         errors.append(f"download: the Hub ({endpoint()}) is unreachable or HF_HUB_OFFLINE is set")
     at = f"@{revision}" if revision else ""
-    raise UserError(f"Could not get {what} {filename[:100]!r} of Hub repository {repo[:100]!r}{at} "
-                    f"({'; '.join(errors)}). Download it elsewhere and pass the local path.")
+    raise UserError(
+        f"Could not get {what} {filename[:100]!r} of Hub repository {repo[:100]!r}{at} "
+        f"({'; '.join(errors)}). Download it elsewhere and pass the local path."
+    )
 
 
 def list_files(repo: str, *, revision: str | None = None) -> list[str]:

@@ -1,4 +1,5 @@
 """Finding the images of a training folder: any layout (flat like the ImageNet test set, or nested class folders)."""
+
 from __future__ import annotations
 
 import os

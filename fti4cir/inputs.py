@@ -57,8 +57,16 @@ from PIL import Image, ImageOps, UnidentifiedImageError, features
 
 from fti4cir.errors import UserError
 
-__all__ = ["MAX_UPLOAD_BYTES", "MAX_IMAGE_PIXELS", "MAX_TEXT_CHARS", "load_image", "clean_text", "describe_limits",
-           "decoded_bytes", "quote"]
+__all__ = [
+    "MAX_UPLOAD_BYTES",
+    "MAX_IMAGE_PIXELS",
+    "MAX_TEXT_CHARS",
+    "load_image",
+    "clean_text",
+    "describe_limits",
+    "decoded_bytes",
+    "quote",
+]
 
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 MAX_IMAGE_PIXELS = 40_000_000
@@ -280,7 +288,7 @@ def _by_rows(values: np.ndarray, convert) -> np.ndarray:
     out = np.empty(values.shape, dtype=np.uint8)
     rows = max(1, _BLOCK_PIXELS // max(1, values.shape[1]))
     for start in range(0, values.shape[0], rows):
-        out[start:start + rows] = convert(values[start:start + rows])
+        out[start : start + rows] = convert(values[start : start + rows])
     return out
 
 
@@ -343,8 +351,10 @@ def decoded_bytes(width: int, height: int) -> int:
 
 def _too_many_rows_message(subject: str, size: tuple[int, int]) -> str:
     equivalent = _megapixels(decoded_bytes(*size) // 4)
-    return (f"{subject} is too elongated: {size[0]} x {size[1]} pixels need as much memory as {equivalent} "
-            f"(every row costs as much as two pixels); the limit is {_megapixels(MAX_IMAGE_PIXELS)}.")
+    return (
+        f"{subject} is too elongated: {size[0]} x {size[1]} pixels need as much memory as {equivalent} "
+        f"(every row costs as much as two pixels); the limit is {_megapixels(MAX_IMAGE_PIXELS)}."
+    )
 
 
 def _too_many_pixels_message(subject: str, size: tuple[int, int] | None = None) -> str:

@@ -3,6 +3,7 @@
 Behaviour matches the official `IMG2TEXT` (ZiChao111/FTI4CIR, src/i2t_model.py + src/MHTransformer.py); parameter
 names differ and are mapped by `fti4cir.convert`. Batched throughout (the official filtering loops over the batch).
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
@@ -47,8 +48,14 @@ class InversionConfig:
 
     @classmethod
     def for_backbone(cls, backbone, **overrides) -> InversionConfig:
-        return cls(embed_dim=backbone.embed_dim, token_dim=backbone.token_dim, patch_dim=backbone.patch_dim,
-                   backbone=backbone.name, pretrained=str(backbone.pretrained), **overrides)
+        return cls(
+            embed_dim=backbone.embed_dim,
+            token_dim=backbone.token_dim,
+            patch_dim=backbone.patch_dim,
+            backbone=backbone.name,
+            pretrained=str(backbone.pretrained),
+            **overrides,
+        )
 
 
 class TokenMapper(nn.Sequential):
@@ -57,8 +64,12 @@ class TokenMapper(nn.Sequential):
     def __init__(self, in_dim: int, out_dim: int, dropout: float):
         hidden = 4 * in_dim
         super().__init__(
-            nn.Linear(in_dim, hidden), nn.GELU(), nn.Dropout(dropout),
-            nn.Linear(hidden, hidden), nn.GELU(), nn.Dropout(dropout),
+            nn.Linear(in_dim, hidden),
+            nn.GELU(),
+            nn.Dropout(dropout),
+            nn.Linear(hidden, hidden),
+            nn.GELU(),
+            nn.Dropout(dropout),
             nn.Linear(hidden, out_dim),
         )
 
@@ -122,8 +133,13 @@ class PseudoTokens:
     selection: AttributeSelection | None = None
 
     def to(self, device) -> PseudoTokens:
-        return PseudoTokens(self.subject.to(device), self.attributes.to(device), self.num_kept.to(device),
-                            self.image_features.to(device), self.selection)
+        return PseudoTokens(
+            self.subject.to(device),
+            self.attributes.to(device),
+            self.num_kept.to(device),
+            self.image_features.to(device),
+            self.selection,
+        )
 
     def __len__(self) -> int:
         return self.subject.shape[0]
@@ -134,8 +150,12 @@ class PseudoTokens:
 
     @staticmethod
     def cat(items: list[PseudoTokens]) -> PseudoTokens:
-        return PseudoTokens(*(torch.cat([getattr(p, f) for p in items]) for f in
-                              ("subject", "attributes", "num_kept", "image_features")))
+        return PseudoTokens(
+            *(
+                torch.cat([getattr(p, f) for p in items])
+                for f in ("subject", "attributes", "num_kept", "image_features")
+            )
+        )
 
 
 class InversionNetwork(nn.Module):
@@ -147,8 +167,9 @@ class InversionNetwork(nn.Module):
         self.subject_mapper = TokenMapper(c.embed_dim, c.token_dim, c.dropout)  # official phi_s
         self.attribute_mapper = TokenMapper(c.embed_dim, c.token_dim, c.dropout)  # official phi_a
         self.attribute_queries = nn.Parameter(torch.randn(1, c.num_k, c.patch_dim))  # official templates
-        self.attribute_encoder = nn.ModuleList(QueryBlock(c.patch_dim, c.tf_heads, c.mlp_ratio)
-                                               for _ in range(c.tf_layers))
+        self.attribute_encoder = nn.ModuleList(
+            QueryBlock(c.patch_dim, c.tf_heads, c.mlp_ratio) for _ in range(c.tf_layers)
+        )
         self.attribute_head = nn.Sequential(nn.Linear(c.patch_dim, c.embed_dim), nn.Sigmoid())  # local_atte_fc
 
     def attribute_latents(self, patch_tokens: torch.Tensor, return_attention: bool = False):
@@ -165,8 +186,9 @@ class InversionNetwork(nn.Module):
                 maps.append(attn[:, :, :k].detach())
         return self.attribute_head(x[:, :k]), (maps if return_attention else None)
 
-    def select_attributes(self, global_features: torch.Tensor, patch_tokens: torch.Tensor,
-                          return_attention: bool = False) -> AttributeSelection:
+    def select_attributes(
+        self, global_features: torch.Tensor, patch_tokens: torch.Tensor, return_attention: bool = False
+    ) -> AttributeSelection:
         """Local-global relevance filtering, batched.
 
         relevance = softmax over queries of (latent . global feature); r = #(relevance > epsilon) clipped to
@@ -186,8 +208,9 @@ class InversionNetwork(nn.Module):
         selected = latents.gather(1, indices.unsqueeze(-1).expand(-1, -1, latents.shape[-1]))
         return AttributeSelection(F.normalize(selected, dim=-1), num_kept, indices, relevance, maps)
 
-    def forward(self, global_features: torch.Tensor, patch_tokens: torch.Tensor,
-                return_attention: bool = False) -> PseudoTokens:
+    def forward(
+        self, global_features: torch.Tensor, patch_tokens: torch.Tensor, return_attention: bool = False
+    ) -> PseudoTokens:
         selection = self.select_attributes(global_features, patch_tokens, return_attention)
         subject = self.subject_mapper(global_features.to(selection.features.dtype))
         attributes = self.attribute_mapper(selection.features)

@@ -6,6 +6,7 @@ the evaluation ask it what a query needs (pseudo tokens, visual features, the M2
 The core methods (FTI4CIR and its baselines) are declared here; other packages declare theirs with `register` when
 they are imported (`fti4cir.m2c` declares "m2c" and "m2c+compose", so the core never imports it).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
@@ -84,8 +85,9 @@ def names(family: str | None = None) -> tuple[str, ...]:
 
 def runnable(models: Mapping[str, Any]) -> tuple[str, ...]:
     """The methods the given models can run: {family: model, or the config of its weights, or None}."""
-    return tuple(m.name for m in _REGISTRY.values()
-                 if models.get(m.family) is not None and m.available(models[m.family]))
+    return tuple(
+        m.name for m in _REGISTRY.values() if models.get(m.family) is not None and m.available(models[m.family])
+    )
 
 
 def rendered(template: str) -> Sentence:
@@ -98,15 +100,34 @@ def _image_text_sentence(text: str, subject: str, attributes: Sequence[str]) -> 
 
 
 # ---- the core methods: FTI4CIR and its baselines -----------------------------------------------------------------
-FTI4CIR = register(Method(
-    "fti4cir", partial(pseudo_token_query, attributes=True), rendered(prompts.DEFAULT), prompts.DEFAULT,
-    dataset_templates={name: t for name, t in prompts.PROMPTS.items() if name in ("cirr", "circo", "fashioniq")},
-    custom_template=True, pseudo_tokens=True))
-SUBJECT_ONLY = register(Method(
-    "subject-only", partial(pseudo_token_query, attributes=False), rendered(prompts.SUBJECT_ONLY),
-    prompts.SUBJECT_ONLY, pseudo_tokens=True))
-IMAGE_ONLY = register(Method(
-    "image-only", image_query, lambda text, subject, attributes: "(the reference image's CLIP feature alone; no text)",
-    image_feature=True, text=False))
+FTI4CIR = register(
+    Method(
+        "fti4cir",
+        partial(pseudo_token_query, attributes=True),
+        rendered(prompts.DEFAULT),
+        prompts.DEFAULT,
+        dataset_templates={name: t for name, t in prompts.PROMPTS.items() if name in ("cirr", "circo", "fashioniq")},
+        custom_template=True,
+        pseudo_tokens=True,
+    )
+)
+SUBJECT_ONLY = register(
+    Method(
+        "subject-only",
+        partial(pseudo_token_query, attributes=False),
+        rendered(prompts.SUBJECT_ONLY),
+        prompts.SUBJECT_ONLY,
+        pseudo_tokens=True,
+    )
+)
+IMAGE_ONLY = register(
+    Method(
+        "image-only",
+        image_query,
+        lambda text, subject, attributes: "(the reference image's CLIP feature alone; no text)",
+        image_feature=True,
+        text=False,
+    )
+)
 TEXT_ONLY = register(Method("text-only", text_query, lambda text, subject, attributes: text))
 IMAGE_TEXT = register(Method("image+text", image_text_query, _image_text_sentence, image_feature=True))

@@ -2,6 +2,7 @@
 
 `BackboneModel` is what every method's model shares (FTI4CIR here, M2C in `fti4cir.m2c.model`): the backbone, the
 image transform and the identity feature caches are keyed by."""
+
 from __future__ import annotations
 
 import PIL.Image

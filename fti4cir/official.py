@@ -6,6 +6,7 @@ patch tokens), filtering and token replacement loop over the batch, and every te
 context. Module and attribute names follow the official ones so that `torch.save` of `OfficialIMG2TEXT` has the
 official release structure (tests place these classes under the module names `i2t_model` / `MHTransformer`).
 """
+
 from __future__ import annotations
 
 import open_clip
@@ -20,9 +21,14 @@ class Phi(nn.Module):
     def __init__(self, input_dim, hidden_dim, output_dim, dropout):
         super().__init__()
         self.layers = nn.Sequential(
-            nn.Linear(input_dim, hidden_dim), nn.GELU(), nn.Dropout(dropout),
-            nn.Linear(hidden_dim, hidden_dim), nn.GELU(), nn.Dropout(dropout),
-            nn.Linear(hidden_dim, output_dim))
+            nn.Linear(input_dim, hidden_dim),
+            nn.GELU(),
+            nn.Dropout(dropout),
+            nn.Linear(hidden_dim, hidden_dim),
+            nn.GELU(),
+            nn.Dropout(dropout),
+            nn.Linear(hidden_dim, output_dim),
+        )
 
     def forward(self, x):
         return self.layers(x)
@@ -83,8 +89,19 @@ class Transformer(nn.Module):
 class OfficialIMG2TEXT(nn.Module):
     """Same parameters and arithmetic as the official IMG2TEXT (its unused attention-mask code left out)."""
 
-    def __init__(self, embed_dim, token_dim, patch_dim, num_k=24, topk=12, epsilon=0.05, tf_layer=3, tf_head=1,
-                 hy_regLoss=1.4, temperature=0.2):
+    def __init__(
+        self,
+        embed_dim,
+        token_dim,
+        patch_dim,
+        num_k=24,
+        topk=12,
+        epsilon=0.05,
+        tf_layer=3,
+        tf_head=1,
+        hy_regLoss=1.4,
+        temperature=0.2,
+    ):
         super().__init__()
         self.num_k, self.topk, self.epsilon = num_k, topk, epsilon
         self.hy_regLoss, self.temperature = hy_regLoss, temperature
@@ -121,8 +138,18 @@ def official_copy(net) -> OfficialIMG2TEXT:
     from .convert import official_to_ours  # convert imports the inversion module; keep this oracle light
 
     c = net.config
-    official = OfficialIMG2TEXT(c.embed_dim, c.token_dim, c.patch_dim, c.num_k, c.topk, c.epsilon, c.tf_layers,
-                                c.tf_heads, c.reg_weight, c.temperature).eval()
+    official = OfficialIMG2TEXT(
+        c.embed_dim,
+        c.token_dim,
+        c.patch_dim,
+        c.num_k,
+        c.topk,
+        c.epsilon,
+        c.tf_layers,
+        c.tf_heads,
+        c.reg_weight,
+        c.temperature,
+    ).eval()
     ours = net.state_dict()
     official.load_state_dict({name: ours[official_to_ours(name)] for name in official.state_dict()})
     return official

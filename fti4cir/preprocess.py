@@ -14,6 +14,7 @@ Cost model: every step's output size is known from the input's size before the s
   and resizing the full strip of a 1 x 30,000 image would make 224 x 6,720,000 pixels). Images up to that ratio are
   transformed exactly as open_clip transforms them.
 """
+
 from __future__ import annotations
 
 import math
@@ -98,8 +99,12 @@ def make_transform(kind: str = "targetpad", size: int = 224) -> Compose:
     if kind not in KINDS:
         raise ValueError(f"preprocess must be one of {KINDS}, got {kind!r}")
     steps = [to_rgb, TargetPad() if kind == "targetpad" else CropToRatio()]
-    steps += [Resize(size, interpolation=InterpolationMode.BICUBIC), CenterCrop(size), ToTensor(),
-              Normalize(CLIP_MEAN, CLIP_STD)]
+    steps += [
+        Resize(size, interpolation=InterpolationMode.BICUBIC),
+        CenterCrop(size),
+        ToTensor(),
+        Normalize(CLIP_MEAN, CLIP_STD),
+    ]
     return Compose(steps)
 
 

@@ -5,6 +5,7 @@ Face Hub (model repository `iLearn-Lab/SIGIR24-FTI4CIR`, Apache-2.0). The releas
 repository's files, downloaded once into the Hugging Face cache, converted safely (`fti4cir.convert`, no pickle code
 runs) into `<HF cache>/fti4cir-converted/<content id>/`, and that converted file is reused on later starts.
 """
+
 from __future__ import annotations
 
 import re
@@ -32,8 +33,12 @@ class Preset:
 
 
 PRESETS = {
-    OFFICIAL: Preset(DEFAULT_MODEL, DEFAULT_PRETRAINED, OFFICIAL_REPO,
-                     "ViT-L-14/openai + the official FTI4CIR weights from the Hub (Apache-2.0)"),
+    OFFICIAL: Preset(
+        DEFAULT_MODEL,
+        DEFAULT_PRETRAINED,
+        OFFICIAL_REPO,
+        "ViT-L-14/openai + the official FTI4CIR weights from the Hub (Apache-2.0)",
+    ),
 }
 
 
@@ -59,10 +64,12 @@ def official_weights(revision: str | None = None) -> Path:
     preset = PRESETS[OFFICIAL]
     files = hub.list_files(preset.repo, revision=revision)
     if not files:
-        raise UserError(f"The official FTI4CIR weights ({preset.repo} on the Hugging Face Hub) are not in the cache "
-                        f"({hub.cache_dir()}) and the Hub ({hub.endpoint()}) is unreachable or HF_HUB_OFFLINE is set. "
-                        "Run once with network access, or convert a downloaded release yourself: fti4cir convert "
-                        "model_best.pth weights/fti4cir_vit-l-14.safetensors, then pass --weights.")
+        raise UserError(
+            f"The official FTI4CIR weights ({preset.repo} on the Hugging Face Hub) are not in the cache "
+            f"({hub.cache_dir()}) and the Hub ({hub.endpoint()}) is unreachable or HF_HUB_OFFLINE is set. "
+            "Run once with network access, or convert a downloaded release yourself: fti4cir convert "
+            "model_best.pth weights/fti4cir_vit-l-14.safetensors, then pass --weights."
+        )
     checkpoint = pick_checkpoint(files)
     source = hub.download(preset.repo, checkpoint, revision=revision, what="the official FTI4CIR checkpoint")
     content_id = source.resolve().name[:32]  # the cache's blob name: the file's content hash

@@ -1,4 +1,5 @@
 """Prompt templates as data (see `fti4cir.tokens` for the template syntax)."""
+
 from __future__ import annotations
 
 import string

@@ -3,6 +3,7 @@ method registry, `fti4cir.methods`, declares; `fti4cir.compose` is the entry poi
 
 Every query function returns a `Composed`: the L2-normalised features and which texts were cut to fit CLIP's context.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -32,8 +33,13 @@ class Composed:
     truncated: torch.Tensor
 
 
-def encode_prompt(backbone, template: str, pseudo_tokens: torch.Tensor | None, num_attrs=None,
-                  fields: list[dict[str, str]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_prompt(
+    backbone,
+    template: str,
+    pseudo_tokens: torch.Tensor | None,
+    num_attrs=None,
+    fields: list[dict[str, str]] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(features [B, E] not normalised, truncated [B]) of `template`, one row per sample, its placeholders filled in
     order by `pseudo_tokens[b]` (None: a template without placeholders). Differentiable w.r.t. the pseudo tokens."""
     if fields is None:
@@ -44,8 +50,9 @@ def encode_prompt(backbone, template: str, pseudo_tokens: torch.Tensor | None, n
     return backbone.encode_tokens(tokenized.ids, pseudo_tokens, tokenized.mask), tokenized.truncated
 
 
-def encode_with_pseudo_tokens(backbone, template: str, pseudo_tokens: torch.Tensor, num_attrs=None,
-                              fields: list[dict[str, str]] | None = None) -> torch.Tensor:
+def encode_with_pseudo_tokens(
+    backbone, template: str, pseudo_tokens: torch.Tensor, num_attrs=None, fields: list[dict[str, str]] | None = None
+) -> torch.Tensor:
     """Encode `template` (one row per sample) with its placeholders filled, in order, by `pseudo_tokens[b]`.
     Differentiable w.r.t. the pseudo tokens; not normalised."""
     return encode_prompt(backbone, template, pseudo_tokens, num_attrs, fields)[0]
@@ -106,8 +113,11 @@ def _image_features(model, references: Reference) -> torch.Tensor:
         return references.image_features
     if not isinstance(references, (torch.Tensor, VisualFeatures)):
         references = model.preprocess(list(references))
-    return references.global_features if isinstance(references, VisualFeatures) else \
-        model.backbone.encode_image(references)
+    return (
+        references.global_features
+        if isinstance(references, VisualFeatures)
+        else model.backbone.encode_image(references)
+    )
 
 
 def _plain_text(model, texts: Sequence[Text]) -> Composed:
@@ -135,9 +145,16 @@ def image_text_query(model, references: Reference, texts: Sequence[Text], **_) -
     return Composed(F.normalize(F.normalize(image.float(), dim=-1) + text.features, dim=-1), text.truncated)
 
 
-def pseudo_token_query(model, references: Reference, texts: Sequence[Text], *, template: str,
-                       attributes: bool = True, keep_attributes: torch.Tensor | None = None,
-                       keep_subject: torch.Tensor | None = None) -> Composed:
+def pseudo_token_query(
+    model,
+    references: Reference,
+    texts: Sequence[Text],
+    *,
+    template: str,
+    attributes: bool = True,
+    keep_attributes: torch.Tensor | None = None,
+    keep_subject: torch.Tensor | None = None,
+) -> Composed:
     """`template` with the pseudo tokens in its placeholders: subject and attribute tokens (fti4cir), or the subject
     token alone (attributes=False: subject-only). keep_attributes [B, topk] / keep_subject [B]: switch individual
     pseudo tokens off (counterfactual inspection)."""
@@ -149,7 +166,11 @@ def pseudo_token_query(model, references: Reference, texts: Sequence[Text], *, t
         pseudo = torch.cat([subject.unsqueeze(1), kept_attributes], dim=1)
     else:
         pseudo, num_kept = subject.unsqueeze(1), None
-    repeat = lambda t: t.repeat_interleave(n, dim=0) if n > 1 and t is not None else t
-    features, truncated = encode_prompt(backbone, template, repeat(pseudo), repeat(num_kept),
-                                        [{"text": t} for t in flat])
+
+    def repeat(t):
+        return t.repeat_interleave(n, dim=0) if n > 1 and t is not None else t
+
+    features, truncated = encode_prompt(
+        backbone, template, repeat(pseudo), repeat(num_kept), [{"text": t} for t in flat]
+    )
     return Composed(average_text_variants(features, n), any_variant(truncated, n))

@@ -20,6 +20,7 @@ Input vectors must be finite and L2-normalised (norm within `NORM_TOLERANCE` of 
 normalised silently, since an unnormalised gallery almost always means the wrong features were passed. Use
 `l2_normalize` where normalisation is intended. Other float dtypes are converted to float32.
 """
+
 from __future__ import annotations
 
 import math

@@ -6,6 +6,7 @@ demo photos, the runtime requirements, README, LICENSE): never .venv, runs/, cac
 would go up with sizes and checks the README front matter (sdk gradio at the pinned version, app_file present,
 python_version given) without any network.
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -19,8 +20,18 @@ from .errors import UserError
 log = logging.getLogger(__name__)
 
 # what a Space needs, as upload_folder allow patterns (relative to the repository root)
-ALLOW = ["app.py", "README.md", "LICENSE", "requirements.txt", "fti4cir/**", "galleries/clothing*",
-         "galleries/clothing*/**", "weights/clothing-*", "data/clothing/test/**", "data/clothing/LICENSE"]
+ALLOW = [
+    "app.py",
+    "README.md",
+    "LICENSE",
+    "requirements.txt",
+    "fti4cir/**",
+    "galleries/clothing*",
+    "galleries/clothing*/**",
+    "weights/clothing-*",
+    "data/clothing/test/**",
+    "data/clothing/LICENSE",
+]
 IGNORE = ["**/__pycache__/**", "*.pyc", "**/.staging-*/**", "**/.lock", ".venv/**", "runs/**", "cache/**", "tests/**"]
 
 
@@ -79,14 +90,17 @@ def check_space(root: str | Path = ".") -> list[str]:
     if gradio is None:
         problems.append("requirements.txt pins no gradio==X")
     elif meta.get("sdk_version") != gradio:
-        problems.append(f"front matter sdk_version {meta.get('sdk_version')!r} differs from the pinned gradio "
-                        f"{gradio!r}")
+        problems.append(
+            f"front matter sdk_version {meta.get('sdk_version')!r} differs from the pinned gradio {gradio!r}"
+        )
     app_file = meta.get("app_file")
     if not app_file or not (root / app_file).is_file():
         problems.append(f"front matter app_file {app_file!r} is not a file of the repository")
     if not meta.get("python_version"):
-        problems.append("front matter has no python_version (a Space then uses Python 3.10, which the pinned numpy "
-                        "does not support)")
+        problems.append(
+            "front matter has no python_version (a Space then uses Python 3.10, which the pinned numpy "
+            "does not support)"
+        )
     return problems
 
 
@@ -98,8 +112,9 @@ def human(size: float) -> str:
     raise AssertionError
 
 
-def deploy(repo_id: str, root: str | Path = ".", *, token: str | None = None, dry_run: bool = False,
-           out=log.info) -> list[SpaceFile]:
+def deploy(
+    repo_id: str, root: str | Path = ".", *, token: str | None = None, dry_run: bool = False, out=log.info
+) -> list[SpaceFile]:
     """Check, list (dry run) or upload the app's files to the Space `repo_id` (created when missing). `out` gets the
     listing and the summary lines (the command prints them on stdout)."""
     root = Path(root)
@@ -120,8 +135,16 @@ def deploy(repo_id: str, root: str | Path = ".", *, token: str | None = None, dr
 
     api = HfApi(token=token)
     api.create_repo(repo_id, repo_type="space", space_sdk="gradio", exist_ok=True)
-    info = api.upload_folder(repo_id=repo_id, repo_type="space", folder_path=str(root), allow_patterns=ALLOW,
-                             ignore_patterns=IGNORE, commit_message="fti4cir deploy-space")
-    out(f"uploaded {len(files)} files ({human(sum(f.size for f in files))}) to https://huggingface.co/spaces/{repo_id}"
-        f" ({getattr(info, 'commit_url', info)})")
+    info = api.upload_folder(
+        repo_id=repo_id,
+        repo_type="space",
+        folder_path=str(root),
+        allow_patterns=ALLOW,
+        ignore_patterns=IGNORE,
+        commit_message="fti4cir deploy-space",
+    )
+    out(
+        f"uploaded {len(files)} files ({human(sum(f.size for f in files))}) to https://huggingface.co/spaces/{repo_id}"
+        f" ({getattr(info, 'commit_url', info)})"
+    )
     return files

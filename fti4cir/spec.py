@@ -1,6 +1,7 @@
 """`ModelSpec`: what a model is built from, as data (a gallery stores it, the app and the Ray workers rebuild from it).
 
 `fti4cir.factory.create_model(spec)` is the one function that turns it into a model."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -60,5 +61,9 @@ class ModelSpec:
         from .presets import resolve_model
 
         backbone, pretrained, weights = resolve_model(self.model, self.backbone, self.pretrained, self.weights)
-        return self.replace(model=None, backbone=backbone, pretrained=resolve_pretrained(backbone, pretrained),
-                            weights=None if weights is None else os.fspath(weights))
+        return self.replace(
+            model=None,
+            backbone=backbone,
+            pretrained=resolve_pretrained(backbone, pretrained),
+            weights=None if weights is None else os.fspath(weights),
+        )

@@ -5,6 +5,7 @@ attribute token, and any other `{field}` is filled with user text. Placeholder p
 so a `*` typed by a user stays an ordinary word. User text longer than CLIP's context is cut from its end; the result
 says which rows were cut (`Tokenized.truncated`), so that callers report it (the app shows a note).
 """
+
 from __future__ import annotations
 
 import string
@@ -92,11 +93,13 @@ def _fit(pieces: list[tuple[list[int], bool]], budget: int) -> bool:
     for ids, is_text in reversed(pieces):
         if is_text and excess > 0:
             cut = min(excess, len(ids))
-            del ids[len(ids) - cut:]
+            del ids[len(ids) - cut :]
             excess -= cut
     if excess > 0:
-        raise ValueError(f"The prompt's template and pseudo-word placeholders alone exceed the {budget + 2}-token "
-                         f"context; use fewer attribute tokens or a shorter template")
+        raise ValueError(
+            f"The prompt's template and pseudo-word placeholders alone exceed the {budget + 2}-token "
+            f"context; use fewer attribute tokens or a shorter template"
+        )
     return True
 
 

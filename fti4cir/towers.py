@@ -7,6 +7,7 @@ global feature and a grid of patch tokens, which is all FTI4CIR and M2C need.
 
 A model config with a stem lives beside its open_clip config as `model_configs/conv_stems/<name>.json`.
 """
+
 from __future__ import annotations
 
 import json
@@ -35,8 +36,9 @@ class ConvStemConfig:
     def from_dict(cls, d: dict) -> ConvStemConfig:
         channels = d.get("channels")
         blocks = d.get("blocks", 1)
-        if not (isinstance(channels, list) and channels and all(isinstance(c, int) and 0 < c <= 4096
-                                                                  for c in channels)):
+        if not (
+            isinstance(channels, list) and channels and all(isinstance(c, int) and 0 < c <= 4096 for c in channels)
+        ):
             raise UserError(f"conv stem 'channels' must be a non-empty list of positive integers, got {channels!r}")
         if not (isinstance(blocks, int) and 0 <= blocks <= 16):
             raise UserError(f"conv stem 'blocks' must be an integer in 0..16, got {blocks!r}")
@@ -61,8 +63,11 @@ class Residual(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.body = nn.Sequential(*_conv_bn_relu(channels, channels, 1),
-                                  nn.Conv2d(channels, channels, 3, 1, 1, bias=False), nn.BatchNorm2d(channels))
+        self.body = nn.Sequential(
+            *_conv_bn_relu(channels, channels, 1),
+            nn.Conv2d(channels, channels, 3, 1, 1, bias=False),
+            nn.BatchNorm2d(channels),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.relu(x + self.body(x))

@@ -9,6 +9,7 @@ Outputs are keyed by the names in OUTPUTS (app.py maps each name to its componen
 a choice component's options and value; None from `Page.settings` means "nothing to do". No gradio here: matplotlib
 draws the relevance chart.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -30,8 +31,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_K = 10
 BROWSER_IMAGES = 60  # gallery images offered as references (an even sample of larger galleries)
-GENERIC_ERROR = ("Something went wrong while handling this request (the details are in the server log). "
-                 "Please try again.")
+GENERIC_ERROR = (
+    "Something went wrong while handling this request (the details are in the server log). Please try again."
+)
 NO_REFERENCE = "Upload a reference image or click a gallery image first."
 SUBJECT_SWITCH = "subject"
 # One-click examples on the embedded demo gallery (gallery image name, modification text); chosen among queries the
@@ -46,8 +48,18 @@ EXAMPLES: list[tuple[str, str]] = [
 ]
 FILE_ROUTE = "/gradio_api/file="  # the server's route for files below its allowed paths (the gallery's images)
 # the page's outputs, by name (app.py: name -> component)
-RESULT_OUTPUTS = ("sentence", "timing", "results", "chart", "heatmaps", "switches", "moved", "status", "base_state",
-                  "shown_state")
+RESULT_OUTPUTS = (
+    "sentence",
+    "timing",
+    "results",
+    "chart",
+    "heatmaps",
+    "switches",
+    "moved",
+    "status",
+    "base_state",
+    "shown_state",
+)
 REFERENCE_OUTPUTS = RESULT_OUTPUTS + ("reference_state", "reference_view")
 EXAMPLE_OUTPUTS = REFERENCE_OUTPUTS + ("method", "top_k")
 SWITCH_OUTPUTS = ("sentence", "timing", "results", "moved", "status", "shown_state")
@@ -74,19 +86,37 @@ def relevance_figure(explanation):
     ax = figure.add_subplot()
     ax.bar(queries, relevance, color=colours, width=0.8)
     ax.axhline(explanation.epsilon, color="#1f4e79", linestyle="--", linewidth=1.2)
-    ax.text(len(relevance) - 0.5, explanation.epsilon, f" ε = {explanation.epsilon:g}", color="#1f4e79",
-            va="bottom", ha="right", fontsize=8)
+    ax.text(
+        len(relevance) - 0.5,
+        explanation.epsilon,
+        f" ε = {explanation.epsilon:g}",
+        color="#1f4e79",
+        va="bottom",
+        ha="right",
+        fontsize=8,
+    )
     for q, word in kept.items():
-        ax.annotate(word, (q, relevance[q]), xytext=(0, 2), textcoords="offset points", ha="center", va="bottom",
-                    rotation=60, fontsize=7)
+        ax.annotate(
+            word,
+            (q, relevance[q]),
+            xytext=(0, 2),
+            textcoords="offset points",
+            ha="center",
+            va="bottom",
+            rotation=60,
+            fontsize=7,
+        )
     ax.set_xticks(queries, [str(q) for q in queries], fontsize=7)
     ax.set_xlim(-0.6, len(relevance) - 0.4)
     ax.set_ylim(0, max(float(relevance.max()), explanation.epsilon) * 1.45)
     ax.set_xlabel("attribute query", fontsize=8)
     ax.set_ylabel("relevance", fontsize=8)
     ax.tick_params(axis="y", labelsize=7)
-    ax.set_title(f"Relevance of the {len(relevance)} attribute queries: {len(kept)} kept (orange), "
-                 f"{len(relevance) - len(kept)} dropped (grey)", fontsize=9)
+    ax.set_title(
+        f"Relevance of the {len(relevance)} attribute queries: {len(kept)} kept (orange), "
+        f"{len(relevance) - len(kept)} dropped (grey)",
+        fontsize=9,
+    )
     for side in ("top", "right"):
         ax.spines[side].set_visible(False)
     return figure
@@ -100,15 +130,21 @@ def sentence_html(result) -> str:
     table = "".join(
         f"<tr class='{'' if on else 'off'}'><td>{e(token.label)}</td>"
         + "".join(f"<td><b>{e(w.word)}</b> <span class='score'>{w.score:.2f}</span></td>" for w in token.words)
-        + "</tr>" for token, on in rows)
+        + "</tr>"
+        for token, on in rows
+    )
     note = "<p class='note'>The text was cut to fit CLIP's 77-token context.</p>" if result.truncated else ""
     if registry.get(result.method).family == "m2c":
-        note += ("<p class='note'>M2C reads the image as one pseudo token (its nearest word is in brackets above) "
-                 "plus visual semantic injection; the table, chart and heatmaps below show FTI4CIR's tokens of "
-                 "this reference, for comparison.</p>")
-    return (f"<div class='sentence'>{e(result.sentence)}</div>{note}"
-            f"<table class='words'><tr><th>pseudo token</th><th colspan='3'>nearest words (cosine)</th></tr>"
-            f"{table}</table>")
+        note += (
+            "<p class='note'>M2C reads the image as one pseudo token (its nearest word is in brackets above) "
+            "plus visual semantic injection; the table, chart and heatmaps below show FTI4CIR's tokens of "
+            "this reference, for comparison.</p>"
+        )
+    return (
+        f"<div class='sentence'>{e(result.sentence)}</div>{note}"
+        f"<table class='words'><tr><th>pseudo token</th><th colspan='3'>nearest words (cosine)</th></tr>"
+        f"{table}</table>"
+    )
 
 
 def status_html(message: str) -> str:
@@ -168,6 +204,7 @@ def guarded(fn: Callable[..., dict | None]) -> Callable[..., dict | None]:
     """A page event's function whose failures become outputs: a UserError's message, anything else logged with a
     generic message; as {"status": the status line's html, "warning": the message for a toast}. Never a traceback in
     the page."""
+
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
@@ -178,6 +215,7 @@ def guarded(fn: Callable[..., dict | None]) -> Callable[..., dict | None]:
             log.exception("%s failed", getattr(fn, "__name__", "page event"))
             message = GENERIC_ERROR
         return {"status": status_html(message), "warning": message}
+
     return wrapper
 
 
@@ -219,19 +257,26 @@ class Page:
     # -- helpers
     def require_service(self) -> None:
         if self.service is None:
-            raise UserError("Search is disabled: " + (self.problems[0].split("\n")[0].replace("**", "")
-                                                      if self.problems else "no model"))
+            raise UserError(
+                "Search is disabled: "
+                + (self.problems[0].split("\n")[0].replace("**", "") if self.problems else "no model")
+            )
 
     def show(self, result, new_reference: bool) -> dict:
         """Every output of a fresh search (all tokens on): it becomes the base of the switches. The chart and
         heatmaps are drawn for a new reference only (the session keeps the reference without them)."""
         explanation = result.reference.explanation
         choices = switch_choices(explanation)
-        drawn = {
-            "chart": relevance_figure(explanation),
-            "heatmaps": [(image, f"q{a.query} {a.word}")
-                         for image, a in zip(explanation.heatmaps, explanation.attributes)],
-        } if new_reference else {}
+        drawn = (
+            {
+                "chart": relevance_figure(explanation),
+                "heatmaps": [
+                    (image, f"q{a.query} {a.word}") for image, a in zip(explanation.heatmaps, explanation.attributes)
+                ],
+            }
+            if new_reference
+            else {}
+        )
         result = lean_result(result)
         return {
             "sentence": sentence_html(result),
@@ -284,8 +329,11 @@ class Page:
         rows = {Path(self.service.gallery.paths[row]).name: row for row, _ in self.example_rows}
         if Path(str(path)).name not in rows:
             raise UserError("This example is not in the gallery.")
-        return {**self.pick(rows[Path(str(path)).name], text, "fti4cir", DEFAULT_K), "method": "fti4cir",
-                "top_k": DEFAULT_K}
+        return {
+            **self.pick(rows[Path(str(path)).name], text, "fti4cir", DEFAULT_K),
+            "method": "fti4cir",
+            "top_k": DEFAULT_K,
+        }
 
     def browser_select(self, index: int, text, method, k) -> dict:
         """The `index`-th image of the gallery browser was clicked."""
@@ -305,8 +353,7 @@ class Page:
             raise UserError("Run a search first; the switches act on its results.")
         reference = base.reference
         keep_attributes, keep_subject = switches_from_values(values, reference.num_kept)
-        result = self.service.search(reference, base.text, base.method, len(base.hits), keep_attributes,
-                                     keep_subject)
+        result = self.service.search(reference, base.text, base.method, len(base.hits), keep_attributes, keep_subject)
         moves = {m.name: m for m in rank_changes(base.hits, result.hits)}
         captions = [(str(h.path), f"{moves[h.name].arrow} {h.caption}".strip()) for h in result.hits]
         dropped = [m.name for m in moves.values() if m.kind == "out"]
@@ -315,8 +362,14 @@ class Page:
             summary += " — out: " + ", ".join(f"`{n}`" for n in dropped)
         if base.method not in ("fti4cir", "subject-only"):
             summary += f" (the switches act on FTI4CIR's pseudo tokens: no effect on method {base.method})"
-        return {"sentence": sentence_html(result), "timing": f"**Query time:** {result.timing_text()}",
-                "results": captions, "moved": summary, "status": "", "shown_state": [h.index for h in result.hits]}
+        return {
+            "sentence": sentence_html(result),
+            "timing": f"**Query time:** {result.timing_text()}",
+            "results": captions,
+            "moved": summary,
+            "status": "",
+            "shown_state": [h.index for h in result.hits],
+        }
 
     def api_search(self, image, gallery_name, text, method, k, root_url: str = "") -> dict:
         """Stateless search (/search): an uploaded image, or the name of a gallery image; results as JSON, each with
@@ -338,7 +391,14 @@ class Page:
         except Exception:  # noqa: BLE001
             log.exception("api search failed")
             return {"error": GENERIC_ERROR}
-        return {"reference": reference.name, "sentence": result.sentence, "text": result.text,
-                "method": result.method, "query_ms": round(result.seconds * 1000, 2),
-                "results": [{"rank": h.rank, "name": h.name, "score": round(h.score, 6),
-                             "url": file_url(h.path, root_url)} for h in result.hits]}
+        return {
+            "reference": reference.name,
+            "sentence": result.sentence,
+            "text": result.text,
+            "method": result.method,
+            "query_ms": round(result.seconds * 1000, 2),
+            "results": [
+                {"rank": h.rank, "name": h.name, "score": round(h.score, 6), "url": file_url(h.path, root_url)}
+                for h in result.hits
+            ],
+        }

@@ -1,5 +1,6 @@
 """FTI4CIR inversion-network weights from wherever they are: our .safetensors (+ .json, `fti4cir.weightfiles`), an
 official release file (read safely by `fti4cir.convert`), or a Hub id (`fti4cir.hub`)."""
+
 from __future__ import annotations
 
 import os
@@ -16,8 +17,17 @@ from .weightfiles import build_network, config_path, read_config, save_weights
 # This module's API: load_weights and its pair save_weights (with config_path). Transitional re-exports: the digests
 # (home: fti4cir.digests) and build_network/read_config (home: fti4cir.weightfiles) stay importable from here until
 # m2c.model, training.trainer, evaluation.run and demo.captions import them from their homes.
-__all__ = ["OFFICIAL_SUFFIXES", "build_network", "config_path", "file_digest", "load_safetensors_weights",
-           "load_weights", "parameter_digest", "read_config", "save_weights"]
+__all__ = [
+    "OFFICIAL_SUFFIXES",
+    "build_network",
+    "config_path",
+    "file_digest",
+    "load_safetensors_weights",
+    "load_weights",
+    "parameter_digest",
+    "read_config",
+    "save_weights",
+]
 
 OFFICIAL_SUFFIXES = (".pth", ".pt", ".bin")
 
@@ -37,8 +47,11 @@ def load_safetensors_weights(path: str | os.PathLike) -> InversionNetwork:
 def _looks_like_hub_id(source: str) -> bool:
     """'org/repo' or 'org/repo/file'; a missing local-looking path ('./x', '/x', 'dir/x.safetensors') is not one."""
     parts = source.split("/")
-    return not source.startswith((".", "/")) and len(parts) >= 2 and \
-        (len(parts) > 2 or Path(source).suffix not in OFFICIAL_SUFFIXES + (".safetensors",))
+    return (
+        not source.startswith((".", "/"))
+        and len(parts) >= 2
+        and (len(parts) > 2 or Path(source).suffix not in OFFICIAL_SUFFIXES + (".safetensors",))
+    )
 
 
 def _hub_download(spec: str, revision: str | None = None) -> Path:
@@ -46,8 +59,10 @@ def _hub_download(spec: str, revision: str | None = None) -> Path:
     `revision`); cache first, then the network (`fti4cir.hub`)."""
     spec, at = hub.split_revision(spec)
     if at is not None and revision is not None and at != revision:
-        raise UserError(f"Weights {quote(spec, 200)} name revision {quote(at, 60)} and --weights-revision "
-                        f"{quote(revision, 60)}; give one")
+        raise UserError(
+            f"Weights {quote(spec, 200)} name revision {quote(at, 60)} and --weights-revision "
+            f"{quote(revision, 60)}; give one"
+        )
     revision = revision or at
     parts = spec.split("/")
     repo, filename = "/".join(parts[:2]), "/".join(parts[2:]) or "fti4cir.safetensors"
@@ -75,7 +90,9 @@ def load_weights(source: str | os.PathLike, *, expect_backbone=None, revision: s
     if expect_backbone is not None:
         c, b = net.config, expect_backbone
         if (c.embed_dim, c.token_dim, c.patch_dim) != (b.embed_dim, b.token_dim, b.patch_dim):
-            raise UserError(f"Weights {path.name} were made for backbone '{c.backbone}' (embed {c.embed_dim}, token "
-                            f"{c.token_dim}, patch {c.patch_dim}) but '{b.name}' is loaded (embed {b.embed_dim}, "
-                            f"token {b.token_dim}, patch {b.patch_dim}); pass the matching --backbone")
+            raise UserError(
+                f"Weights {path.name} were made for backbone '{c.backbone}' (embed {c.embed_dim}, token "
+                f"{c.token_dim}, patch {c.patch_dim}) but '{b.name}' is loaded (embed {b.embed_dim}, "
+                f"token {b.token_dim}, patch {b.patch_dim}); pass the matching --backbone"
+            )
     return net

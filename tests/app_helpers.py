@@ -1,11 +1,13 @@
 """Helpers of the app tests: a small indexed gallery of shared clothing photos, a brute-force ranking to compare the
 service against, and access to a built page's component props and its /search function."""
+
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
 import torch
+
 from conftest import place_photos, shared_data
 
 

@@ -10,6 +10,7 @@ Clients: `client_for(server)` (a gradio_client.Client), `call_search_raw(url, da
 gradio's plain HTTP API, for inputs gradio_client cannot send), `upload_raw(url, path)` (gradio's upload route).
 Used by test_app_browser.py, test_app_load.py, test_app_files.py, test_app_space.py and test_reliability_app.py.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -23,9 +24,9 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import pytest
 
@@ -82,7 +83,7 @@ class AppServer:
         raise AssertionError(f"no {field} for process {self.pid}")
 
 
-def client_for(server: "AppServer"):
+def client_for(server: AppServer):
     from gradio_client import Client
 
     return Client(server.url, verbose=False, ssl_verify=SSL_CONTEXT)
@@ -91,11 +92,17 @@ def client_for(server: "AppServer"):
 def upload_raw(url: str, path: Path) -> tuple[int, str]:
     """POST one file to gradio's upload route as a browser would; (status, body)."""
     boundary = uuid.uuid4().hex
-    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"{path.name}\"\r\n"
-            "Content-Type: image/jpeg\r\n\r\n").encode()
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="{path.name}"\r\n'
+        "Content-Type: image/jpeg\r\n\r\n"
+    ).encode()
     body = head + path.read_bytes() + f"\r\n--{boundary}--\r\n".encode()
-    request = urllib.request.Request(f"{url}gradio_api/upload", data=body, method="POST",
-                                     headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    request = urllib.request.Request(
+        f"{url}gradio_api/upload",
+        data=body,
+        method="POST",
+        headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
+    )
     try:
         with urllib.request.urlopen(request, timeout=60) as response:
             return response.status, response.read().decode()
@@ -107,8 +114,12 @@ def call_search_raw(url: str, data: list, timeout: float = 60.0) -> tuple[str, o
     """The /search endpoint through gradio's plain HTTP API, without gradio_client: what any script can send (raw
     FileData dicts, texts with escaped lone surrogates). Returns the final server-sent event and its data:
     ("complete", [answer]) or ("error", {...})."""
-    request = urllib.request.Request(f"{url}gradio_api/call/search", data=json.dumps({"data": data}).encode(),
-                                     headers={"Content-Type": "application/json"}, method="POST")
+    request = urllib.request.Request(
+        f"{url}gradio_api/call/search",
+        data=json.dumps({"data": data}).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
     with urllib.request.urlopen(request, timeout=timeout) as response:
         event_id = json.load(response)["event_id"]
     with urllib.request.urlopen(f"{url}gradio_api/call/search/{event_id}", timeout=timeout) as response:
@@ -116,7 +127,7 @@ def call_search_raw(url: str, data: list, timeout: float = 60.0) -> tuple[str, o
     events = [block.split("\n") for block in stream.strip().split("\n\n")]
     event, data_line = events[-1][0], events[-1][1]
     assert event.startswith("event: ") and data_line.startswith("data: "), stream
-    return event[len("event: "):], json.loads(data_line[len("data: "):])
+    return event[len("event: ") :], json.loads(data_line[len("data: ") :])
 
 
 def wait_until_serving(url: str, process: subprocess.Popen, log: Path, timeout: float = START_TIMEOUT_S) -> None:
@@ -145,14 +156,30 @@ def stop(process: subprocess.Popen) -> None:
 
 
 @contextlib.contextmanager
-def running_app(tmp: Path, galleries: Path | None, *, gallery: str | None = GALLERY,
-                extra_args: Sequence[str] = (), cwd: Path = REPO, tiny: bool = True) -> Iterator[AppServer]:
+def running_app(
+    tmp: Path,
+    galleries: Path | None,
+    *,
+    gallery: str | None = GALLERY,
+    extra_args: Sequence[str] = (),
+    cwd: Path = REPO,
+    tiny: bool = True,
+) -> Iterator[AppServer]:
     """`python app.py --tiny` (tiny=False: the embedded demo model) on a free loopback port, with its own gradio
     upload dir (tmp/gradio-uploads) and log (tmp/app-<port>.log); the process is always stopped on exit.
     gallery=None omits --gallery, galleries=None --galleries-dir."""
     port = free_port()
-    command = [sys.executable, str(REPO / "app.py"), *(["--tiny"] if tiny else []), "--device", "cpu",
-               "--host", "127.0.0.1", "--port", str(port)]
+    command = [
+        sys.executable,
+        str(REPO / "app.py"),
+        *(["--tiny"] if tiny else []),
+        "--device",
+        "cpu",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
     if gallery is not None:
         command += ["--gallery", gallery]
     if galleries is not None:
@@ -179,10 +206,17 @@ def running_space(folder: Path, tmp: Path, **variables: str) -> Iterator[AppServ
 
 def clean_environment(tmp: Path) -> dict[str, str]:
     """This process's environment without the app's own variables, offline, gradio's uploads under tmp."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("GRADIO_SERVER_NAME", "GRADIO_SERVER_PORT", "PORT") and not k.startswith("FTI4CIR_")}
-    env.update(GRADIO_ANALYTICS_ENABLED="False", GRADIO_TEMP_DIR=str(tmp / "gradio-uploads"), HF_HUB_OFFLINE="1",
-               PYTHONUNBUFFERED="1")
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("GRADIO_SERVER_NAME", "GRADIO_SERVER_PORT", "PORT") and not k.startswith("FTI4CIR_")
+    }
+    env.update(
+        GRADIO_ANALYTICS_ENABLED="False",
+        GRADIO_TEMP_DIR=str(tmp / "gradio-uploads"),
+        HF_HUB_OFFLINE="1",
+        PYTHONUNBUFFERED="1",
+    )
     return env
 
 

@@ -109,57 +109,154 @@ def generate_image_cases(tmp_dir: str | os.PathLike) -> list[Case]:
         Case("png_named_jpg", write("really_png.jpg", _encode(_halves(), "PNG")), "ok", size=(32, 8), probes=halves),
         Case("bmp", write("halves.bmp", _encode(_halves(), "BMP")), "ok", size=(32, 8), probes=halves),
         Case("tiff_rgb", write("halves.tif", _encode(_halves(), "TIFF")), "ok", size=(32, 8), probes=halves),
-        Case("webp_lossless", write("halves.webp", _encode(_halves(), "WEBP", lossless=True)), "ok",
-             size=(32, 8), probes=halves),
-        Case("one_by_one", write("dot.png", _encode(Image.new("RGB", (1, 1), (10, 20, 30)), "PNG")), "ok",
-             size=(1, 1), probes=(((0, 0), (10, 20, 30)),)),
-        Case("grey_jpeg", write("grey.jpg", _encode(Image.new("L", (16, 16), 100), "JPEG")), "ok",
-             size=(16, 16), probes=(((8, 8), (100, 100, 100)),), tolerance=2),
-        Case("cmyk_jpeg", write("cmyk.jpg", _encode(Image.new("CMYK", (16, 16), (0, 255, 255, 0)), "JPEG")), "ok",
-             size=(16, 16), probes=(((8, 8), RED),), tolerance=8),
-        Case("one_bit_png", write("bits.png", _encode(_halves_1bit(), "PNG")), "ok",
-             size=(32, 8), probes=(((4, 4), BLACK), ((28, 4), WHITE))),
+        Case(
+            "webp_lossless",
+            write("halves.webp", _encode(_halves(), "WEBP", lossless=True)),
+            "ok",
+            size=(32, 8),
+            probes=halves,
+        ),
+        Case(
+            "one_by_one",
+            write("dot.png", _encode(Image.new("RGB", (1, 1), (10, 20, 30)), "PNG")),
+            "ok",
+            size=(1, 1),
+            probes=(((0, 0), (10, 20, 30)),),
+        ),
+        Case(
+            "grey_jpeg",
+            write("grey.jpg", _encode(Image.new("L", (16, 16), 100), "JPEG")),
+            "ok",
+            size=(16, 16),
+            probes=(((8, 8), (100, 100, 100)),),
+            tolerance=2,
+        ),
+        Case(
+            "cmyk_jpeg",
+            write("cmyk.jpg", _encode(Image.new("CMYK", (16, 16), (0, 255, 255, 0)), "JPEG")),
+            "ok",
+            size=(16, 16),
+            probes=(((8, 8), RED),),
+            tolerance=8,
+        ),
+        Case(
+            "one_bit_png",
+            write("bits.png", _encode(_halves_1bit(), "PNG")),
+            "ok",
+            size=(32, 8),
+            probes=(((4, 4), BLACK), ((28, 4), WHITE)),
+        ),
         # 16-bit: mid-grey 32768 must become 128 (scaled), not 255 (clipped); 65535 -> 255.
-        Case("png_16bit_grey", write("grey16.png", _encode(_sixteen_bit(), "PNG")), "ok",
-             size=(32, 8), probes=(((4, 4), (128,) * 3), ((28, 4), WHITE))),
-        Case("tiff_16bit_grey", write("grey16.tif", _encode(_sixteen_bit(), "TIFF")), "ok",
-             size=(32, 8), probes=(((4, 4), (128,) * 3), ((28, 4), WHITE))),
-        Case("tiff_32bit_int", write("grey32.tif", _encode(_sixteen_bit().convert("I"), "TIFF")), "ok",
-             size=(32, 8), probes=(((4, 4), (128,) * 3), ((28, 4), WHITE))),
-        Case("tiff_float", write("float.tif", _encode(_float_halves(), "TIFF")), "ok",
-             size=(32, 8), probes=(((4, 4), (64,) * 3), ((28, 4), WHITE))),
+        Case(
+            "png_16bit_grey",
+            write("grey16.png", _encode(_sixteen_bit(), "PNG")),
+            "ok",
+            size=(32, 8),
+            probes=(((4, 4), (128,) * 3), ((28, 4), WHITE)),
+        ),
+        Case(
+            "tiff_16bit_grey",
+            write("grey16.tif", _encode(_sixteen_bit(), "TIFF")),
+            "ok",
+            size=(32, 8),
+            probes=(((4, 4), (128,) * 3), ((28, 4), WHITE)),
+        ),
+        Case(
+            "tiff_32bit_int",
+            write("grey32.tif", _encode(_sixteen_bit().convert("I"), "TIFF")),
+            "ok",
+            size=(32, 8),
+            probes=(((4, 4), (128,) * 3), ((28, 4), WHITE)),
+        ),
+        Case(
+            "tiff_float",
+            write("float.tif", _encode(_float_halves(), "TIFF")),
+            "ok",
+            size=(32, 8),
+            probes=(((4, 4), (64,) * 3), ((28, 4), WHITE)),
+        ),
         # --- transparency composited onto white ------------------------------------------------------------------
-        Case("rgba_png", write("rgba.png", _encode(_rgba_halves(), "PNG")), "ok",
-             size=(32, 8), probes=(((4, 4), RED), ((28, 4), WHITE))),
-        Case("la_png", write("la.png", _encode(_la_thirds(), "PNG")), "ok",
-             size=(30, 8), probes=(((5, 4), WHITE), ((15, 4), (127,) * 3), ((25, 4), BLACK)), tolerance=1),
-        Case("palette_transparency_png", write("palette.png", _encode(_palette_halves(), "PNG", transparency=1)),
-             "ok", size=(32, 8), probes=(((4, 4), RED), ((28, 4), WHITE))),
-        Case("palette_transparency_gif", write("palette.gif", _encode(_palette_halves(), "GIF", transparency=1)),
-             "ok", size=(32, 8), probes=(((4, 4), RED), ((28, 4), WHITE))),
-        Case("grey_colour_key_png", write("greykey.png", _encode(_grey_halves(), "PNG", transparency=0)), "ok",
-             size=(32, 8), probes=(((4, 4), (200,) * 3), ((28, 4), WHITE))),
-        Case("rgb_colour_key_png", write("rgbkey.png", _encode(_halves(), "PNG", transparency=BLUE)), "ok",
-             size=(32, 8), probes=(((4, 4), RED), ((28, 4), WHITE))),
+        Case(
+            "rgba_png",
+            write("rgba.png", _encode(_rgba_halves(), "PNG")),
+            "ok",
+            size=(32, 8),
+            probes=(((4, 4), RED), ((28, 4), WHITE)),
+        ),
+        Case(
+            "la_png",
+            write("la.png", _encode(_la_thirds(), "PNG")),
+            "ok",
+            size=(30, 8),
+            probes=(((5, 4), WHITE), ((15, 4), (127,) * 3), ((25, 4), BLACK)),
+            tolerance=1,
+        ),
+        Case(
+            "palette_transparency_png",
+            write("palette.png", _encode(_palette_halves(), "PNG", transparency=1)),
+            "ok",
+            size=(32, 8),
+            probes=(((4, 4), RED), ((28, 4), WHITE)),
+        ),
+        Case(
+            "palette_transparency_gif",
+            write("palette.gif", _encode(_palette_halves(), "GIF", transparency=1)),
+            "ok",
+            size=(32, 8),
+            probes=(((4, 4), RED), ((28, 4), WHITE)),
+        ),
+        Case(
+            "grey_colour_key_png",
+            write("greykey.png", _encode(_grey_halves(), "PNG", transparency=0)),
+            "ok",
+            size=(32, 8),
+            probes=(((4, 4), (200,) * 3), ((28, 4), WHITE)),
+        ),
+        Case(
+            "rgb_colour_key_png",
+            write("rgbkey.png", _encode(_halves(), "PNG", transparency=BLUE)),
+            "ok",
+            size=(32, 8),
+            probes=(((4, 4), RED), ((28, 4), WHITE)),
+        ),
         # --- animations: first frame (red), never the second (blue) ----------------------------------------------
         Case("animated_gif", write("anim.gif", _animation("GIF")), "ok", size=(16, 16), probes=(((8, 8), RED),)),
-        Case("animated_webp", write("anim.webp", _animation("WEBP", lossless=True)), "ok",
-             size=(16, 16), probes=(((8, 8), RED),)),
+        Case(
+            "animated_webp",
+            write("anim.webp", _animation("WEBP", lossless=True)),
+            "ok",
+            size=(16, 16),
+            probes=(((8, 8), RED),),
+        ),
         Case("animated_png", write("anim.png", _animation("PNG")), "ok", size=(16, 16), probes=(((8, 8), RED),)),
         # --- EXIF orientation 6 (display = stored turned 90 degrees clockwise): the stored 40x20 picture,
         # red left / blue right, is shown 20x40 with red on top and blue below.
-        Case("exif_rotated_jpeg", write("rotated.jpg", _exif_rotated()), "ok",
-             size=(20, 40), probes=(((10, 8), RED), ((10, 32), BLUE)), tolerance=12),
+        Case(
+            "exif_rotated_jpeg",
+            write("rotated.jpg", _exif_rotated()),
+            "ok",
+            size=(20, 40),
+            probes=(((10, 8), RED), ((10, 32), BLUE)),
+            tolerance=12,
+        ),
     ]
     if features.check("avif"):
-        cases.append(Case("avif", write("halves.avif", _encode(_halves(), "AVIF", quality=100)), "ok",
-                          size=(32, 8), probes=halves, tolerance=12))
+        cases.append(
+            Case(
+                "avif",
+                write("halves.avif", _encode(_halves(), "AVIF", quality=100)),
+                "ok",
+                size=(32, 8),
+                probes=halves,
+                tolerance=12,
+            )
+        )
     return cases
 
 
 def text_cases() -> list[TextCase]:
     """Texts with the exact cleaned result (stated by hand) or the expected error."""
-    family = "\U0001F468\u200d\U0001F469\u200d\U0001F467"  # man ZWJ woman ZWJ girl: one family emoji
+    family = "\U0001f468\u200d\U0001f469\u200d\U0001f467"  # man ZWJ woman ZWJ girl: one family emoji
     return [
         TextCase("none", None, "ok", ""),
         TextCase("empty", "", "ok", ""),
@@ -170,27 +267,43 @@ def text_cases() -> list[TextCase]:
         TextCase("at_limit", "c" * 1000, "ok", "c" * 1000),
         TextCase("single_spaces_count", "d " * 600, "error", message="1000 characters"),
         TextCase("collapsed_under_limit", "e" * 900 + " " * 300, "ok", "e" * 900),
-        TextCase("emoji", "make it \U0001F534 red \U0001F457\ufe0f", "ok", "make it \U0001F534 red \U0001F457\ufe0f"),
+        TextCase("emoji", "make it \U0001f534 red \U0001f457\ufe0f", "ok", "make it \U0001f534 red \U0001f457\ufe0f"),
         TextCase("zwj_emoji_kept", f"for the {family} trip", "ok", f"for the {family} trip"),
         TextCase("zwj_in_latin_dropped", "re\u200dd and blu\u200ce", "ok", "red and blue"),
-        TextCase("persian_zwnj_kept", "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645", "ok",
-                 "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645"),
-        TextCase("arabic", "\u0641\u0633\u062a\u0627\u0646 \u0623\u062d\u0645\u0631", "ok",
-                 "\u0641\u0633\u062a\u0627\u0646 \u0623\u062d\u0645\u0631"),
-        TextCase("hebrew_with_marks", "\u200f\u05e9\u05de\u05dc\u05d4 \u05d0\u05d3\u05d5\u05de\u05d4\u200e", "ok",
-                 "\u05e9\u05de\u05dc\u05d4 \u05d0\u05d3\u05d5\u05de\u05d4"),
+        TextCase(
+            "persian_zwnj_kept",
+            "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645",
+            "ok",
+            "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645",
+        ),
+        TextCase(
+            "arabic",
+            "\u0641\u0633\u062a\u0627\u0646 \u0623\u062d\u0645\u0631",
+            "ok",
+            "\u0641\u0633\u062a\u0627\u0646 \u0623\u062d\u0645\u0631",
+        ),
+        TextCase(
+            "hebrew_with_marks",
+            "\u200f\u05e9\u05de\u05dc\u05d4 \u05d0\u05d3\u05d5\u05de\u05d4\u200e",
+            "ok",
+            "\u05e9\u05de\u05dc\u05d4 \u05d0\u05d3\u05d5\u05de\u05d4",
+        ),
         TextCase("bidi_override_dropped", "is \u202eder\u202c now", "ok", "is der now"),
         TextCase("combining_composed", "cafe\u0301 cre\u0300me", "ok", "caf\u00e9 cr\u00e8me"),
         TextCase("combining_without_precomposed", "x\u0302 stays", "ok", "x\u0302 stays"),
         TextCase("cjk", "\u7ea2\u8272\u7684\u8fde\u8863\u88d9", "ok", "\u7ea2\u8272\u7684\u8fde\u8863\u88d9"),
         TextCase("star_and_dollar", "replace * with $ and $1 *", "ok", "replace * with $ and $1 *"),
-        TextCase("format_placeholders", "a photo of {text} and {} and {0} {!r} %s", "ok",
-                 "a photo of {text} and {} and {0} {!r} %s"),
+        TextCase(
+            "format_placeholders",
+            "a photo of {text} and {} and {0} {!r} %s",
+            "ok",
+            "a photo of {text} and {} and {0} {!r} %s",
+        ),
         TextCase("control_characters", "\x1b[31mred\x1b[0m\x07 dress\x7f\x85now", "ok", "[31mred[0m dress now"),
         TextCase("nul", "red\x00 dress\x00", "ok", "red dress"),
         TextCase("zero_width_space", "red\u200bdress \ufeff", "ok", "reddress"),
         TextCase("lone_surrogate", "bro\ud800ken", "ok", "broken"),
-        TextCase("tag_characters_dropped", "hi\U000E0041\U000E0042", "ok", "hi"),
+        TextCase("tag_characters_dropped", "hi\U000e0041\U000e0042", "ok", "hi"),
     ]
 
 
@@ -289,14 +402,18 @@ def _blank_png(width: int, height: int) -> bytes:
         idat.append(compressor.compress(row * min(rows_per_block, height - start)))
     idat.append(compressor.flush())
     header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # bit depth 1, greyscale
-    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", b"".join(idat))
-            + _png_chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", header)
+        + _png_chunk(b"IDAT", b"".join(idat))
+        + _png_chunk(b"IEND", b"")
+    )
 
 
 def _corrupt_idat_crc(png: bytes) -> bytes:
     """Flip one byte inside the first IDAT chunk's data, leaving its stored CRC wrong."""
     position = png.index(b"IDAT") + 4 + 10
-    return png[:position] + bytes([png[position] ^ 0xFF]) + png[position + 1:]
+    return png[:position] + bytes([png[position] ^ 0xFF]) + png[position + 1 :]
 
 
 def _gif_with_canvas(width: int, height: int) -> bytes:
@@ -320,9 +437,13 @@ def _heic_like() -> bytes:
     return struct.pack(">I", 4 + len(ftyp)) + ftyp + struct.pack(">I", 4 + len(meta)) + meta + bytes(64)
 
 
-_SVG = (b'<?xml version="1.0" encoding="UTF-8"?>\n'
-        b'<svg xmlns="http://www.w3.org/2000/svg" width="64" height="64">'
-        b'<rect width="64" height="64" fill="red"/></svg>\n')
+_SVG = (
+    b'<?xml version="1.0" encoding="UTF-8"?>\n'
+    b'<svg xmlns="http://www.w3.org/2000/svg" width="64" height="64">'
+    b'<rect width="64" height="64" fill="red"/></svg>\n'
+)
 
-_EPS = (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 64 64\n%%EndComments\n"
-        b"1 0 0 setrgbcolor 0 0 64 64 rectfill\nshowpage\n%%EOF\n")
+_EPS = (
+    b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 64 64\n%%EndComments\n"
+    b"1 0 0 setrgbcolor 0 0 64 64 rectfill\nshowpage\n%%EOF\n"
+)

@@ -1,4 +1,5 @@
 """Shared fixtures: the tiny random-weight model and the shared data folder beside the checkout."""
+
 from __future__ import annotations
 
 import logging

@@ -6,6 +6,7 @@ preprocessing transforms. Each file is measured in this one process: freed memor
 (malloc_trim; run with MALLOC_MMAP_THRESHOLD_=131072 so that large blocks are mapped and unmapped), the peak
 resident size is reset through /proc/self/clear_refs, and the peak reached during the request minus the resident
 size before it is the request's peak."""
+
 import ctypes
 import json
 import sys
@@ -43,8 +44,11 @@ def main(paths: list[str]) -> dict:
         except UserError as e:
             result = f"UserError: {e}"
         image = None
-        out[Path(path).name] = {"peak": _status("VmHWM") - before, "seconds": time.perf_counter() - start,
-                                "result": result}
+        out[Path(path).name] = {
+            "peak": _status("VmHWM") - before,
+            "seconds": time.perf_counter() - start,
+            "result": result,
+        }
     return out
 
 

@@ -5,10 +5,11 @@ relevance chart, the heatmaps and k results appear; switching a token off re-ran
 sentence update); clicking a result makes it the reference. `python app.py` (the embedded demo, no flags): one click
 on an example gives results of the asked class and colour, also on a phone-width (390 px) screen. At 390 px the
 reference is also dropped on its box (a file that is no image: the readable message), pasted from the clipboard and
-taken with a (fake) webcam, each giving a new search, and nothing is wider than the screen. Screenshots go to the test's tmp folder; the demo's, with
-FTI4CIR_UPDATE_SCREENSHOT=1, also to docs/screenshot.png (the README's picture), so that a plain test run leaves the
-checkout unchanged.
+taken with a (fake) webcam, each giving a new search, and nothing is wider than the screen. Screenshots go to the
+test's tmp folder; the demo's, with FTI4CIR_UPDATE_SCREENSHOT=1, also to docs/screenshot.png (the README's picture),
+so that a plain test run leaves the checkout unchanged.
 """
+
 from __future__ import annotations
 
 import base64
@@ -21,8 +22,14 @@ import pytest
 from app_server import REPO, build_tiny_gallery, running_app
 
 CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--no-first-run"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+]
 GALLERY_SIZE = 20
 K = 10  # the app's default top-k
 TIMEOUT_MS = 30_000
@@ -81,10 +88,13 @@ def assert_fits(page, width: int) -> None:
     """Nothing makes the page wider than the screen: no horizontal scrolling of the page, and every image (of the
     results, heatmaps, gallery) and control inside the screen, not in a grid that scrolls sideways."""
     assert page.evaluate("document.documentElement.scrollWidth") <= width
-    overflowing = page.evaluate("""(width) => [...document.querySelectorAll('#results img, #heatmaps img, '
+    overflowing = page.evaluate(
+        """(width) => [...document.querySelectorAll('#results img, #heatmaps img, '
         + '#gallery img, #reference img, #search, #text textarea, #sentence, #examples')]
         .map(e => e.getBoundingClientRect())
-        .filter(r => r.width > 0 && (r.left < -1 || r.right > width + 1)).length""", width)
+        .filter(r => r.width > 0 && (r.left < -1 || r.right > width + 1)).length""",
+        width,
+    )
     assert overflowing == 0
 
 
@@ -181,15 +191,17 @@ def test_reference_by_drop_paste_and_webcam_at_phone_width(app_url, tmp_path):
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS + WEBCAM_ARGS)
         try:
-            context = browser.new_context(viewport=PHONE, permissions=["camera", "clipboard-read",
-                                                                       "clipboard-write"])
+            context = browser.new_context(viewport=PHONE, permissions=["camera", "clipboard-read", "clipboard-write"])
             page = context.new_page()
             page.set_default_timeout(TIMEOUT_MS)
             page.goto(app_url)
             expect(page.locator("#gallery img")).to_have_count(GALLERY_SIZE)
             sources = page.locator("#reference [data-testid=source-select] button")
             assert [b.get_attribute("aria-label") for b in sources.all()] == [
-                "Upload file", "Capture from camera", "Paste from clipboard"]
+                "Upload file",
+                "Capture from camera",
+                "Paste from clipboard",
+            ]
             assert_fits(page, PHONE["width"])
 
             not_an_image = base64.b64encode(b"This is not an image.\n" * 20).decode()

@@ -6,6 +6,7 @@ a file is tried: gradio's file routes (`../`, absolute paths, URL-encoded and NU
 gallery image name and its file parameter (raw FileData with server paths, file:// and loopback URLs), and the
 --gallery flag. Answers are 403/404 or an error, never the file's content.
 """
+
 from __future__ import annotations
 
 import http.client
@@ -42,8 +43,15 @@ def layout(tmp_path_factory) -> dict[str, str]:
     (root / "link.jpg").symlink_to("/etc/passwd")
     (root / "etc").symlink_to("/etc")
     version = (galleries / "demo" / "CURRENT").read_text().split()[0]
-    return {"tmp": str(tmp), "root": str(root), "galleries": str(galleries), "version": version, "name": names[0],
-            "uploads": str(tmp / "gradio-uploads"), "repo": str(REPO)}
+    return {
+        "tmp": str(tmp),
+        "root": str(root),
+        "galleries": str(galleries),
+        "version": version,
+        "name": names[0],
+        "uploads": str(tmp / "gradio-uploads"),
+        "repo": str(REPO),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +94,7 @@ def test_gallery_images_are_served(server, layout):
     sources = {(Path(layout["root"]) / item["caption"]).read_bytes() for item in browser}
     for item in browser:
         url = item["image"]["url"]
-        status, body = get(server, url[url.index("/gradio_api/"):])
+        status, body = get(server, url[url.index("/gradio_api/") :])
         assert status == 200 and body in sources
 
 
@@ -94,8 +102,10 @@ def test_search_answers_carry_urls_the_server_serves(server, layout):
     """/search gives each result's name, score and URL; fetching the URL gives the gallery image's bytes (through
     gradio_client and through the plain HTTP API)."""
     root = Path(layout["root"])
-    answers = [client_for(server).predict(None, layout["name"], "is red", "fti4cir", 4, api_name="/search"),
-               call_search_raw(server.url, [None, layout["name"], "is red", "fti4cir", 4])[1][0]]
+    answers = [
+        client_for(server).predict(None, layout["name"], "is red", "fti4cir", 4, api_name="/search"),
+        call_search_raw(server.url, [None, layout["name"], "is red", "fti4cir", 4])[1][0],
+    ]
     for answer in answers:
         assert [set(r) for r in answer["results"]] == [{"rank", "name", "score", "url"}] * 4, answer
         for result in answer["results"]:
@@ -111,8 +121,9 @@ def test_uploads_are_served_and_searchable(server, layout):
     uploaded = json.loads(body)[0]
     assert Path(uploaded).is_relative_to(layout["uploads"])
     assert get(server, "/gradio_api/file=" + uploaded) == (200, (Path(layout["root"]) / layout["name"]).read_bytes())
-    event, data = call_search_raw(server.url, [{"path": uploaded, "meta": {"_type": "gradio.FileData"}}, "", "x",
-                                               "fti4cir", 3])
+    event, data = call_search_raw(
+        server.url, [{"path": uploaded, "meta": {"_type": "gradio.FileData"}}, "", "x", "fti4cir", 3]
+    )
     assert event == "complete" and len(data[0]["results"]) == 3, data  # what the refused cases below are not
 
 
@@ -166,10 +177,26 @@ def test_file_routes_refuse_everything_else(server, layout, route, template):
     assert_no_leak(body)
 
 
-@pytest.mark.parametrize("name", [
-    "../../etc/passwd", "/etc/passwd", "{root}/{name}", "./{name}", "skirt/../{name}", "{name}/", "{name}\0",
-    "secret.txt", ".env", "late.jpg", "galleries/demo/CURRENT", "%2e%2e%2fetc%2fpasswd", "..\\..\\etc\\passwd",
-    "~/.bashrc", "file:///etc/passwd"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "../../etc/passwd",
+        "/etc/passwd",
+        "{root}/{name}",
+        "./{name}",
+        "skirt/../{name}",
+        "{name}/",
+        "{name}\0",
+        "secret.txt",
+        ".env",
+        "late.jpg",
+        "galleries/demo/CURRENT",
+        "%2e%2e%2fetc%2fpasswd",
+        "..\\..\\etc\\passwd",
+        "~/.bashrc",
+        "file:///etc/passwd",
+    ],
+)
 def test_search_by_gallery_name_only_knows_gallery_names(server, layout, name):
     name = name.format(**layout)
     answer = client_for(server).predict(None, name, "x", "fti4cir", 3, api_name="/search")
@@ -182,16 +209,26 @@ def test_search_by_gallery_name_finds_the_gallery_image(server, layout):
     assert answer["reference"] == layout["name"] and len(answer["results"]) == 3
 
 
-@pytest.mark.parametrize("path", [
-    "/etc/passwd", "{root}/secret.txt", "{root}/{name}", "{galleries}/demo/CURRENT", "{uploads}/../photos/secret.txt",
-    "../../../../../../../../etc/passwd", "file:///etc/passwd",
-    "http://127.0.0.1:{port}/gradio_api/file={root}/{name}"])  # server-side fetch of a loopback URL
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/etc/passwd",
+        "{root}/secret.txt",
+        "{root}/{name}",
+        "{galleries}/demo/CURRENT",
+        "{uploads}/../photos/secret.txt",
+        "../../../../../../../../etc/passwd",
+        "file:///etc/passwd",
+        "http://127.0.0.1:{port}/gradio_api/file={root}/{name}",
+    ],
+)  # server-side fetch of a loopback URL
 def test_search_file_parameter_takes_only_uploads(server, layout, path):
     """A script may send any FileData; gradio accepts only files from its upload folder (and refuses to fetch
     URLs of private addresses), so the request fails without reading the file."""
     path = path.format(port=server.port, **layout)
-    event, data = call_search_raw(server.url, [{"path": path, "meta": {"_type": "gradio.FileData"}}, "", "x",
-                                               "fti4cir", 3])
+    event, data = call_search_raw(
+        server.url, [{"path": path, "meta": {"_type": "gradio.FileData"}}, "", "x", "fti4cir", 3]
+    )
     assert event == "error" or "error" in data[0], (event, data)
     assert_no_leak(data)
     assert server.alive()
@@ -210,10 +247,18 @@ def test_reference_box_takes_only_uploads(server, layout):
 
     def drop(path: str) -> tuple[dict, list]:
         session = uuid.uuid4().hex
-        body = {"data": [{"path": path, "meta": {"_type": "gradio.FileData"}}, "is red", "fti4cir", 3],
-                "fn_index": fn_index, "trigger_id": None, "session_hash": session}
-        request = urllib.request.Request(f"{server.url}gradio_api/queue/join", data=json.dumps(body).encode(),
-                                         headers={"Content-Type": "application/json"}, method="POST")
+        body = {
+            "data": [{"path": path, "meta": {"_type": "gradio.FileData"}}, "is red", "fti4cir", 3],
+            "fn_index": fn_index,
+            "trigger_id": None,
+            "session_hash": session,
+        }
+        request = urllib.request.Request(
+            f"{server.url}gradio_api/queue/join",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+            method="POST",
+        )
         with urllib.request.urlopen(request, timeout=60):
             pass
         with urllib.request.urlopen(f"{server.url}gradio_api/queue/data?session_hash={session}", timeout=60) as r:
@@ -232,16 +277,18 @@ def test_reference_box_takes_only_uploads(server, layout):
 
 
 # ---- the --gallery flag --------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("gallery", ["../x", "/etc", "..", "demo/../demo", "photos/../../x", "%2e%2e", "demo\0",
-                                     ".hidden", "/etc/passwd"])
+@pytest.mark.parametrize(
+    "gallery", ["../x", "/etc", "..", "demo/../demo", "photos/../../x", "%2e%2e", "demo\0", ".hidden", "/etc/passwd"]
+)
 def test_gallery_flag_outside_the_galleries_dir_is_refused(layout, tiny_model, monkeypatch, gallery):
     """The banner's message (the page shows setup.problems; test_app_service checks the rendering)."""
     import app
 
     monkeypatch.chdir(layout["tmp"])  # relative names resolve the same way on every machine
     monkeypatch.setattr(app, "create_model_or_fti4cir", lambda spec: (tiny_model, None))  # no model to build
-    setup = app.load_service(app.parse_args(["--tiny", "--device", "cpu", "--gallery", gallery,
-                                             "--galleries-dir", layout["galleries"]]))
+    setup = app.load_service(
+        app.parse_args(["--tiny", "--device", "cpu", "--gallery", gallery, "--galleries-dir", layout["galleries"]])
+    )
     assert setup.service is None and "Invalid gallery name" in setup.problems[0], setup.problems
 
 

@@ -5,6 +5,7 @@ loopback: 20 concurrent clients x 25 queries must each get exactly the answer th
 with bounded memory growth; every case of tests/bad_inputs.py gives a result or a readable {"error"}.
 `pytest -s` prints the latencies and memory figures.
 """
+
 from __future__ import annotations
 
 import json
@@ -110,9 +111,15 @@ def client_queries(names: list[str], photos: Path) -> list[Query]:
     queries = []
     for i in range(CLIENTS):
         upload = photos / names[i] if i in UPLOADERS else None
-        queries.append(Query(None if upload else names[i], upload,
-                             f"is {colours[i % len(colours)]} with {i + 1} stripes", METHODS[i % len(METHODS)],
-                             k=3 + (7 * i) % 16))
+        queries.append(
+            Query(
+                None if upload else names[i],
+                upload,
+                f"is {colours[i % len(colours)]} with {i + 1} stripes",
+                METHODS[i % len(METHODS)],
+                k=3 + (7 * i) % 16,
+            )
+        )
     return queries
 
 
@@ -159,12 +166,14 @@ def test_concurrent_clients_get_their_own_answers_with_bounded_memory(server, ga
     rss_end = server.rss_bytes()
 
     p50, p95 = percentile(latencies, 50), percentile(latencies, 95)
-    print(f"\n[load] one client alone: latency p50 {statistics.median(solo_latencies) * 1000:.0f} ms; "
-          f"{CLIENTS} clients x {QUERIES} queries ({len(UPLOADERS)} clients uploading): {len(latencies)} answers in "
-          f"{wall:.1f} s ({len(latencies) / wall:.1f}/s), latency p50 {p50 * 1000:.0f} ms, p95 {p95 * 1000:.0f} ms, "
-          f"max {max(latencies) * 1000:.0f} ms; server RSS after warm-up "
-          f"{rss_warm / 2**20:.0f} MB, at the end {rss_end / 2**20:.0f} MB ({(rss_end - rss_warm) / 2**20:+.0f} MB), "
-          f"peak {server.rss_bytes('VmHWM') / 2**20:.0f} MB")
+    print(
+        f"\n[load] one client alone: latency p50 {statistics.median(solo_latencies) * 1000:.0f} ms; "
+        f"{CLIENTS} clients x {QUERIES} queries ({len(UPLOADERS)} clients uploading): {len(latencies)} answers in "
+        f"{wall:.1f} s ({len(latencies) / wall:.1f}/s), latency p50 {p50 * 1000:.0f} ms, p95 {p95 * 1000:.0f} ms, "
+        f"max {max(latencies) * 1000:.0f} ms; server RSS after warm-up "
+        f"{rss_warm / 2**20:.0f} MB, at the end {rss_end / 2**20:.0f} MB ({(rss_end - rss_warm) / 2**20:+.0f} MB), "
+        f"peak {server.rss_bytes('VmHWM') / 2**20:.0f} MB"
+    )
     assert errors == [], f"{len(errors)} errors, first ones: {errors[:3]}"
     assert len(latencies) == CLIENTS * QUERIES
     assert rss_end - rss_warm < MAX_RSS_GROWTH
@@ -249,12 +258,27 @@ def test_every_text_case_gives_a_result_or_a_readable_error(server, gallery):
     assert server.alive()
 
 
-@pytest.mark.parametrize("method, k, expected", [
-    ("fti4cir", 0, 1), ("fti4cir", -3, 1), ("fti4cir", 1000, GALLERY_SIZE - 1), ("fti4cir", 1e308, GALLERY_SIZE - 1),
-    ("fti4cir", None, DEFAULT_K), ("fti4cir", "7", 7), ("fti4cir", True, 1),
-    ("fti4cir", 2.5, "whole number"), ("fti4cir", "ten", "whole number"), ("fti4cir", float("nan"), "whole number"),
-    ("fti4cir", [3], "whole number"), ("magic", 3, "Unknown method"), ("FTI4CIR", 3, "Unknown method"),
-    (None, 3, 3), ("", 3, 3), (7, 3, "Unknown method")])
+@pytest.mark.parametrize(
+    "method, k, expected",
+    [
+        ("fti4cir", 0, 1),
+        ("fti4cir", -3, 1),
+        ("fti4cir", 1000, GALLERY_SIZE - 1),
+        ("fti4cir", 1e308, GALLERY_SIZE - 1),
+        ("fti4cir", None, DEFAULT_K),
+        ("fti4cir", "7", 7),
+        ("fti4cir", True, 1),
+        ("fti4cir", 2.5, "whole number"),
+        ("fti4cir", "ten", "whole number"),
+        ("fti4cir", float("nan"), "whole number"),
+        ("fti4cir", [3], "whole number"),
+        ("magic", 3, "Unknown method"),
+        ("FTI4CIR", 3, "Unknown method"),
+        (None, 3, 3),
+        ("", 3, 3),
+        (7, 3, "Unknown method"),
+    ],
+)
 def test_api_parameters_give_a_result_or_a_readable_error(server, gallery, method, k, expected):
     """k outside the page's slider range or a method outside its radio's choices: clamped or an {"error"} answer,
     never a gradio validation failure (the slider's range depends on the gallery, and is 1..2 without one)."""

@@ -1,11 +1,12 @@
 """The M2C methods in the app: same gallery and backbone, queries through m2c_compose, banners for bad weights."""
+
 from __future__ import annotations
 
 import pytest
 import torch
+
 from app_helpers import api_search, brute_force, build_small_gallery, page_props
 from conftest import random_m2c
-
 from fti4cir.app_service import SearchService
 from fti4cir.compose import METHODS
 from fti4cir.errors import UserError
@@ -23,8 +24,9 @@ def service(tiny_model, demo_galleries):
 
 def m2c_query(service, image, text, method):
     with torch.no_grad():
-        return m2c_compose(service.m2c_model, [image], [text], prompt=PROMPTS["default"],
-                           use_adapters=method == "m2c+compose")
+        return m2c_compose(
+            service.m2c_model, [image], [text], prompt=PROMPTS["default"], use_adapters=method == "m2c+compose"
+        )
 
 
 @pytest.mark.parametrize("method", ["m2c", "m2c+compose"])
@@ -33,8 +35,9 @@ def test_upload_search_ranks_by_the_m2c_query(service, method):
     result = service.search(str(path), "is red and longer", method, k=6)
     query = m2c_query(service, load_image(path), "is red and longer", method)
     assert [h.index for h in result.hits] == brute_force(service, query)[:6]
-    assert result.hits[0].score == pytest.approx(float(service.gallery.features[result.hits[0].index] @ query[0]),
-                                                 abs=1e-4)
+    assert result.hits[0].score == pytest.approx(
+        float(service.gallery.features[result.hits[0].index] @ query[0]), abs=1e-4
+    )
     assert result.sentence.startswith("a photo of [") and result.sentence.endswith("] that is red and longer")
 
 
@@ -58,12 +61,16 @@ def test_methods_adapters_and_switches(service, tiny_model):
     without = service.search(2, "is shorter", "m2c", k=11)
     assert [h.score for h in with_adapters.hits] != [h.score for h in without.hits]
     # the token switches act on FTI4CIR's tokens only
-    switched = service.search(2, "is shorter", "m2c", k=11, keep_attributes=[False] * service.reference(2).num_kept,
-                              keep_subject=False)
+    switched = service.search(
+        2, "is shorter", "m2c", k=11, keep_attributes=[False] * service.reference(2).num_kept, keep_subject=False
+    )
     assert [h.index for h in switched.hits] == [h.index for h in without.hits]
 
-    stage1 = SearchService(tiny_model, service.gallery, M2CModel(tiny_model.backbone, random_m2c(
-        tiny_model.backbone, 1), tiny_model.preprocess_kind))
+    stage1 = SearchService(
+        tiny_model,
+        service.gallery,
+        M2CModel(tiny_model.backbone, random_m2c(tiny_model.backbone, 1), tiny_model.preprocess_kind),
+    )
     assert stage1.methods == (*METHODS, "m2c")
     with pytest.raises(UserError, match="Unknown method 'm2c\\+compose'"):
         stage1.search(2, "x", "m2c+compose")
@@ -87,8 +94,9 @@ def test_app_loads_m2c_weights_or_says_why_not(tiny_model, demo_galleries, tmp_p
     import app
 
     weights = save_m2c_weights(random_m2c(tiny_model.backbone, 2), tmp_path / "m2c.safetensors")
-    args = app.parse_args(["--tiny", "--galleries-dir", str(demo_galleries), "--device", "cpu", "--m2c-weights",
-                           str(weights)])
+    args = app.parse_args(
+        ["--tiny", "--galleries-dir", str(demo_galleries), "--device", "cpu", "--m2c-weights", str(weights)]
+    )
     setup = app.load_service(args)
     assert setup.service.methods[-2:] == ("m2c", "m2c+compose")
     assert setup.service.m2c_model.preprocess_kind == setup.service.model.preprocess_kind  # as the gallery
@@ -98,8 +106,9 @@ def test_app_loads_m2c_weights_or_says_why_not(tiny_model, demo_galleries, tmp_p
     assert setup.service is not None and setup.service.methods == METHODS  # FTI4CIR still works
     assert any("M2C methods are off" in n and "not found" in n for n in setup.notes)
 
-    other = M2CNetwork(M2CConfig(embed_dim=8, token_dim=16, text_layers=2, grid=(2, 2), vsi_layers=(1,), vsi_heads=2,
-                                 vsi_dim=8))
+    other = M2CNetwork(
+        M2CConfig(embed_dim=8, token_dim=16, text_layers=2, grid=(2, 2), vsi_layers=(1,), vsi_heads=2, vsi_dim=8)
+    )
     args.m2c_weights = str(save_m2c_weights(other, tmp_path / "other.safetensors"))
     setup = app.load_service(args)
     assert setup.service is not None and any("were made for backbone" in n for n in setup.notes)
@@ -110,8 +119,11 @@ def test_gallery_files_gone_gives_an_m2c_message_and_fti4cir_still_works(tiny_mo
 
     galleries = build_small_gallery(tiny_model, tmp_path, 3)
     gallery = Gallery.load("demo", model=tiny_model, galleries_dir=galleries)
-    service = SearchService(tiny_model, gallery, M2CModel(tiny_model.backbone, random_m2c(tiny_model.backbone, 1),
-                                                          tiny_model.preprocess_kind))
+    service = SearchService(
+        tiny_model,
+        gallery,
+        M2CModel(tiny_model.backbone, random_m2c(tiny_model.backbone, 1), tiny_model.preprocess_kind),
+    )
     gallery.paths[0].unlink()
     assert service.search(service.reference(0, display=False), "is red", "fti4cir", k=2).hits
     with pytest.raises(UserError, match="The M2C methods read the gallery image itself"):

@@ -1,5 +1,6 @@
 """The app's logic without a browser: searches through compose, gallery references, switches, rank diffs, bad inputs,
 and app.py's configuration (flags, environment, banners instead of crashes)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,8 +10,8 @@ import PIL.Image
 import pytest
 import torch
 
-from bad_inputs import generate_image_cases, text_cases
 from app_helpers import api_search, brute_force, build_small_gallery, page_props
+from bad_inputs import generate_image_cases, text_cases
 from fti4cir.app_service import MAX_K, Hit, Reference, SearchService, rank_changes, summarize_moves
 from fti4cir.compose import compose
 from fti4cir.errors import UserError
@@ -73,8 +74,9 @@ def test_switches_change_the_query_exactly_like_compose(service, tiny_model):
     mask = torch.zeros(1, reference.tokens.attributes.shape[1], dtype=torch.bool)
     mask[0, :r] = torch.tensor(keep)
     with torch.no_grad():
-        query = compose(tiny_model, reference.tokens, ["is blue"], keep_attributes=mask,
-                        keep_subject=torch.tensor([False]))
+        query = compose(
+            tiny_model, reference.tokens, ["is blue"], keep_attributes=mask, keep_subject=torch.tensor([False])
+        )
         full = compose(tiny_model, reference.tokens, ["is blue"])
     assert not torch.allclose(query, full)
     assert [h.index for h in result.hits] == brute_force(service, query, exclude=7)[: service.size - 1]
@@ -90,8 +92,9 @@ def test_references_without_display_skip_image_and_heatmaps(service):
         assert shown.image is not None and len(shown.explanation.heatmaps) == shown.num_kept >= 1
         assert bare.image is None and bare.explanation.heatmaps == []
         assert bare.explanation.kept.tolist() == shown.explanation.kept.tolist()
-        assert [h.index for h in service.search(bare, "is red", k=4).hits] == \
-            [h.index for h in service.search(shown, "is red", k=4).hits]
+        assert [h.index for h in service.search(bare, "is red", k=4).hits] == [
+            h.index for h in service.search(shown, "is red", k=4).hits
+        ]
 
 
 def test_k_is_clamped_and_bad_arguments_are_user_errors(service):
@@ -129,7 +132,12 @@ def hits(names: str) -> list[Hit]:
 def test_rank_changes_up_down_new_out():
     moves = rank_changes(hits("abcd"), hits("bace"))
     assert [(m.name, m.kind, m.arrow) for m in moves] == [
-        ("b", "up", "↑1"), ("a", "down", "↓1"), ("c", "same", ""), ("e", "new", "new"), ("d", "out", "out")]
+        ("b", "up", "↑1"),
+        ("a", "down", "↓1"),
+        ("c", "same", ""),
+        ("e", "new", "new"),
+        ("d", "out", "out"),
+    ]
     assert summarize_moves(moves) == "1 up, 1 down, 1 new, 1 dropped out, 1 unchanged"
     assert summarize_moves(rank_changes(hits("abc"), hits("abc"))) == "no change"
 
@@ -169,8 +177,17 @@ def test_every_text_case_gives_a_message_or_a_result(service):
 def test_flags_honour_hosting_environment(monkeypatch, tmp_path):
     import app
 
-    for var in ("GRADIO_SERVER_NAME", "GRADIO_SERVER_PORT", "PORT", "FTI4CIR_GALLERY", "FTI4CIR_WEIGHTS",
-                "FTI4CIR_BACKBONE", "FTI4CIR_PRETRAINED", "FTI4CIR_M2C_WEIGHTS", "FTI4CIR_GALLERIES_DIR"):
+    for var in (
+        "GRADIO_SERVER_NAME",
+        "GRADIO_SERVER_PORT",
+        "PORT",
+        "FTI4CIR_GALLERY",
+        "FTI4CIR_WEIGHTS",
+        "FTI4CIR_BACKBONE",
+        "FTI4CIR_PRETRAINED",
+        "FTI4CIR_M2C_WEIGHTS",
+        "FTI4CIR_GALLERIES_DIR",
+    ):
         monkeypatch.delenv(var, raising=False)
     args = app.parse_args(["--galleries-dir", str(tmp_path)])  # no gallery to take a model from: the defaults
     assert (args.host, args.port, args.gallery, args.weights) == ("127.0.0.1", 7860, None, None)
@@ -180,8 +197,12 @@ def test_flags_honour_hosting_environment(monkeypatch, tmp_path):
     assert args.weights.endswith("weights/clothing-fti4cir.safetensors")
     assert args.m2c_weights.endswith("weights/clothing-m2c.safetensors")
     given = app.parse_args(["--weights", "x.safetensors"])  # a model flag given: nothing from the definition
-    assert (given.backbone, given.pretrained, given.weights, given.m2c_weights) == ("ViT-L-14", "openai",
-                                                                                     "x.safetensors", None)
+    assert (given.backbone, given.pretrained, given.weights, given.m2c_weights) == (
+        "ViT-L-14",
+        "openai",
+        "x.safetensors",
+        None,
+    )
     monkeypatch.setenv("PORT", "9000")
     assert app.parse_args([]).port == 9000
     monkeypatch.setenv("GRADIO_SERVER_PORT", "7861")
@@ -199,8 +220,9 @@ def test_unreachable_weights_give_a_banner_not_a_crash(monkeypatch, tmp_path):
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-cache"))
-    setup = app.load_service(app.parse_args(["--backbone", "RN50", "--pretrained", "openai", "--gallery", "x",
-                                             "--device", "cpu"]))
+    setup = app.load_service(
+        app.parse_args(["--backbone", "RN50", "--pretrained", "openai", "--gallery", "x", "--device", "cpu"])
+    )
     assert setup.service is None
     assert "could not be loaded" in setup.problems[0] and "RN50" in setup.problems[0]
     assert "--tiny" in setup.problems[0] and "--weights" in setup.problems[0]
@@ -247,8 +269,9 @@ def test_tiny_mode_loads_a_gallery_built_by_another_process_model(tmp_path):
 
 
 def test_relevance_chart_marks_kept_queries_and_epsilon(service):
-    import app
     from matplotlib.colors import to_hex
+
+    import app
 
     explanation = service.reference(4).explanation
     figure = app.relevance_figure(explanation)
@@ -271,10 +294,11 @@ def test_switch_values_round_trip(service):
     choices = app.switch_choices(explanation)
     assert len(choices) == 1 + len(explanation.attributes)
     values = [v for _, v in choices]
-    assert app.switches_from_values(values, len(explanation.attributes)) == ([True] * len(explanation.attributes),
-                                                                             True)
-    assert app.switches_from_values(values[:1], len(explanation.attributes)) == ([False] * len(explanation.attributes),
-                                                                                 True)
+    assert app.switches_from_values(values, len(explanation.attributes)) == ([True] * len(explanation.attributes), True)
+    assert app.switches_from_values(values[:1], len(explanation.attributes)) == (
+        [False] * len(explanation.attributes),
+        True,
+    )
     assert app.browser_rows(1000, 60)[:2] == [0, 17] and len(app.browser_rows(1000, 60)) == 60
     assert app.browser_rows(5, 60) == [0, 1, 2, 3, 4] and app.browser_rows(0) == []
 
@@ -287,7 +311,8 @@ def test_page_without_a_model_shows_the_banner_and_disables_search():
     assert "could not be loaded" in props["banner"]["value"] and props["banner"]["visible"]
     assert props["search"]["interactive"] is False and props["upload"]["interactive"] is False
     assert api_search(demo)(None, "x", "t", "fti4cir", 5) == {
-        "error": "Search is disabled: The model could not be loaded (backbone X)."}
+        "error": "Search is disabled: The model could not be loaded (backbone X)."
+    }
 
 
 def test_api_endpoint_answers_with_results_or_an_error(service, tmp_path):

@@ -6,6 +6,7 @@ GRADIO_SERVER_NAME=0.0.0.0, no flags): it serves the embedded demo model and gal
 image URLs it serves. With the Space variable FTI4CIR_MODEL=fti4cir-official and no network, the preset fails fast with
 the usual message and the app falls back to the embedded demo, with a banner that says so.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,7 +22,9 @@ from fti4cir.space import space_files
 from fti4cir.ui import EXAMPLES
 
 FALLBACK = "could not be loaded, so this page serves the embedded demo model"
-OFFLINE_MESSAGE = "The official FTI4CIR weights (iLearn-Lab/SIGIR24-FTI4CIR on the Hugging Face Hub) are not in the cache"
+OFFLINE_MESSAGE = (
+    "The official FTI4CIR weights (iLearn-Lab/SIGIR24-FTI4CIR on the Hugging Face Hub) are not in the cache"
+)
 
 
 def config_of(url: str) -> dict:
@@ -83,8 +86,15 @@ def test_official_preset_offline_falls_back_to_the_embedded_demo(monkeypatch, tm
     import app
     from app_helpers import api_search, page_props
 
-    for var in ("FTI4CIR_GALLERY", "FTI4CIR_WEIGHTS", "FTI4CIR_BACKBONE", "FTI4CIR_PRETRAINED", "FTI4CIR_M2C_WEIGHTS",
-                "FTI4CIR_TINY", "FTI4CIR_GALLERIES_DIR"):
+    for var in (
+        "FTI4CIR_GALLERY",
+        "FTI4CIR_WEIGHTS",
+        "FTI4CIR_BACKBONE",
+        "FTI4CIR_PRETRAINED",
+        "FTI4CIR_M2C_WEIGHTS",
+        "FTI4CIR_TINY",
+        "FTI4CIR_GALLERIES_DIR",
+    ):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("FTI4CIR_MODEL", "fti4cir-official")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -115,7 +125,8 @@ def test_official_preset_without_an_embedded_demo_says_why(monkeypatch, tmp_path
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
-    setup = app.load_service(app.parse_args(["--model", "fti4cir-official", "--galleries-dir", str(tmp_path),
-                                             "--device", "cpu"]))
+    setup = app.load_service(
+        app.parse_args(["--model", "fti4cir-official", "--galleries-dir", str(tmp_path), "--device", "cpu"])
+    )
     assert setup.service is None and "could not be loaded** (preset fti4cir-official)" in setup.problems[0]
     assert OFFLINE_MESSAGE in setup.problems[0]

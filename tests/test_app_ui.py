@@ -1,5 +1,6 @@
 """The page's events without a page: `fti4cir.ui.Page` on the tiny model's demo gallery (no gradio, no browser), and
 the wiring of app.py's page to it (event names -> components)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -71,7 +72,8 @@ def test_search_and_settings_reuse_the_session_reference(page, service):
     expected = service.search(reference, "is blue", "image+text", 4)
     assert [h.index for h in out["base_state"].hits] == [h.index for h in expected.hits]
     assert page.settings(reference, "is blue", "fti4cir", 7)["shown_state"] == [
-        h.index for h in service.search(reference, "is blue", "fti4cir", 7).hits]
+        h.index for h in service.search(reference, "is blue", "fti4cir", 7).hits
+    ]
     assert page.settings(None, "is blue", "fti4cir", 7) is None  # nothing to search yet
     with pytest.raises(UserError, match=NO_REFERENCE):
         page.search(None, "x", "fti4cir", 3)
@@ -113,8 +115,10 @@ def test_example_searches_the_gallery_image_with_the_defaults(page, service):
 
 
 def test_guarded_turns_failures_into_the_status_line(page):
-    assert guarded(page.search)(None, "x", "fti4cir", 3) == {"status": status_html(NO_REFERENCE),
-                                                             "warning": NO_REFERENCE}
+    assert guarded(page.search)(None, "x", "fti4cir", 3) == {
+        "status": status_html(NO_REFERENCE),
+        "warning": NO_REFERENCE,
+    }
 
     def broken():
         raise RuntimeError("/secret/path details")
@@ -126,13 +130,18 @@ def test_guarded_turns_failures_into_the_status_line(page):
 
 def test_disabled_page_says_why():
     page = Page(None, ["**The gallery could not be loaded.** No gallery 'x'.\n\nmore"])
-    for call in (lambda: page.search(object(), "", "fti4cir", 3), lambda: page.browser_select(0, "", "fti4cir", 3),
-                 lambda: page.upload("x.jpg", "", "fti4cir", 3), lambda: page.switch([], None)):
+    for call in (
+        lambda: page.search(object(), "", "fti4cir", 3),
+        lambda: page.browser_select(0, "", "fti4cir", 3),
+        lambda: page.upload("x.jpg", "", "fti4cir", 3),
+        lambda: page.switch([], None),
+    ):
         with pytest.raises(UserError, match=r"^Search is disabled: The gallery could not be loaded\. No gallery"):
             call()
     assert page.settings(object(), "", "fti4cir", 3) is None
     assert page.api_search(None, "a.jpg", "", "fti4cir", 3) == {
-        "error": "Search is disabled: The gallery could not be loaded. No gallery 'x'."}
+        "error": "Search is disabled: The gallery could not be loaded. No gallery 'x'."
+    }
     assert Page(None).api_search(None, "a", "", "", 1) == {"error": "Search is disabled: no model"}
 
 
@@ -172,8 +181,18 @@ def test_page_wires_every_event_to_the_page_logic(service):
         for block, trigger in fn.targets:
             targets[(ids.get(block), trigger)] = fn
     drop = targets[("reference", "upload")]
-    assert [ids.get(o._id) for o in drop.outputs][:len(RESULT_OUTPUTS)] == [
-        "sentence", "timing", "results", "relevance", "heatmaps", "switches", "moved", "status", None, None]
+    assert [ids.get(o._id) for o in drop.outputs][: len(RESULT_OUTPUTS)] == [
+        "sentence",
+        "timing",
+        "results",
+        "relevance",
+        "heatmaps",
+        "switches",
+        "moved",
+        "status",
+        None,
+        None,
+    ]
     out = drop.fn(str(service.gallery.paths[0]), "is red", "fti4cir", 3)
     by_id = {getattr(c, "elem_id", None): v for c, v in out.items()}
     assert "but is red" in by_id["sentence"] and len(by_id["results"]) == 3

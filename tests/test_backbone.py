@@ -80,5 +80,6 @@ def test_openai_format_state_dict_matches_open_clip_openai_loader(tmp_path, imag
     texts = ["a photo of a dog", "red shoes"]
     with torch.no_grad():
         torch.testing.assert_close(ours.encode_image(images), reference.encode_image(images), atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(ours.encode_text(texts), reference.encode_text(open_clip.tokenize(texts)),
-                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            ours.encode_text(texts), reference.encode_text(open_clip.tokenize(texts)), atol=1e-5, rtol=1e-5
+        )

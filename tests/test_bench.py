@@ -1,5 +1,6 @@
 """The benchmark suite: its helpers, and `python -m bench --quick` as the CI smoke run (every section runs, prints
 its table and leaves bench/RESULTS.md alone)."""
+
 from __future__ import annotations
 
 import subprocess
@@ -14,8 +15,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_markdown_table_formats_numbers_and_escapes_cells():
-    table = common.markdown_table([{"name": "a|b", "n": 1234567, "x": 0.012345, "big": 1234.5},
-                                   {"name": "c", "flag": True}])
+    table = common.markdown_table(
+        [{"name": "a|b", "n": 1234567, "x": 0.012345, "big": 1234.5}, {"name": "c", "flag": True}]
+    )
     lines = table.splitlines()
     assert lines[0] == "| name | n | x | big | flag |"
     assert lines[2] == "| a\\|b | 1,234,567 | 0.0123 | 1,234 |  |"
@@ -38,8 +40,9 @@ def test_results_sections_are_replaced_one_at_a_time(tmp_path):
 
 def test_round_robin_times_every_path_in_turns():
     calls = []
-    wall, cpu = common.time_round_robin({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
-                                        repeat=3, warmup=1)
+    wall, cpu = common.time_round_robin(
+        {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeat=3, warmup=1
+    )
     assert calls == ["a", "b"] * 4
     assert [len(wall["a"]), len(wall["b"]), len(cpu["a"])] == [3, 3, 3]
     assert all(t >= 0 for t in wall["a"] + cpu["b"])
@@ -69,8 +72,9 @@ def test_query_benchmark_rows_on_the_tiny_backbone():
 def test_quick_run_of_every_benchmark():
     results = ROOT / "bench" / "RESULTS.md"
     before = results.read_bytes() if results.exists() else None
-    run = subprocess.run([sys.executable, "-m", "bench", "--quick"], cwd=ROOT, capture_output=True, text=True,
-                         timeout=600)
+    run = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick"], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     for section in ("Query latency", "Indexing throughput", "Search", "Evaluation rerun", "Training step"):
         assert f"## {section}" in run.stdout

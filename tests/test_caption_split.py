@@ -1,4 +1,5 @@
 """Stage 2: subject/attribute split of captions with real spaCy; expected splits written by hand."""
+
 from __future__ import annotations
 
 import argparse
@@ -9,7 +10,11 @@ import pytest
 from fti4cir.commands import captions as caption_commands
 from fti4cir.errors import UserError
 from fti4cir.training.caption_split import (
-    DROP_REASONS, load_spacy, normalize_caption, split_caption, split_captions,
+    DROP_REASONS,
+    load_spacy,
+    normalize_caption,
+    split_caption,
+    split_captions,
 )
 
 
@@ -18,20 +23,23 @@ def nlp():
     return load_spacy()
 
 
-@pytest.mark.parametrize("caption, expected", [
-    ("a man in a red shirt standing on a street", ("a man", "in a red shirt standing on a street")),
-    ("a little girl is playing with a ball", ("a little girl", "is playing with a ball")),
-    ("there is a cat on the bed", ("there is a cat", "on the bed")),
-    # BLIP's trailing repetition is cut to one copy before tagging
-    ("a dog sitting on the grass grass grass", ("a dog", "sitting on the grass")),
-    # whitespace is collapsed
-    ("  a woman   holding an umbrella\tin the rain ", ("a woman", "holding an umbrella in the rain")),
-    # token texts are joined by single spaces, as officially: "man's" -> "man 's", "dog," -> "dog ,"
-    ("a man's hat on a wooden table", ("a man", "'s hat on a wooden table")),
-    ("a dog, sitting on a couch", ("a dog", ", sitting on a couch")),
-    # a proper noun is not a NOUN: the split happens at "night"
-    ("london at night with a bridge over the river", ("london at night", "with a bridge over the river")),
-])
+@pytest.mark.parametrize(
+    "caption, expected",
+    [
+        ("a man in a red shirt standing on a street", ("a man", "in a red shirt standing on a street")),
+        ("a little girl is playing with a ball", ("a little girl", "is playing with a ball")),
+        ("there is a cat on the bed", ("there is a cat", "on the bed")),
+        # BLIP's trailing repetition is cut to one copy before tagging
+        ("a dog sitting on the grass grass grass", ("a dog", "sitting on the grass")),
+        # whitespace is collapsed
+        ("  a woman   holding an umbrella\tin the rain ", ("a woman", "holding an umbrella in the rain")),
+        # token texts are joined by single spaces, as officially: "man's" -> "man 's", "dog," -> "dog ,"
+        ("a man's hat on a wooden table", ("a man", "'s hat on a wooden table")),
+        ("a dog, sitting on a couch", ("a dog", ", sitting on a couch")),
+        # a proper noun is not a NOUN: the split happens at "night"
+        ("london at night with a bridge over the river", ("london at night", "with a bridge over the river")),
+    ],
+)
 def test_split_caption_hand_checked(nlp, caption, expected):
     assert split_caption(caption, nlp) == expected
 
@@ -94,18 +102,35 @@ def _run_cli(argv):
 
 def test_cli_writes_pairs_and_prints_drops(tmp_path, capsys):
     captions = tmp_path / "captions.jsonl"
-    rows = [("a.jpg", "a man in a red shirt standing on a street"), ("b.jpg", "two cats"),
-            ("sub/c.jpg", "a dog, sitting on a couch"), ("d.jpg", "a red and white striped dress")]
-    captions.write_text("".join(json.dumps({"image": i, "sha1": f"{n:040x}", "caption": c}) + "\n"
-                                for n, (i, c) in enumerate(rows)) + '{"image": "e.jpg", "sha1": "ab', encoding="utf-8")
+    rows = [
+        ("a.jpg", "a man in a red shirt standing on a street"),
+        ("b.jpg", "two cats"),
+        ("sub/c.jpg", "a dog, sitting on a couch"),
+        ("d.jpg", "a red and white striped dress"),
+    ]
+    captions.write_text(
+        "".join(json.dumps({"image": i, "sha1": f"{n:040x}", "caption": c}) + "\n" for n, (i, c) in enumerate(rows))
+        + '{"image": "e.jpg", "sha1": "ab',
+        encoding="utf-8",
+    )
     out = tmp_path / "pairs.jsonl"
     assert _run_cli(["split-captions", str(captions), "--out", str(out)]) == 0
     pairs = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
     assert pairs == [
-        {"image": "a.jpg", "sha1": f"{0:040x}", "caption": rows[0][1], "subject": "a man",
-         "attribute": "in a red shirt standing on a street"},
-        {"image": "sub/c.jpg", "sha1": f"{2:040x}", "caption": rows[2][1], "subject": "a dog",
-         "attribute": ", sitting on a couch"},
+        {
+            "image": "a.jpg",
+            "sha1": f"{0:040x}",
+            "caption": rows[0][1],
+            "subject": "a man",
+            "attribute": "in a red shirt standing on a street",
+        },
+        {
+            "image": "sub/c.jpg",
+            "sha1": f"{2:040x}",
+            "caption": rows[2][1],
+            "subject": "a dog",
+            "attribute": ", sitting on a couch",
+        },
     ]
     captured = capsys.readouterr()
     assert "kept 2 of 4 captions; dropped 2" in captured.out

@@ -1,4 +1,5 @@
 """Stage 1: BLIP captioning with a tiny random BLIP, offline: CLI, resume, crash safety, bad images; list_images."""
+
 from __future__ import annotations
 
 import argparse
@@ -20,7 +21,13 @@ from fti4cir.errors import UserError
 from fti4cir.imagefiles import list_images
 from fti4cir.training import captions
 from fti4cir.training.captions import (
-    PROMPT, TINY_MODEL, caption_folder, caption_images, load_blip, make_tiny_blip, read_captions,
+    PROMPT,
+    TINY_MODEL,
+    caption_folder,
+    caption_images,
+    load_blip,
+    make_tiny_blip,
+    read_captions,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -73,14 +80,30 @@ class CountingModel:
 
 # ---- list_images --------------------------------------------------------------------------------------------------
 def test_list_images_nested_and_flat(tmp_path):
-    names = ["b/x.JPEG", "a/z.png", "a/y.Jpg", "top.webp", "a/deeper/w.jpeg", ".hidden.jpg", ".git/c.jpg",
-             "a/notes.txt", "a/.DS_Store", "c.tiff"]
+    names = [
+        "b/x.JPEG",
+        "a/z.png",
+        "a/y.Jpg",
+        "top.webp",
+        "a/deeper/w.jpeg",
+        ".hidden.jpg",
+        ".git/c.jpg",
+        "a/notes.txt",
+        "a/.DS_Store",
+        "c.tiff",
+    ]
     for name in names:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(b"x")
     found = list_images(tmp_path)
     assert [p.relative_to(tmp_path).as_posix() for p in found] == [
-        "a/deeper/w.jpeg", "a/y.Jpg", "a/z.png", "b/x.JPEG", "c.tiff", "top.webp"]
+        "a/deeper/w.jpeg",
+        "a/y.Jpg",
+        "a/z.png",
+        "b/x.JPEG",
+        "c.tiff",
+        "top.webp",
+    ]
     assert all(p.is_file() and str(p).startswith(str(tmp_path)) for p in found)
     with pytest.raises(UserError, match="not a folder"):
         list_images(tmp_path / "top.webp")
@@ -138,8 +161,19 @@ def test_cli_on_shared_photos(tmp_path, capsys):
     if not IMAGENET_SAMPLE.is_dir():
         pytest.skip(f"shared photos not found at {IMAGENET_SAMPLE}")
     out = tmp_path / "captions.jsonl"
-    argv = [str(IMAGENET_SAMPLE), "--out", str(out), "--model", TINY_MODEL, "--batch-size", "4", "--limit", "6",
-            "--device", "cpu"]
+    argv = [
+        str(IMAGENET_SAMPLE),
+        "--out",
+        str(out),
+        "--model",
+        TINY_MODEL,
+        "--batch-size",
+        "4",
+        "--limit",
+        "6",
+        "--device",
+        "cpu",
+    ]
     assert _run_cli(["caption", *argv]) == 0
     records = _lines(out)
     expected = [p.relative_to(IMAGENET_SAMPLE).as_posix() for p in list_images(IMAGENET_SAMPLE)[:6]]
@@ -190,8 +224,9 @@ def test_torn_last_line_is_repaired(tiny, tmp_path, capsys):
 def test_corrupt_middle_line_is_an_error(tiny, tmp_path):
     images = _write_images(tmp_path / "img", ["a.png"])
     out = tmp_path / "captions.jsonl"
-    out.write_text('{"image": "x.png", "sha1": "1", "caption": "c"}\nGARBAGE\n{"image": "y.png", "sha1": "2", '
-                   '"caption": "c"}\n')
+    out.write_text(
+        '{"image": "x.png", "sha1": "1", "caption": "c"}\nGARBAGE\n{"image": "y.png", "sha1": "2", "caption": "c"}\n'
+    )
     with pytest.raises(UserError, match="line 2"):
         caption_folder(images, out, *tiny)
 
@@ -205,8 +240,25 @@ def test_bad_images_are_reported_and_skipped(tiny, tmp_path, capsys):
     (images / "d.jpg").write_bytes(good_jpeg.read_bytes()[:200])  # truncated JPEG
     good_jpeg.unlink()
     out = tmp_path / "captions.jsonl"
-    assert _run_cli(["caption", str(images), "--out", str(out), "--model", TINY_MODEL, "--batch-size", "8",
-                     "--device", "cpu", "--max-length", "15"]) == 0
+    assert (
+        _run_cli(
+            [
+                "caption",
+                str(images),
+                "--out",
+                str(out),
+                "--model",
+                TINY_MODEL,
+                "--batch-size",
+                "8",
+                "--device",
+                "cpu",
+                "--max-length",
+                "15",
+            ]
+        )
+        == 0
+    )
     assert [r["image"] for r in _lines(out)] == ["a.png", "c.png", "e.png"]
     captured = capsys.readouterr()
     assert "captioned 3 images, 0 already done, 2 bad images skipped, 5 in total" in captured.out
@@ -240,9 +292,26 @@ def test_kill_9_mid_run_then_resume_loses_nothing(tiny, tmp_path):
     out = tmp_path / "captions.jsonl"
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     proc = subprocess.Popen(
-        [sys.executable, "-c", _CLI_SCRIPT, "caption", str(images), "--out", str(out), "--model", TINY_MODEL,
-         "--batch-size", "1", "--device", "cpu"],
-        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        [
+            sys.executable,
+            "-c",
+            _CLI_SCRIPT,
+            "caption",
+            str(images),
+            "--out",
+            str(out),
+            "--model",
+            TINY_MODEL,
+            "--batch-size",
+            "1",
+            "--device",
+            "cpu",
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and proc.poll() is None:

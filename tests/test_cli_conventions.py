@@ -1,5 +1,6 @@
 """Command-line conventions: fast help for every command, --version, help text on every argument, one logging set-up,
 the random-weights notice, and the command table matching the modules that register the commands."""
+
 import argparse
 import os
 import subprocess
@@ -18,8 +19,14 @@ TINY = ["--backbone", "fti4cir-tiny", "--pretrained", "none", "--device", "cpu"]
 
 def _run(*args, env=None):
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "fti4cir.cli", *args], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "fti4cir.cli", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=300,
+    )
     return done, time.perf_counter() - start
 
 
@@ -31,15 +38,18 @@ def _subparsers(parser):
 def test_help_answers_within_a_second_without_torch(command):
     """Measured in a fresh interpreter (best of 5: the machine is shared); and no heavy module was imported."""
     argv = ["--help"] if command is None else [command, "--help"]
-    probe = ("import sys, runpy; sys.argv = ['fti4cir', *sys.argv[1:]]\n"
-             "try:\n    runpy.run_module('fti4cir.cli', run_name='__main__')\n"
-             "except SystemExit:\n    pass\n"
-             "print('HEAVY', sorted(m for m in ('torch', 'open_clip', 'gradio', 'transformers') if m in sys.modules))")
+    probe = (
+        "import sys, runpy; sys.argv = ['fti4cir', *sys.argv[1:]]\n"
+        "try:\n    runpy.run_module('fti4cir.cli', run_name='__main__')\n"
+        "except SystemExit:\n    pass\n"
+        "print('HEAVY', sorted(m for m in ('torch', 'open_clip', 'gradio', 'transformers') if m in sys.modules))"
+    )
     best = float("inf")
     for _ in range(5):
         start = time.perf_counter()
-        done = subprocess.run([sys.executable, "-c", probe, *argv], cwd=ROOT, capture_output=True, text=True,
-                              timeout=300)
+        done = subprocess.run(
+            [sys.executable, "-c", probe, *argv], cwd=ROOT, capture_output=True, text=True, timeout=300
+        )
         best = min(best, time.perf_counter() - start)
         assert done.returncode == 0, done.stderr
         assert "usage: fti4cir" in done.stdout
@@ -62,8 +72,11 @@ def test_every_argument_has_help_and_the_table_matches_the_modules():
     assert set(sub.choices) == set(cli.COMMANDS)
     for action in sub._choices_actions:  # the help line each module registers = the one `fti4cir --help` lists
         assert action.help == cli.COMMANDS[action.dest][1], action.dest
-    missing = [f"fti4cir {a.option_strings or a.dest}" for a in parser._actions
-               if not isinstance(a, argparse._SubParsersAction) and not a.help]
+    missing = [
+        f"fti4cir {a.option_strings or a.dest}"
+        for a in parser._actions
+        if not isinstance(a, argparse._SubParsersAction) and not a.help
+    ]
     for name, p in sub.choices.items():
         missing += [f"fti4cir {name} {'/'.join(a.option_strings) or a.dest}" for a in p._actions if not a.help]
     assert missing == [], "arguments without help text"
@@ -99,11 +112,13 @@ def test_logging_is_set_up_once_per_verbosity():
 
 
 def test_lazy_package_keeps_its_names():
-    code = ("import sys, fti4cir; assert 'torch' not in sys.modules\n"
-            "import fti4cir.app_service  # binds the submodules compose/decode on the package\n"
-            "assert callable(fti4cir.compose) and callable(fti4cir.decode) and fti4cir.create_model\n"
-            "from fti4cir import compose, UserError, Gallery, official_weights\n"
-            "assert compose is fti4cir.compose and 'compose' in dir(fti4cir)\n"
-            "try:\n    fti4cir.nothing\nexcept AttributeError:\n    print('ok')")
+    code = (
+        "import sys, fti4cir; assert 'torch' not in sys.modules\n"
+        "import fti4cir.app_service  # binds the submodules compose/decode on the package\n"
+        "assert callable(fti4cir.compose) and callable(fti4cir.decode) and fti4cir.create_model\n"
+        "from fti4cir import compose, UserError, Gallery, official_weights\n"
+        "assert compose is fti4cir.compose and 'compose' in dir(fti4cir)\n"
+        "try:\n    fti4cir.nothing\nexcept AttributeError:\n    print('ok')"
+    )
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.stdout.strip() == "ok", done.stderr

@@ -1,5 +1,6 @@
 """Hub access through huggingface_hub's own settings, revisions, hf-hub: backbones and the fti4cir-official preset,
 all offline: a Hub cache laid out by the test."""
+
 import hashlib
 import os
 import time
@@ -110,8 +111,9 @@ def test_hub_weights_with_revision_from_the_cache(hub_cache, tmp_path):
     cache_file(hub_cache, "org/weights", "fti4cir.safetensors", local.read_bytes())
     loaded = load_weights(f"org/weights@{COMMIT}")
     assert loaded.config.to_dict() == cfg.to_dict()
-    with pytest.raises(UserError, match="Could not get weights 'fti4cir.safetensors' of Hub repository 'org/weights'"
-                                        "@v9"):
+    with pytest.raises(
+        UserError, match="Could not get weights 'fti4cir.safetensors' of Hub repository 'org/weights'@v9"
+    ):
         load_weights("org/weights", revision="v9")
     with pytest.raises(UserError, match="--weights-revision"):
         load_weights(f"org/weights@{COMMIT}", revision="v9")
@@ -120,8 +122,9 @@ def test_hub_weights_with_revision_from_the_cache(hub_cache, tmp_path):
 def test_hf_hub_backbone_offline_message(hub_cache):
     from fti4cir.backbone import BackboneUnavailable, load_backbone
 
-    with pytest.raises(BackboneUnavailable, match="hf-hub:org/fashion-clip is not available offline.*hub repo "
-                                                   "'org/fashion-clip'"):
+    with pytest.raises(
+        BackboneUnavailable, match="hf-hub:org/fashion-clip is not available offline.*hub repo 'org/fashion-clip'"
+    ):
         load_backbone("hf-hub:org/fashion-clip", "hf-hub", "cpu")
     with pytest.raises(UserError, match="hf-hub:org/repo"):
         load_backbone("hf-hub:bad", "hf-hub", "cpu")

@@ -1,4 +1,5 @@
 """fti4cir deploy-space: the allow-list, the front-matter checks, the dry run and the upload call (offline)."""
+
 from pathlib import Path
 
 import pytest
@@ -8,20 +9,33 @@ from fti4cir.cli import main
 from fti4cir.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
-FRONT = ("---\ntitle: t\nsdk: gradio\nsdk_version: {sdk}\napp_file: app.py\n{python}license: mit\n---\n\n# t\n")
+FRONT = "---\ntitle: t\nsdk: gradio\nsdk_version: {sdk}\napp_file: app.py\n{python}license: mit\n---\n\n# t\n"
 
 
 def make_repo(tmp: Path, python='python_version: "3.11"\n', sdk="6.31.0") -> Path:
     (tmp / "README.md").write_text(FRONT.format(sdk=sdk, python=python))
     (tmp / "requirements.txt").write_text("numpy==2.4.6\ngradio==6.31.0\n")
-    for rel, size in {"app.py": 10, "LICENSE": 20, "fti4cir/cli.py": 30, "fti4cir/__pycache__/cli.cpython-311.pyc": 5,
-                      "galleries/clothing/CURRENT": 7, "galleries/clothing/v-000001/features.npy": 1000,
-                      "galleries/clothing/.lock": 0, "galleries/clothing/.staging-abc/shard.npz": 9,
-                      "galleries/other/CURRENT": 7, "weights/clothing-demo.safetensors": 2000,
-                      "weights/clothing-demo.json": 40, "weights/private.safetensors": 50,
-                      "data/clothing/test/dress/a.jpg": 300, "data/clothing/train/dress/b.jpg": 300,
-                      "data/clothing/LICENSE": 12, ".venv/bin/python": 1, "runs/x/log.jsonl": 1, "cache/f.bin": 1,
-                      "tests/test_x.py": 1}.items():
+    for rel, size in {
+        "app.py": 10,
+        "LICENSE": 20,
+        "fti4cir/cli.py": 30,
+        "fti4cir/__pycache__/cli.cpython-311.pyc": 5,
+        "galleries/clothing/CURRENT": 7,
+        "galleries/clothing/v-000001/features.npy": 1000,
+        "galleries/clothing/.lock": 0,
+        "galleries/clothing/.staging-abc/shard.npz": 9,
+        "galleries/other/CURRENT": 7,
+        "weights/clothing-demo.safetensors": 2000,
+        "weights/clothing-demo.json": 40,
+        "weights/private.safetensors": 50,
+        "data/clothing/test/dress/a.jpg": 300,
+        "data/clothing/train/dress/b.jpg": 300,
+        "data/clothing/LICENSE": 12,
+        ".venv/bin/python": 1,
+        "runs/x/log.jsonl": 1,
+        "cache/f.bin": 1,
+        "tests/test_x.py": 1,
+    }.items():
         (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp / rel).write_bytes(b"x" * size)
     return tmp
@@ -29,11 +43,19 @@ def make_repo(tmp: Path, python='python_version: "3.11"\n', sdk="6.31.0") -> Pat
 
 def test_allow_list_takes_the_app_files_only(tmp_path):
     files = {f.path: f.size for f in space.space_files(make_repo(tmp_path))}
-    assert files == {"README.md": len((tmp_path / "README.md").read_bytes()), "requirements.txt": 28, "app.py": 10,
-                     "LICENSE": 20, "fti4cir/cli.py": 30, "galleries/clothing/CURRENT": 7,
-                     "galleries/clothing/v-000001/features.npy": 1000, "weights/clothing-demo.safetensors": 2000,
-                     "weights/clothing-demo.json": 40, "data/clothing/test/dress/a.jpg": 300,
-                     "data/clothing/LICENSE": 12}
+    assert files == {
+        "README.md": len((tmp_path / "README.md").read_bytes()),
+        "requirements.txt": 28,
+        "app.py": 10,
+        "LICENSE": 20,
+        "fti4cir/cli.py": 30,
+        "galleries/clothing/CURRENT": 7,
+        "galleries/clothing/v-000001/features.npy": 1000,
+        "weights/clothing-demo.safetensors": 2000,
+        "weights/clothing-demo.json": 40,
+        "data/clothing/test/dress/a.jpg": 300,
+        "data/clothing/LICENSE": 12,
+    }
 
 
 def test_dry_run_lists_sizes_and_total_and_uploads_nothing(tmp_path, capsys, monkeypatch):
@@ -47,10 +69,13 @@ def test_dry_run_lists_sizes_and_total_and_uploads_nothing(tmp_path, capsys, mon
     assert ".venv" not in out and "tests/" not in out and "runs/" not in out and "private" not in out
 
 
-@pytest.mark.parametrize("python, sdk, problem", [
-    ("", "6.31.0", "no python_version"),
-    ('python_version: "3.11"\n', "5.0.0", "sdk_version '5.0.0' differs from the pinned gradio '6.31.0'"),
-])
+@pytest.mark.parametrize(
+    "python, sdk, problem",
+    [
+        ("", "6.31.0", "no python_version"),
+        ('python_version: "3.11"\n', "5.0.0", "sdk_version '5.0.0' differs from the pinned gradio '6.31.0'"),
+    ],
+)
 def test_front_matter_problems_refuse_the_deploy(tmp_path, capsys, python, sdk, problem):
     root = make_repo(tmp_path, python=python, sdk=sdk)
     assert main(["deploy-space", "me/demo", "--dry-run", "--root", str(root)]) == 2
@@ -94,8 +119,11 @@ def test_upload_call_gets_the_allow_list(tmp_path, monkeypatch):
     from huggingface_hub.utils import filter_repo_objects
 
     all_files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
-    chosen = list(filter_repo_objects(all_files, allow_patterns=upload["allow_patterns"],
-                                      ignore_patterns=upload["ignore_patterns"]))
+    chosen = list(
+        filter_repo_objects(
+            all_files, allow_patterns=upload["allow_patterns"], ignore_patterns=upload["ignore_patterns"]
+        )
+    )
     assert sorted(chosen) == sorted(f.path for f in files)
     assert "uploaded 11 files" in lines[-1]
 

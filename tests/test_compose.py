@@ -6,7 +6,6 @@ from fti4cir import PseudoTokens, compose, encode_with_pseudo_tokens, prompts
 from fti4cir.official import official_compose, official_copy, official_replace_and_encode
 from fti4cir.tokens import tokenize_prompts
 
-
 TEXTS = ["is red", "has long sleeves and a floral print", "x", "is darker, shorter"]
 
 
@@ -28,11 +27,14 @@ def test_compose_equals_official_per_sample_path(model_with_varied_r, images):
     assert (ours - F.normalize(official, dim=-1)).abs().max() <= 1e-5
 
 
-@pytest.mark.parametrize("template, mode, field", [
-    (prompts.SUBJECT_WISE, 1, {"attribute": "a red collar"}),
-    (prompts.ATTRIBUTE_WISE, 2, {"subject": "a dress"}),
-    (prompts.PSEUDO_SENTENCE, 0, {}),
-])
+@pytest.mark.parametrize(
+    "template, mode, field",
+    [
+        (prompts.SUBJECT_WISE, 1, {"attribute": "a red collar"}),
+        (prompts.ATTRIBUTE_WISE, 2, {"subject": "a dress"}),
+        (prompts.PSEUDO_SENTENCE, 0, {}),
+    ],
+)
 def test_injection_equals_official_token_replace_for_every_mode(model_with_varied_r, images, template, mode, field):
     model = model_with_varied_r
     with torch.no_grad():
@@ -66,13 +68,16 @@ def test_methods(tiny_model, images):
         text = F.normalize(tiny_model.backbone.encode_text(TEXTS), dim=-1)
         torch.testing.assert_close(compose(tiny_model, images, TEXTS, method="image-only"), image)
         torch.testing.assert_close(compose(tiny_model, images, TEXTS, method="text-only"), text)
-        torch.testing.assert_close(compose(tiny_model, images, TEXTS, method="image+text"),
-                                   F.normalize(image + text, dim=-1))
+        torch.testing.assert_close(
+            compose(tiny_model, images, TEXTS, method="image+text"), F.normalize(image + text, dim=-1)
+        )
         t = tiny_model.invert(images)
-        subject_only = encode_with_pseudo_tokens(tiny_model.backbone, "a photo of * that {text}", t.subject[:, None],
-                                                 None, [{"text": x} for x in TEXTS])
-        torch.testing.assert_close(compose(tiny_model, t, TEXTS, method="subject-only"),
-                                   F.normalize(subject_only, dim=-1))
+        subject_only = encode_with_pseudo_tokens(
+            tiny_model.backbone, "a photo of * that {text}", t.subject[:, None], None, [{"text": x} for x in TEXTS]
+        )
+        torch.testing.assert_close(
+            compose(tiny_model, t, TEXTS, method="subject-only"), F.normalize(subject_only, dim=-1)
+        )
     with pytest.raises(ValueError, match="method"):
         compose(tiny_model, images, TEXTS, method="nope")
 
@@ -86,8 +91,9 @@ def test_switching_tokens_off(tiny_model, images):
         off[:, 0] = False  # drop each image's first kept attribute
         dropped = compose(tiny_model, t, TEXTS, keep_attributes=off)
         r = t.num_kept
-        manual = PseudoTokens(t.subject, torch.cat([t.attributes[:, 1:], t.attributes[:, :1]], 1), r - 1,
-                              t.image_features)
+        manual = PseudoTokens(
+            t.subject, torch.cat([t.attributes[:, 1:], t.attributes[:, :1]], 1), r - 1, t.image_features
+        )
         torch.testing.assert_close(dropped, compose(tiny_model, manual, TEXTS))
         no_subject = compose(tiny_model, t, TEXTS, keep_subject=torch.zeros(4, dtype=torch.bool))
         assert (no_subject - compose(tiny_model, t, TEXTS)).abs().max() > 1e-4
@@ -105,7 +111,11 @@ def test_compose_is_differentiable_in_the_inversion_network(tiny_model, images):
 def test_pil_references_of_any_mode(tiny_model):
     from PIL import Image
 
-    refs = [Image.new("RGBA", (300, 120), (10, 200, 30, 128)), Image.new("L", (50, 50), 80),
-            Image.new("P", (64, 32)), Image.new("CMYK", (40, 90))]
+    refs = [
+        Image.new("RGBA", (300, 120), (10, 200, 30, 128)),
+        Image.new("L", (50, 50), 80),
+        Image.new("P", (64, 32)),
+        Image.new("CMYK", (40, 90)),
+    ]
     with torch.no_grad():
         assert compose(tiny_model, refs, ["a", "b", "c", "d"]).shape == (4, 64)

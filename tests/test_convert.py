@@ -1,4 +1,5 @@
 """The official release converter: structure-faithful files are converted exactly; foreign code never runs."""
+
 import io
 import pickle
 import subprocess
@@ -45,8 +46,18 @@ def official_module_names():
 
 def make_official_release(path, seed=0):
     torch.manual_seed(seed)
-    net = official.OfficialIMG2TEXT(embed_dim=16, token_dim=24, patch_dim=20, num_k=8, topk=4, epsilon=0.1,
-                                    tf_layer=2, tf_head=2, hy_regLoss=1.4, temperature=0.2).eval()
+    net = official.OfficialIMG2TEXT(
+        embed_dim=16,
+        token_dim=24,
+        patch_dim=20,
+        num_k=8,
+        topk=4,
+        epsilon=0.1,
+        tf_layer=2,
+        tf_head=2,
+        hy_regLoss=1.4,
+        temperature=0.2,
+    ).eval()
     net.criterion_target = torch.as_tensor([1])  # a plain tensor attribute, as the official module has
     with official_module_names():
         torch.save(net, path)
@@ -67,8 +78,16 @@ def test_convert_round_trip_gives_identical_outputs(tmp_path):
     reference = make_official_release(src)
     net = read_official(src).eval()
     c = net.config
-    assert (c.embed_dim, c.token_dim, c.patch_dim, c.num_k, c.topk, c.epsilon, c.tf_layers, c.tf_heads) == \
-        (16, 24, 20, 8, 4, 0.1, 2, 2)
+    assert (c.embed_dim, c.token_dim, c.patch_dim, c.num_k, c.topk, c.epsilon, c.tf_layers, c.tf_heads) == (
+        16,
+        24,
+        20,
+        8,
+        4,
+        0.1,
+        2,
+        2,
+    )
     torch.manual_seed(1)
     g, p = torch.randn(5, 16), torch.randn(5, 9, 20)
     with torch.no_grad():

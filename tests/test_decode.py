@@ -17,8 +17,10 @@ def test_decoded_sentence(tiny_backbone):
     table = tiny_backbone.clip.token_embedding.weight
     subject = table[bpe("dress")[0]]
     attributes = table[[bpe("floral")[0], bpe("red")[0]]]
-    assert decoded_sentence(tiny_backbone, subject, attributes, "is longer") == \
-        "a photo of [dress] with [floral, red] but is longer"
+    assert (
+        decoded_sentence(tiny_backbone, subject, attributes, "is longer")
+        == "a photo of [dress] with [floral, red] but is longer"
+    )
 
 
 def test_vocabulary_is_normalised_once_and_again_after_the_table_changes(tiny_backbone, monkeypatch):

@@ -1,5 +1,6 @@
 """clothing-cir: the committed benchmark file against the committed labels, its generator, its metrics, and
 `fti4cir evaluate --dataset clothing-cir` with the tiny random model (all methods, M2C included)."""
+
 from __future__ import annotations
 
 import json
@@ -8,13 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import random_m2c
 
+from conftest import random_m2c
 from fti4cir.commands import demo as commands
+from fti4cir.commands import evaluate as evaluate_command
 from fti4cir.demo.benchmark import PHRASINGS, QUERY_TYPES, generate, labels_digest, phrase
 from fti4cir.demo.world import CLASS_WORDS
 from fti4cir.errors import UserError
-from fti4cir.commands import evaluate as evaluate_command
 from fti4cir.evaluation.datasets import load_benchmark
 from fti4cir.evaluation.metrics import clothing_cir_metrics
 from fti4cir.m2c import save_m2c_weights
@@ -40,13 +41,17 @@ def test_ground_truths_are_every_other_test_photo_of_the_target_class_and_colour
     for q in committed["queries"]:
         reference = by_name[q["reference"]]
         assert (q["reference_class"], q["reference_colour"]) == (reference["class"], reference["colour"])
-        expected = sorted(n for n, p in by_name.items() if n != q["reference"]
-                          and (p["class"], p["colour"]) == (q["target_class"], q["target_colour"]))
+        expected = sorted(
+            n
+            for n, p in by_name.items()
+            if n != q["reference"] and (p["class"], p["colour"]) == (q["target_class"], q["target_colour"])
+        )
         assert sorted(q["ground_truths"]) == expected and expected
         assert q["reference"] not in q["ground_truths"]
         same_class, same_colour = q["target_class"] == reference["class"], q["target_colour"] == reference["colour"]
-        assert (same_class, same_colour) == {"colour": (True, False), "class": (False, True),
-                                             "both": (False, False)}[q["type"]]
+        assert (same_class, same_colour) == {"colour": (True, False), "class": (False, True), "both": (False, False)}[
+            q["type"]
+        ]
 
 
 def test_query_types_are_balanced_phrased_several_ways_and_name_the_target(committed):
@@ -85,8 +90,23 @@ def test_demo_benchmark_command_writes_a_file_the_loader_reads(tmp_path):
     out = tmp_path / "bench" / "queries.json"
     from conftest import run_subcommand
 
-    assert run_subcommand(commands, ["demo-benchmark", "--out", str(out), "--per-type", "5", "--seed", "4",
-                                     "--photos", str(REPO / "data" / "clothing")]) == 0
+    assert (
+        run_subcommand(
+            commands,
+            [
+                "demo-benchmark",
+                "--out",
+                str(out),
+                "--per-type",
+                "5",
+                "--seed",
+                "4",
+                "--photos",
+                str(REPO / "data" / "clothing"),
+            ],
+        )
+        == 0
+    )
     benchmark = load_benchmark("clothing-cir", out.parent, "test")
     assert len(benchmark.queries) == 15 and len(benchmark.images) == 372
     assert all(path.is_file() for path in benchmark.images.values())
@@ -111,9 +131,20 @@ def test_metrics_remove_the_reference_and_average_over_all_ground_truths():
     assert m["map@5"] == pytest.approx(((1 + 2 / 3) / 2 + 1 / 4) / 2 * 100)
     assert m["recall@1"] == pytest.approx(50) and m["recall@5"] == pytest.approx(100)
     assert m["by_type"]["colour"]["map@5"] == pytest.approx((1 + 2 / 3) / 2 * 100)
-    assert m["by_type"]["class"] == {"queries": 1, **{k: pytest.approx(v) for k, v in
-                                                      {"map@5": 25.0, "map@10": 25.0, "map@25": 25.0,
-                                                       "recall@1": 0.0, "recall@5": 100.0, "recall@10": 100.0}.items()}}
+    assert m["by_type"]["class"] == {
+        "queries": 1,
+        **{
+            k: pytest.approx(v)
+            for k, v in {
+                "map@5": 25.0,
+                "map@10": 25.0,
+                "map@25": 25.0,
+                "recall@1": 0.0,
+                "recall@5": 100.0,
+                "recall@10": 100.0,
+            }.items()
+        },
+    }
     with pytest.raises(ValueError, match="reference"):
         clothing_cir_metrics(similarity, gallery, ["a", "b"], [["a"], ["a"]], ["colour", "class"])
 
@@ -123,10 +154,37 @@ def test_evaluate_runs_every_method_on_clothing_cir(tmp_path, tiny_backbone):
     from conftest import run_subcommand
 
     out = tmp_path / "out"
-    assert run_subcommand(evaluate_command, ["evaluate", "--dataset", "clothing-cir", "--root", str(ROOT), "--max-queries", "9",
-                                "--subset-gallery", "12", "--backbone", "fti4cir-tiny", "--pretrained", "none",
-                                "--device", "cpu", "--num-workers", "0", "--cache-dir", str(tmp_path / "cache"),
-                                "--m2c-weights", str(m2c_weights), "--out", str(out)]) == 0
+    assert (
+        run_subcommand(
+            evaluate_command,
+            [
+                "evaluate",
+                "--dataset",
+                "clothing-cir",
+                "--root",
+                str(ROOT),
+                "--max-queries",
+                "9",
+                "--subset-gallery",
+                "12",
+                "--backbone",
+                "fti4cir-tiny",
+                "--pretrained",
+                "none",
+                "--device",
+                "cpu",
+                "--num-workers",
+                "0",
+                "--cache-dir",
+                str(tmp_path / "cache"),
+                "--m2c-weights",
+                str(m2c_weights),
+                "--out",
+                str(out),
+            ],
+        )
+        == 0
+    )
     results = json.loads((out / "results.json").read_text())
     methods = ["fti4cir", "subject-only", "image-only", "text-only", "image+text", "m2c", "m2c+compose"]
     assert list(results["methods"]) == methods and results["split"] == "test"
@@ -144,8 +202,22 @@ def test_evaluate_refuses_a_split_clothing_cir_does_not_have(tmp_path):
     from conftest import run_subcommand
 
     with pytest.raises(UserError, match="test"):
-        run_subcommand(evaluate_command, ["evaluate", "--dataset", "clothing-cir", "--root", str(ROOT), "--split", "val",
-                             "--backbone", "fti4cir-tiny", "--pretrained", "none"])
+        run_subcommand(
+            evaluate_command,
+            [
+                "evaluate",
+                "--dataset",
+                "clothing-cir",
+                "--root",
+                str(ROOT),
+                "--split",
+                "val",
+                "--backbone",
+                "fti4cir-tiny",
+                "--pretrained",
+                "none",
+            ],
+        )
 
 
 def test_a_ranking_by_the_labels_scores_full_marks_and_the_reference_alone_scores_none(labels, committed):
@@ -153,11 +225,23 @@ def test_a_ranking_by_the_labels_scores_full_marks_and_the_reference_alone_score
     gallery = list(benchmark.images)
     by_name = {p["path"].removeprefix("test/"): p for p in labels["photos"] if p["split"] == "test"}
     queries = {q["id"]: q for q in committed["queries"]}
-    oracle = np.array([[float((by_name[n]["class"], by_name[n]["colour"]) == (queries[q.query_id]["target_class"],
-                                                                              queries[q.query_id]["target_colour"]))
-                        for n in gallery] for q in benchmark.queries])
-    refs, truths, kinds = ([q.reference for q in benchmark.queries], [q.ground_truths for q in benchmark.queries],
-                           [q.kind for q in benchmark.queries])
+    oracle = np.array(
+        [
+            [
+                float(
+                    (by_name[n]["class"], by_name[n]["colour"])
+                    == (queries[q.query_id]["target_class"], queries[q.query_id]["target_colour"])
+                )
+                for n in gallery
+            ]
+            for q in benchmark.queries
+        ]
+    )
+    refs, truths, kinds = (
+        [q.reference for q in benchmark.queries],
+        [q.ground_truths for q in benchmark.queries],
+        [q.kind for q in benchmark.queries],
+    )
     perfect = clothing_cir_metrics(oracle, gallery, refs, truths, kinds)
     assert all(perfect[k] == pytest.approx(100) for k in ("map@5", "map@10", "map@25", "recall@1", "recall@10"))
     # the reference itself ranked first: removed from the ranking, so it earns nothing and costs nothing

@@ -1,4 +1,5 @@
 """Captions of the demo photos: varied, agreeing in number, single-photo, and split by spaCy into garment + rest."""
+
 from __future__ import annotations
 
 import hashlib
@@ -12,8 +13,8 @@ import pytest
 from fti4cir.demo.captions import FTI4CIR_FORMS, caption, write_captions
 from fti4cir.demo.world import CLASS_WORDS, COLOURS, PLURAL_WORDS
 from fti4cir.errors import UserError
-from fti4cir.training.captions import read_captions
 from fti4cir.training.caption_split import load_spacy, split_captions
+from fti4cir.training.captions import read_captions
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "clothing"
 
@@ -106,7 +107,9 @@ def test_write_captions_writes_the_caption_stage_format(tmp_path, nlp):
             assert photo["colour"] in record["caption"]
     again = write_captions(labels, "validation", tmp_path / "again.jsonl", seed=1, photos_root=DATA, progress=False)
     assert again == records
-    assert write_captions(labels, "validation", tmp_path / "other.jsonl", seed=2, photos_root=DATA,
-                          progress=False) != records
+    assert (
+        write_captions(labels, "validation", tmp_path / "other.jsonl", seed=2, photos_root=DATA, progress=False)
+        != records
+    )
     with pytest.raises(UserError):
         write_captions(labels, "test", tmp_path / "none.jsonl", photos_root=DATA, progress=False)

@@ -1,5 +1,6 @@
 """The demo CLIP: the conv-stem tower behind the Backbone interface, its trainer (targets, resume, saved file) and
 the zero-shot report. Runs on a few committed demo photos (data/clothing), no ../shared."""
+
 from __future__ import annotations
 
 import json
@@ -91,8 +92,10 @@ def _kill_after_first_checkpoint(config: ClipTrainConfig) -> None:
     import sys
     import time
 
-    code = (f"from fti4cir.demo.clip_train import ClipTrainConfig, train_clip; "
-            f"train_clip(ClipTrainConfig(**{config.to_dict()!r}), progress=False)")
+    code = (
+        f"from fti4cir.demo.clip_train import ClipTrainConfig, train_clip; "
+        f"train_clip(ClipTrainConfig(**{config.to_dict()!r}), progress=False)"
+    )
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"})
     record = Path(config.out) / "checkpoint.json"
     deadline = time.monotonic() + 120
@@ -133,7 +136,10 @@ def test_zero_shot_report_counts_every_photo(few_photos):
     model = create_model(DEMO_MODEL, None, device="cpu")
     report = zero_shot(model, few_photos, labels, "test", progress=False)
     assert report.photos == 30 and report.class_confusion.sum() == 30
-    assert report.colour_confusion.sum() == report.coloured_photos == sum(
-        1 for p in labels["photos"] if p["split"] == "test" and p["colour"])
+    assert (
+        report.colour_confusion.sum()
+        == report.coloured_photos
+        == sum(1 for p in labels["photos"] if p["split"] == "test" and p["colour"])
+    )
     assert report.class_accuracy == report.class_confusion.trace() / 30
     assert "Class confusion" in report.markdown()

@@ -1,5 +1,6 @@
 """The garment colour labeller: synthetic garments of every colour on plain backgrounds, and the committed human
 check of real photos (data/clothing/colour_check.csv) against the committed labels."""
+
 from __future__ import annotations
 
 import csv
@@ -16,9 +17,17 @@ from fti4cir.demo.world import COLOURS
 DATA = Path(__file__).resolve().parents[1] / "data" / "clothing"
 
 GARMENTS = {
-    "black": (22, 22, 25), "white": (245, 245, 242), "grey": (128, 128, 130), "red": (200, 30, 35),
-    "orange": (240, 130, 30), "yellow": (240, 215, 45), "green": (40, 145, 65), "blue": (35, 65, 180),
-    "purple": (115, 50, 150), "pink": (240, 150, 185), "brown": (115, 70, 40),
+    "black": (22, 22, 25),
+    "white": (245, 245, 242),
+    "grey": (128, 128, 130),
+    "red": (200, 30, 35),
+    "orange": (240, 130, 30),
+    "yellow": (240, 215, 45),
+    "green": (40, 145, 65),
+    "blue": (35, 65, 180),
+    "purple": (115, 50, 150),
+    "pink": (240, 150, 185),
+    "brown": (115, 70, 40),
 }
 # measured on the committed check (see data/clothing/README.md); the test fails if a labeller change lowers them
 AGREEMENT_ALL, AGREEMENT_LABELLED = 0.76, 0.82
@@ -34,8 +43,11 @@ def garment_photo(colour_rgb, background_rgb, seed=0, size=(120, 160)):
     sleeves = (abs(xx - w / 2) < w * 0.38) & (yy > h * 0.25) & (yy < h * 0.45)
     mask = body | sleeves
     shade = 1.0 + 0.12 * (xx / w - 0.5) - 0.08 * (yy / h - 0.5)  # folds and light fall-off
-    pixels = np.where(mask[..., None], np.array(colour_rgb) * shade[..., None],
-                      np.array(background_rgb) * (1.0 + 0.04 * (yy / h - 0.5))[..., None])
+    pixels = np.where(
+        mask[..., None],
+        np.array(colour_rgb) * shade[..., None],
+        np.array(background_rgb) * (1.0 + 0.04 * (yy / h - 0.5))[..., None],
+    )
     pixels = pixels + rng.normal(0, 3.0, pixels.shape)
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 

@@ -2,6 +2,7 @@
 
 Thresholds are the measured values (weights/clothing-report.md) less a margin, so a model that lost what it learned
 (or files that no longer match each other) fails, while rounding and platform noise do not."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -42,8 +43,15 @@ def labels():
 def test_no_flags_serves_the_embedded_model_with_every_method(service):
     assert service.model.backbone.name == "fti4cir-clothing"
     assert service.gallery.name == "clothing" and service.size == 372
-    assert set(service.methods) == {"fti4cir", "subject-only", "image-only", "text-only", "image+text", "m2c",
-                                    "m2c+compose"}
+    assert set(service.methods) == {
+        "fti4cir",
+        "subject-only",
+        "image-only",
+        "text-only",
+        "image+text",
+        "m2c",
+        "m2c+compose",
+    }
 
 
 def test_examples_return_the_requested_class_and_colour(service, labels):
@@ -88,11 +96,31 @@ def test_benchmark_order_of_the_methods(tmp_path):
     from fti4cir.cli import main
 
     out = tmp_path / "eval"
-    assert main(["-q", "evaluate", "--dataset", "clothing-cir", "--root", str(REPO / "data" / "clothing-cir"),
-                 "--out", str(out), "--cache-dir", str(tmp_path / "cache"), "--backbone", "fti4cir-clothing",
-                 "--pretrained", str(REPO / "weights" / "clothing-clip.safetensors"), "--weights",
-                 str(REPO / "weights" / "clothing-fti4cir.safetensors"), "--methods",
-                 "fti4cir,image-only,image+text"]) == 0
+    assert (
+        main(
+            [
+                "-q",
+                "evaluate",
+                "--dataset",
+                "clothing-cir",
+                "--root",
+                str(REPO / "data" / "clothing-cir"),
+                "--out",
+                str(out),
+                "--cache-dir",
+                str(tmp_path / "cache"),
+                "--backbone",
+                "fti4cir-clothing",
+                "--pretrained",
+                str(REPO / "weights" / "clothing-clip.safetensors"),
+                "--weights",
+                str(REPO / "weights" / "clothing-fti4cir.safetensors"),
+                "--methods",
+                "fti4cir,image-only,image+text",
+            ]
+        )
+        == 0
+    )
     methods = json.loads((out / "results.json").read_text())["methods"]
     assert methods["fti4cir"]["map@10"] >= 21.0
     assert methods["fti4cir"]["map@10"] >= methods["image+text"]["map@10"] + 5

@@ -1,14 +1,15 @@
 """Copying the demo photos: split/class layout kept, downscaled, EXIF orientation applied, RGB JPEG, licence copied,
 nothing outside the split folders copied; and the committed copy in data/clothing."""
+
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
 import pytest
-from conftest import run_subcommand
 from PIL import Image
 
+from conftest import run_subcommand
 from fti4cir.commands import demo as commands
 from fti4cir.demo.photos import copy_photos, counts, source_photos
 from fti4cir.errors import UserError
@@ -39,7 +40,10 @@ def test_copy_downscales_orients_and_keeps_the_layout(tmp_path):
     assert [p.rel for p in photos] == ["train/dress/a.jpg", "test/hat/b.jpg"]
     assert counts(photos) == {"train": {"dress": 1}, "test": {"hat": 1}}
     assert sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file()) == [
-        "LICENSE", "test/hat/b.jpg", "train/dress/a.jpg"]
+        "LICENSE",
+        "test/hat/b.jpg",
+        "train/dress/a.jpg",
+    ]
     with Image.open(dest / "train" / "dress" / "a.jpg") as image:
         assert image.format == "JPEG" and image.mode == "RGB"
         assert image.size == (112, 224)  # rotated upright, longer side 224
@@ -80,7 +84,7 @@ def test_the_committed_photos_match_the_labels_and_the_readme():
     table = counts(photos)
     assert sum(map(sum, (t.values() for t in table.values()))) == 3781 and len(table["test"]) == 10
     readme = (DATA / "README.md").read_text()
-    for split, classes in table.items():
+    for classes in table.values():
         assert f"| {sum(classes.values())}" in readme
     assert "CC0" in (DATA / "LICENSE").read_text()[:200] and not (DATA.parent / "imagenet-sample").exists()
     for photo in photos[::500]:

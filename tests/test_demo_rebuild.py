@@ -1,5 +1,6 @@
 """`fti4cir demo-rebuild --quick`: every stage of the demo pipeline runs on a few committed photos, a rerun skips
 what is done, and the outputs load as a model, a gallery and a benchmark table."""
+
 from __future__ import annotations
 
 import json
@@ -16,8 +17,10 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "quick"
-    assert main(["demo-rebuild", "--quick", "--out", str(out), "--photos", str(REPO / "data" / "clothing"),
-                 "--quiet"]) == 0
+    assert (
+        main(["demo-rebuild", "--quick", "--out", str(out), "--photos", str(REPO / "data" / "clothing"), "--quiet"])
+        == 0
+    )
     return out
 
 
@@ -27,8 +30,7 @@ def test_every_stage_ran_and_wrote_its_output(quick_run):
     zero_shot = json.loads((quick_run / "zero-shot.json").read_text())
     assert 0 <= zero_shot["class_accuracy"] <= 1 and len(zero_shot["class_confusion"]) == 10
     methods = json.loads((quick_run / "evaluate" / "results.json").read_text())["methods"]
-    assert set(methods) == {"fti4cir", "subject-only", "image-only", "text-only", "image+text", "m2c",
-                            "m2c+compose"}
+    assert set(methods) == {"fti4cir", "subject-only", "image-only", "text-only", "image+text", "m2c", "m2c+compose"}
     assert all(set(m["by_type"]) == {"colour", "class", "both"} for m in methods.values())
     words = json.loads((quick_run / "benchmark.json").read_text())["decoded_words"]
     assert words["photos"] == 60 and 0 <= words["subject_is_class"] <= 1

@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from benchmark_fixtures import (
     benchmark_root,
     circo_image_ids,
     make_placeholder_images,
     write_circo_image_info,
 )
-
 from fti4cir.errors import UserError
 from fti4cir.evaluation.datasets import (
     FASHIONIQ_CATEGORIES,

@@ -6,8 +6,8 @@ import json
 
 import numpy as np
 import pytest
-from benchmark_fixtures import benchmark_root, circo_image_ids, write_circo_image_info
 
+from benchmark_fixtures import benchmark_root, circo_image_ids, write_circo_image_info
 from fti4cir.evaluation.datasets import load_circo, load_cirr
 from fti4cir.evaluation.submission import (
     circo_rankings,

@@ -4,6 +4,7 @@ Every run is a subset run (a few queries, a gallery cut to the images they use p
 metric values are meaningless; the tests check the pipeline: output formats, the official rules each benchmark
 applies, and that a rerun is served from the feature cache.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -31,15 +32,23 @@ from fti4cir.inputs import load_image
 TINY = ["--backbone", "fti4cir-tiny", "--pretrained", "none", "--device", "cpu", "--num-workers", "0"]
 QUERIES, DISTRACTORS = 4, 6
 METRIC_KEYS = {
-    "cirr": {"recall@1", "recall@5", "recall@10", "recall@50", "recall_subset@1", "recall_subset@2",
-             "recall_subset@3", "avg"},
+    "cirr": {
+        "recall@1",
+        "recall@5",
+        "recall@10",
+        "recall@50",
+        "recall_subset@1",
+        "recall_subset@2",
+        "recall_subset@3",
+        "avg",
+    },
     "circo": {"map@5", "map@10", "map@25", "map@50", "recall@5", "recall@10", "recall@25", "recall@50"},
 }
 HEADERS = {
     "cirr": "| method | R@1 | R@5 | R@10 | R@50 | Rs@1 | Rs@2 | Rs@3 | avg |",
     "circo": "| method | mAP@5 | mAP@10 | mAP@25 | mAP@50 | R@5 | R@10 | R@25 | R@50 |",
     "fashioniq": "| method | dress R@10 | dress R@50 | shirt R@10 | shirt R@50 | toptee R@10 | toptee R@50 "
-                 "| avg R@10 | avg R@50 | avg |",
+    "| avg R@10 | avg R@50 | avg |",
 }
 
 
@@ -116,9 +125,25 @@ def _root_with_images(tmp_path, dataset, split, distractors=DISTRACTORS):
 
 def _evaluate_args(dataset, root, tmp_path, *extra, cache="cache", batch_size=3):
     """A subset evaluation; by default batches of 3, so that batches split the queries and the images."""
-    return ["evaluate", "--dataset", dataset, "--root", root, "--max-queries", QUERIES, "--subset-gallery",
-            DISTRACTORS, "--out", tmp_path / "out", "--cache-dir", tmp_path / cache, "--batch-size", batch_size,
-            *TINY, *extra]
+    return [
+        "evaluate",
+        "--dataset",
+        dataset,
+        "--root",
+        root,
+        "--max-queries",
+        QUERIES,
+        "--subset-gallery",
+        DISTRACTORS,
+        "--out",
+        tmp_path / "out",
+        "--cache-dir",
+        tmp_path / cache,
+        "--batch-size",
+        batch_size,
+        *TINY,
+        *extra,
+    ]
 
 
 @pytest.mark.parametrize("dataset", ["fashioniq", "cirr", "circo"])
@@ -145,7 +170,7 @@ def test_evaluate_writes_one_table(evaluated, dataset):
     assert "Subset run, not comparable" in markdown
     table = markdown.splitlines()
     header = table.index(HEADERS[dataset])
-    assert [row.split(" | ")[0] for row in table[header + 2:]] == [f"| {m}" for m in METHODS]
+    assert [row.split(" | ")[0] for row in table[header + 2 :]] == [f"| {m}" for m in METHODS]
     assert markdown in runs["first stdout"]
 
 
@@ -163,8 +188,14 @@ def test_cirr_metrics_match_a_direct_computation(evaluated):
 
     Batches of one image on both sides: a different batch composition can flip the fp16 rounding of a feature."""
     runs = evaluated("cirr")
-    assert _invoke(*_evaluate_args("cirr", runs["root"], runs["folder"], "--methods", "image-only",
-                                   cache="cache-batch-1", batch_size=1)) == 0
+    assert (
+        _invoke(
+            *_evaluate_args(
+                "cirr", runs["root"], runs["folder"], "--methods", "image-only", cache="cache-batch-1", batch_size=1
+            )
+        )
+        == 0
+    )
     reported = json.loads((runs["folder"] / "out" / "results.json").read_text())["methods"]["image-only"]
 
     torch.manual_seed(0)
@@ -176,8 +207,13 @@ def test_cirr_metrics_match_a_direct_computation(evaluated):
         features = torch.cat([model.backbone.encode_visual(image[None]).global_features for image in pixels])
         features = F.normalize(features.half().float(), dim=-1)
     similarity = features[[gallery.index(q.reference) for q in queries]] @ features.T
-    expected = cirr_metrics(similarity.numpy(), gallery, [q.reference for q in queries], [q.target for q in queries],
-                            [q.group for q in queries])
+    expected = cirr_metrics(
+        similarity.numpy(),
+        gallery,
+        [q.reference for q in queries],
+        [q.target for q in queries],
+        [q.group for q in queries],
+    )
     assert {k: v for k, v in reported.items() if k != "avg"} == pytest.approx(expected)
     assert reported["avg"] == pytest.approx((expected["recall@5"] + expected["recall_subset@1"]) / 2)
 
@@ -186,8 +222,12 @@ def test_new_prompt_or_method_reuses_features_but_another_backbone_does_not(eval
     runs = evaluated("cirr")
     folder, before = runs["folder"], visual_calls["images"]
     template = "a picture of * showing {attrs}, {text}"
-    assert _invoke(*_evaluate_args("cirr", runs["root"], folder, "--methods", "fti4cir,subject-only", "--prompt",
-                                   template)) == 0
+    assert (
+        _invoke(
+            *_evaluate_args("cirr", runs["root"], folder, "--methods", "fti4cir,subject-only", "--prompt", template)
+        )
+        == 0
+    )
     results = json.loads((folder / "out" / "results.json").read_text())
     assert visual_calls["images"] == before and results["features"]["visual_passes"] == 0
     assert results["prompts"]["fti4cir"] == template and list(results["methods"]) == ["fti4cir", "subject-only"]
@@ -200,8 +240,25 @@ def test_new_prompt_or_method_reuses_features_but_another_backbone_does_not(eval
 def test_submit_cirr_writes_both_official_files(tmp_path, capsys):
     root, galleries = _root_with_images(tmp_path, "cirr", "test1", distractors=40)
     out = tmp_path / "submission"
-    assert _invoke("submit", "--dataset", "cirr", "--root", root, "--max-queries", QUERIES, "--subset-gallery", 40,
-                "--out", out, "--cache-dir", tmp_path / "cache", *TINY) == 0
+    assert (
+        _invoke(
+            "submit",
+            "--dataset",
+            "cirr",
+            "--root",
+            root,
+            "--max-queries",
+            QUERIES,
+            "--subset-gallery",
+            40,
+            "--out",
+            out,
+            "--cache-dir",
+            tmp_path / "cache",
+            *TINY,
+        )
+        == 0
+    )
     assert "partial submission" in capsys.readouterr().err
 
     queries = load_benchmark("cirr", root, "test").queries[:QUERIES]
@@ -224,14 +281,32 @@ def test_submit_cirr_writes_both_official_files(tmp_path, capsys):
 def test_submit_circo_excludes_the_reference(tmp_path):
     root, _ = _root_with_images(tmp_path, "circo", "test")
     out = tmp_path / "submission"
-    assert _invoke("submit", "--dataset", "circo", "--root", root, "--max-queries", QUERIES, "--method", "image+text",
-                "--out", out, "--cache-dir", tmp_path / "cache", *TINY) == 0
+    assert (
+        _invoke(
+            "submit",
+            "--dataset",
+            "circo",
+            "--root",
+            root,
+            "--max-queries",
+            QUERIES,
+            "--method",
+            "image+text",
+            "--out",
+            out,
+            "--cache-dir",
+            tmp_path / "cache",
+            *TINY,
+        )
+        == 0
+    )
 
     benchmark = load_benchmark("circo", root, "test")
     queries = benchmark.queries[:QUERIES]
     obj = json.loads((out / "circo" / "image+text.json").read_text())
-    validate_circo_submission(obj, [q.query_id for q in queries],
-                              references={q.query_id: int(q.reference) for q in queries})
+    validate_circo_submission(
+        obj, [q.query_id for q in queries], references={q.query_id: int(q.reference) for q in queries}
+    )
     gallery = {int(name) for name in benchmark.images}
     for query in queries:
         assert len(obj[query.query_id]) == 50 and all(isinstance(i, int) and i in gallery for i in obj[query.query_id])
@@ -243,9 +318,23 @@ def test_missing_images_fail_before_any_model_work(tmp_path, monkeypatch, capsys
     split = "val" if command == "evaluate" else "test1"
     benchmark = load_benchmark("cirr", root, split)
     make_placeholder_images(benchmark, list(benchmark.images)[:5])
-    monkeypatch.setattr("fti4cir.factory.create_model", lambda *a, **k: pytest.fail("model built despite missing images"))
-    code = _invoke(command, "--dataset", "cirr", "--root", root, "--max-queries", 2, "--out", tmp_path / "out",
-                "--cache-dir", tmp_path / "cache", *TINY)
+    monkeypatch.setattr(
+        "fti4cir.factory.create_model", lambda *a, **k: pytest.fail("model built despite missing images")
+    )
+    code = _invoke(
+        command,
+        "--dataset",
+        "cirr",
+        "--root",
+        root,
+        "--max-queries",
+        2,
+        "--out",
+        tmp_path / "out",
+        "--cache-dir",
+        tmp_path / "cache",
+        *TINY,
+    )
     error = capsys.readouterr().err
     assert code == 2
     assert f"error: {len(benchmark.images) - 5} of {len(benchmark.images)} images missing for cirr" in error
@@ -254,9 +343,11 @@ def test_missing_images_fail_before_any_model_work(tmp_path, monkeypatch, capsys
 
 @pytest.mark.parametrize(
     ("extra", "message"),
-    [(["--methods", "fti4cir,clip"], "--methods: unknown clip"),
-     (["--categories", "dress,shoes"], "--categories: unknown shoes"),
-     (["--prompt", "a photo of {text}"], "--prompt must be")],
+    [
+        (["--methods", "fti4cir,clip"], "--methods: unknown clip"),
+        (["--categories", "dress,shoes"], "--categories: unknown shoes"),
+        (["--prompt", "a photo of {text}"], "--prompt must be"),
+    ],
 )
 def test_bad_options_are_user_errors(tmp_path, capsys, extra, message):
     root = benchmark_root(tmp_path, "fashioniq")

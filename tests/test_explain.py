@@ -1,4 +1,5 @@
 """Explanation data: decoded words and sentence, relevance weights with kept/dropped, attention heatmaps."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -6,8 +7,7 @@ import PIL.Image
 import pytest
 import torch
 
-from fti4cir.explain import (AttributeEvidence, explain, heatmap_overlay, model_view, patch_attention,
-                             query_sentence)
+from fti4cir.explain import AttributeEvidence, explain, heatmap_overlay, model_view, patch_attention, query_sentence
 from fti4cir.inversion import PseudoTokens
 from fti4cir.tokens import bpe
 
@@ -23,8 +23,12 @@ def designed_tokens(backbone, subject: str, attributes: list[str], topk: int = 1
     attrs = torch.zeros(1, topk, backbone.token_dim)
     for i, word in enumerate(attributes):
         attrs[0, i] = word_embedding(backbone, word)
-    return PseudoTokens(word_embedding(backbone, subject)[None], attrs, torch.tensor([len(attributes)]),
-                        torch.zeros(1, backbone.embed_dim))
+    return PseudoTokens(
+        word_embedding(backbone, subject)[None],
+        attrs,
+        torch.tensor([len(attributes)]),
+        torch.zeros(1, backbone.embed_dim),
+    )
 
 
 def one_hot_attention(num_k: int, hot: dict[int, int]) -> np.ndarray:
@@ -100,12 +104,18 @@ def test_explanation_words_sentence_and_switches(tiny_model):
     assert explanation.heatmaps == []
 
     text = "has a * and costs $5"
-    assert query_sentence(explanation, text) == \
-        "a photo of [dress] with [floral, red, sleeveless] but has a * and costs $5"
-    assert query_sentence(explanation, text, keep_attributes=[True, False, True]) == \
-        "a photo of [dress] with [floral, sleeveless] but has a * and costs $5"
-    assert query_sentence(explanation, "is red", keep_subject=False) == \
-        "a photo of something with [floral, red, sleeveless] but is red"
+    assert (
+        query_sentence(explanation, text)
+        == "a photo of [dress] with [floral, red, sleeveless] but has a * and costs $5"
+    )
+    assert (
+        query_sentence(explanation, text, keep_attributes=[True, False, True])
+        == "a photo of [dress] with [floral, sleeveless] but has a * and costs $5"
+    )
+    assert (
+        query_sentence(explanation, "is red", keep_subject=False)
+        == "a photo of something with [floral, red, sleeveless] but is red"
+    )
     assert query_sentence(explanation, "is red", keep_attributes=[False] * 3) == "a photo of [dress] with but is red"
     assert query_sentence(explanation, "is red", "subject-only") == "a photo of [dress] that is red"
     assert query_sentence(explanation, "is red", "text-only") == "is red"

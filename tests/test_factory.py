@@ -1,4 +1,5 @@
 """The one model factory: a ModelSpec (or its fields) -> a ready model, the same in every process."""
+
 import pytest
 import torch
 

@@ -41,8 +41,9 @@ def test_extract_caches_by_content_and_skips_bad_files(tiny_model, photos, tmp_p
     # a rerun (new store object, as in a new process) runs no visual pass
     calls = []
     monkeypatch.setattr(tiny_model.backbone, "encode_visual", lambda x: calls.append(x) or None)
-    again = extract_features(tiny_model, photos, FeatureStore.for_model(tmp_path / "cache", tiny_model,
-                                                                        with_patches=True), progress=False)
+    again = extract_features(
+        tiny_model, photos, FeatureStore.for_model(tmp_path / "cache", tiny_model, with_patches=True), progress=False
+    )
     assert calls == [] and again.computed == 0 and np.array_equal(again.rows, first.rows)
 
 

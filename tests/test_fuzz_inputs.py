@@ -1,5 +1,7 @@
 """Generated hostile inputs (fti4cir.fuzz, hypothesis): a bounded number per target here;
-`python -m fti4cir.commands.fuzz --examples 2000` runs longer. Each target's property: a defined result or a UserError, nothing else."""
+`python -m fti4cir.commands.fuzz --examples 2000` runs longer. Each target's property: a defined result or a
+UserError, nothing else."""
+
 from __future__ import annotations
 
 import pytest

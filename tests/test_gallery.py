@@ -1,4 +1,5 @@
 """Galleries: build, load, search, explanations, incremental updates, identity checks, corruption, names, CLI."""
+
 from __future__ import annotations
 
 import fcntl
@@ -15,22 +16,26 @@ from conftest import place_photos, run_subcommand, shared_data
 from fti4cir.commands import index as index_command
 from fti4cir.compose import compose
 from fti4cir.errors import UserError
-from fti4cir.gallery import (CURRENT, Gallery, Source, build_gallery, list_galleries, parameter_digest,
-                             validate_name)
+from fti4cir.gallery import CURRENT, Gallery, Source, build_gallery, list_galleries, parameter_digest, validate_name
 from fti4cir.inputs import load_image
 from fti4cir.model import CIRModel
 
 
 def copy_photos(folder: Path, count: int, start: int = 0) -> list[Path]:
     """`count` shared clothing photos copied into folder/<class>/<file>, in a fixed order."""
-    return place_photos(sorted(shared_data("photos", "clothing", "test").rglob("*.jpg"))[start:start + count], folder)
+    return place_photos(sorted(shared_data("photos", "clothing", "test").rglob("*.jpg"))[start : start + count], folder)
 
 
 def build(model, src, tmp_path, name="g", **kw):
-    kw = {"galleries_dir": tmp_path / "galleries", "batch_size": 4, "num_workers": 0, "shard_size": 5,
-          "progress": False, **kw}
+    kw = {
+        "galleries_dir": tmp_path / "galleries",
+        "batch_size": 4,
+        "num_workers": 0,
+        "shard_size": 5,
+        "progress": False,
+        **kw,
+    }
     return build_gallery(model, src if isinstance(src, Source) else str(src), name, **kw)
-
 
 
 @pytest.fixture
@@ -68,17 +73,20 @@ def test_build_load_search_and_explanations(tiny_model, photos, tmp_path):
 
     # cached tokens and explanations equal a direct pass over the same file (features are stored as float16)
     with torch.no_grad():
-        direct = tiny_model.invert(tiny_model.backbone.encode_visual(tiny_model.preprocess(
-            [load_image(p) for p in g.paths[:3]])), return_attention=True)
+        direct = tiny_model.invert(
+            tiny_model.backbone.encode_visual(tiny_model.preprocess([load_image(p) for p in g.paths[:3]])),
+            return_attention=True,
+        )
     cached = g.tokens_of([0, 1, 2])
     torch.testing.assert_close(cached.subject, direct.subject, atol=5e-3, rtol=5e-3)
-    torch.testing.assert_close(g.features[:3], torch.nn.functional.normalize(direct.image_features, dim=-1),
-                               atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(
+        g.features[:3], torch.nn.functional.normalize(direct.image_features, dim=-1), atol=2e-3, rtol=2e-3
+    )
     for i in range(3):
         ex = g.explanations(i)
         assert ex["attention"].shape == (24, 49) and ex["grid"] == (7, 7) and ex["epsilon"] == 0.05
         np.testing.assert_allclose(ex["relevance"], direct.selection.relevance[i].numpy(), atol=2e-3)
-        assert ex["num_kept"] == int(cached.num_kept[i]) and list(ex["kept"]) == list(ex["indices"][:ex["num_kept"]])
+        assert ex["num_kept"] == int(cached.num_kept[i]) and list(ex["kept"]) == list(ex["indices"][: ex["num_kept"]])
         if ex["num_kept"] == int(direct.num_kept[i]):  # a threshold tie may flip under float16 rounding
             r = ex["num_kept"]
             assert list(ex["kept"]) == direct.selection.indices[i, :r].tolist()
@@ -112,15 +120,18 @@ def test_incremental_update_adds_skips_and_removes(tiny_model, photos, tmp_path,
     assert second.version != first.version
     new = Gallery.load("g", tiny_model, tmp_path / "galleries")
     assert set(new.names) == (set(old.names) - {old.names[0], old.names[1], old.names[2]}) | {
-        "renamed.jpg", *(p.relative_to(photos).as_posix() for p in added)}
+        "renamed.jpg",
+        *(p.relative_to(photos).as_posix() for p in added),
+    }
     for name in set(old.names) & set(new.names):
         i, j = old.row(name), new.row(name)
         assert torch.equal(old.features[i], new.features[j])
         for key in ("subject", "attributes", "attention", "relevance"):
             assert np.array_equal(old.array(key)[i], new.array(key)[j])
     assert torch.equal(new.features[new.row("renamed.jpg")], old.features[2])
-    assert [d.name for d in (tmp_path / "galleries" / "g").iterdir() if d.name.startswith(("v-", ".staging"))] == \
-        [second.version]  # the replaced version and the staging area are gone
+    assert [d.name for d in (tmp_path / "galleries" / "g").iterdir() if d.name.startswith(("v-", ".staging"))] == [
+        second.version
+    ]  # the replaced version and the staging area are gone
 
     encoded.clear()
     third = build(tiny_model, photos, tmp_path)
@@ -231,10 +242,13 @@ def test_cli_with_a_definition_file(tmp_path, capsys):
     copy_photos(src, 4)
     definitions = tmp_path / "defs"
     definitions.mkdir()
-    (definitions / "demo.json").write_text(json.dumps(
-        {"source": "../photos", "backbone": "fti4cir-tiny", "pretrained": None, "weights": None}))
-    assert run_cli(["--definition", str(definitions / "demo.json"), "--device", "cpu", "--num-workers", "0",
-                    "--quiet"]) == 0
+    (definitions / "demo.json").write_text(
+        json.dumps({"source": "../photos", "backbone": "fti4cir-tiny", "pretrained": None, "weights": None})
+    )
+    assert (
+        run_cli(["--definition", str(definitions / "demo.json"), "--device", "cpu", "--num-workers", "0", "--quiet"])
+        == 0
+    )
     out = capsys.readouterr().out
     assert "gallery 'demo' v-000001: 4 images (4 computed" in out
     g = Gallery.load("demo", None, definitions)  # built beside its definition
@@ -266,9 +280,29 @@ def test_a_gallery_records_its_model_and_gives_it_back(tiny_model, tmp_path, cap
 
     src = tmp_path / "photos"
     copy_photos(src, 3)
-    assert run_cli([str(src), "--name", "g", "--galleries-dir", str(tmp_path / "galleries"), "--backbone",
-                    "fti4cir-tiny", "--pretrained", "none", "--seed", "3", "--device", "cpu", "--num-workers", "0",
-                    "--quiet"]) == 0
+    assert (
+        run_cli(
+            [
+                str(src),
+                "--name",
+                "g",
+                "--galleries-dir",
+                str(tmp_path / "galleries"),
+                "--backbone",
+                "fti4cir-tiny",
+                "--pretrained",
+                "none",
+                "--seed",
+                "3",
+                "--device",
+                "cpu",
+                "--num-workers",
+                "0",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     expected = ModelSpec(backbone="fti4cir-tiny", pretrained=None, seed=3)
     assert Gallery.load("g", None, tmp_path / "galleries").manifest["model"] == expected.to_dict()
     spec = gallery_model_spec("g", tmp_path / "galleries")

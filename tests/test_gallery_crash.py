@@ -1,5 +1,6 @@
 """Crash safety of gallery builds (issue 7): SIGKILL the indexer at random points, resume, compare with a clean build,
 while a reader thread keeps loading the gallery and must only ever see a complete, consistent version."""
+
 from __future__ import annotations
 
 import hashlib
@@ -23,13 +24,27 @@ from fti4cir.spec import ModelSpec
 
 SEED = 20240707
 SPEC = {"backbone": "fti4cir-tiny", "pretrained": None, "weights": None, "device": "cpu", "preprocess": "targetpad"}
-BUILD_ARGS = ["--backbone", "fti4cir-tiny", "--pretrained", "none", "--device", "cpu", "--batch-size", "4",
-              "--shard-size", "8", "--num-workers", "0", "--quiet"]
+BUILD_ARGS = [
+    "--backbone",
+    "fti4cir-tiny",
+    "--pretrained",
+    "none",
+    "--device",
+    "cpu",
+    "--batch-size",
+    "4",
+    "--shard-size",
+    "8",
+    "--num-workers",
+    "0",
+    "--quiet",
+]
 # `fti4cir index` through its command module's add_parser alone, so the test does not depend on the CLI's registration
-RUNNER = ("import argparse, sys, torch; from fti4cir.commands import index; torch.set_num_threads(1); "
-          "p = argparse.ArgumentParser(); index.add_parser(p.add_subparsers()); a = p.parse_args({argv!r}); "
-          "sys.exit(a.func(a))")
-
+RUNNER = (
+    "import argparse, sys, torch; from fti4cir.commands import index; torch.set_num_threads(1); "
+    "p = argparse.ArgumentParser(); index.add_parser(p.add_subparsers()); a = p.parse_args({argv!r}); "
+    "sys.exit(a.func(a))"
+)
 
 
 @pytest.fixture(scope="module")
@@ -118,8 +133,16 @@ def test_killed_builds_resume_to_the_clean_gallery(tmp_path, indexer):
     clean_src = tmp_path / "clean"
     place_photos(final, clean_src)
     started = time.perf_counter()
-    build_gallery(create_model(ModelSpec.from_dict(SPEC)), str(clean_src), "g",
-                  galleries_dir=tmp_path / "clean-galleries", batch_size=4, shard_size=8, num_workers=0, progress=False)
+    build_gallery(
+        create_model(ModelSpec.from_dict(SPEC)),
+        str(clean_src),
+        "g",
+        galleries_dir=tmp_path / "clean-galleries",
+        batch_size=4,
+        shard_size=8,
+        num_workers=0,
+        progress=False,
+    )
     clean_seconds = time.perf_counter() - started
     clean = Gallery.load(tmp_path / "clean-galleries" / "g")
 
@@ -159,8 +182,9 @@ def test_killed_builds_resume_to_the_clean_gallery(tmp_path, indexer):
     assert [e["size"] for e in g.manifest["entries"]] == [e["size"] for e in clean.manifest["entries"]]
     torch.testing.assert_close(g.features, clean.features, atol=1e-5, rtol=1e-5)
     for key in ("subject", "attributes", "relevance", "attention"):
-        np.testing.assert_allclose(g.array(key).astype(np.float32), clean.array(key).astype(np.float32),
-                                   atol=1e-3, rtol=1e-3)
+        np.testing.assert_allclose(
+            g.array(key).astype(np.float32), clean.array(key).astype(np.float32), atol=1e-3, rtol=1e-3
+        )
     assert np.array_equal(g.array("num_kept"), clean.array("num_kept"))
     assert g.index.ntotal == 60
     assert torch.equal(g.search(g.features, 5)[1], clean.search(clean.features, 5)[1])

@@ -1,6 +1,6 @@
 """`fti4cir index --ray`: a local Ray instance with 2 workers builds the same gallery as one process (issue 6)."""
-from __future__ import annotations
 
+from __future__ import annotations
 
 import numpy as np
 import pytest
@@ -15,7 +15,6 @@ ray = pytest.importorskip("ray", reason="ray is not installed (pip install ray)"
 from fti4cir.gallery.ray import RayCompute, runtime_env  # noqa: E402
 
 SPEC = {"backbone": "fti4cir-tiny", "pretrained": None, "weights": None, "device": "cpu", "preprocess": "targetpad"}
-
 
 
 def test_ray_build_equals_the_single_process_build(tmp_path):

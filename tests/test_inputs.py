@@ -152,8 +152,9 @@ def test_bombs_are_refused_without_allocating():
     )
     package_dir = Path(inputs.__file__).resolve().parent
     paths = [str(CORPUS[name].payload) for name in BOMBS]
-    done = subprocess.run([sys.executable, "-c", script, str(package_dir), *paths],
-                          capture_output=True, text=True, timeout=60, check=True)
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(package_dir), *paths], capture_output=True, text=True, timeout=60, check=True
+    )
     for name, result in zip(BOMBS, json.loads(done.stdout), strict=True):
         assert "megapixels" in result["message"], (name, result)
         assert result["grown_kb"] < 32 * 1024, (name, result)

@@ -1,20 +1,33 @@
 """The training losses against a literal re-statement of the official code (77-token text, per-sample loops)."""
+
 import math
 
 import pytest
 import torch
 
-from fti4cir.official import (official_contrastive, official_copy, official_get_loss, official_orthogonal,
-                              official_regularisation)
-from fti4cir.training.losses import (caption_features, fti4cir_loss, nt_xent, orthogonality_loss,
-                                     pseudo_sentence_features, triwise_regularisation)
-
+from fti4cir.official import (
+    official_contrastive,
+    official_copy,
+    official_get_loss,
+    official_orthogonal,
+    official_regularisation,
+)
+from fti4cir.training.losses import (
+    caption_features,
+    fti4cir_loss,
+    nt_xent,
+    orthogonality_loss,
+    pseudo_sentence_features,
+    triwise_regularisation,
+)
 
 SUBJECTS = ["a dog", "two red cars", "a woman 's hat", "the old wooden bridge"]
-ATTRIBUTES = ["on a sunny beach", "parked in front of a house with a very long driveway", "made of straw",
-              "over a river at dusk"]
-
-
+ATTRIBUTES = [
+    "on a sunny beach",
+    "parked in front of a house with a very long driveway",
+    "made of straw",
+    "over a river at dusk",
+]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -75,10 +88,12 @@ def test_regularisation_equals_official(model, images):
         assert len(set(counts)) > 1
         whole = pseudo_sentence_features(bb, tokens)
         ours = triwise_regularisation(bb, tokens, SUBJECTS, ATTRIBUTES, whole_features=whole)
-        official = official_regularisation(bb.clip, SUBJECTS, ATTRIBUTES, whole, tokens.subject, tokens.attributes,
-                                           counts)
-        cached_target = triwise_regularisation(bb, tokens, SUBJECTS, ATTRIBUTES,
-                                               target_features=caption_features(bb, SUBJECTS, ATTRIBUTES))
+        official = official_regularisation(
+            bb.clip, SUBJECTS, ATTRIBUTES, whole, tokens.subject, tokens.attributes, counts
+        )
+        cached_target = triwise_regularisation(
+            bb, tokens, SUBJECTS, ATTRIBUTES, target_features=caption_features(bb, SUBJECTS, ATTRIBUTES)
+        )
     assert abs(float(ours) - float(official)) <= 1e-5
     assert float(cached_target) == pytest.approx(float(ours), abs=1e-6)
 
@@ -88,8 +103,7 @@ def test_total_loss_equals_official_get_loss(model, images):
     official_net = official_copy(model.inversion)
     with torch.no_grad():
         terms = fti4cir_loss(model, bb.encode_visual(images), SUBJECTS, ATTRIBUTES)
-        total, (contrastive, orthogonal, reg) = official_get_loss(bb.clip, official_net, images, SUBJECTS,
-                                                                  ATTRIBUTES)
+        total, (contrastive, orthogonal, reg) = official_get_loss(bb.clip, official_net, images, SUBJECTS, ATTRIBUTES)
     assert abs(float(terms.contrastive) - float(contrastive)) <= 1e-5
     assert abs(float(terms.orthogonal) - float(orthogonal)) <= 1e-5
     assert abs(float(terms.regularisation) - float(reg)) <= 1e-5

@@ -1,4 +1,5 @@
 """M2C ("From Mapping to Composing"): networks, hooked text encoder, query path, weights, losses, triplets, training."""
+
 from __future__ import annotations
 
 import json
@@ -10,8 +11,8 @@ import PIL.Image
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import run_subcommand, shared_data
 
+from conftest import run_subcommand, shared_data
 from fti4cir import InversionConfig, InversionNetwork, save_weights
 from fti4cir.commands import m2c_train as m2c_train_command
 from fti4cir.commands import triplets as triplets_command
@@ -95,8 +96,12 @@ def test_patch_tokens_are_taken_after_ln_post_and_proj_from_one_pass(tiny_backbo
 
 
 def test_text_encoder_block_by_block_equals_clip_without_hooks(tiny_backbone):
-    ids, mask = tokenize_prompts(PROMPTS["default"], [{"text": "is red"}, {"text": "has long sleeves and a hood"}],
-                                 None, tiny_backbone.context_length)
+    ids, mask = tokenize_prompts(
+        PROMPTS["default"],
+        [{"text": "is red"}, {"text": "has long sleeves and a hood"}],
+        None,
+        tiny_backbone.context_length,
+    )
     torch.manual_seed(3)
     pseudo, patches = torch.randn(2, tiny_backbone.token_dim), torch.randn(2, 49, tiny_backbone.token_dim)
     clip_features = tiny_backbone.encode_tokens(ids, pseudo.unsqueeze(1), mask)
@@ -115,8 +120,9 @@ def test_text_encoder_block_by_block_equals_clip_without_hooks(tiny_backbone):
     stacked_ids, stacked_mask = torch.cat([ids, ids.flip(0)]), torch.cat([mask, mask.flip(0)])
     with torch.no_grad():
         tiled = first.encode_tokens(stacked_ids, stacked_mask, pseudo.repeat(2, 1), patches, use_adapters=False)
-        repeated = first.encode_tokens(stacked_ids, stacked_mask, pseudo.repeat(2, 1), patches.repeat(2, 1, 1),
-                                       use_adapters=False)
+        repeated = first.encode_tokens(
+            stacked_ids, stacked_mask, pseudo.repeat(2, 1), patches.repeat(2, 1, 1), use_adapters=False
+        )
     assert torch.equal(tiled, repeated) and torch.allclose(tiled[:2], injected, atol=1e-5)
     with pytest.raises(ValueError, match="patch tokens"):
         first.encode_tokens(ids, mask, pseudo, None, use_adapters=False)
@@ -179,23 +185,31 @@ def test_weights_round_trip(tmp_path, tiny_backbone):
     model.net.vsi[0].conv[1].running_mean.normal_()  # buffers travel too
     path = save_m2c_weights(model.net, tmp_path / "m2c.safetensors")
     config = json.loads(path.with_suffix(".json").read_text())
-    assert (config["method"], config["vsi_layers"], config["adapter_layers"], config["adapter_rank"]) == \
-        ("m2c", [0], [1], 8)
+    assert (config["method"], config["vsi_layers"], config["adapter_layers"], config["adapter_rank"]) == (
+        "m2c",
+        [0],
+        [1],
+        8,
+    )
     assert is_m2c_weights(path)
     loaded = M2CModel(tiny_backbone, load_m2c_weights(path).eval())
     references = pil_images(2)
     with torch.no_grad():
         for use_adapters in (False, True):
-            assert torch.equal(m2c_compose(model, references, ["a", "b"], use_adapters=use_adapters),
-                               m2c_compose(loaded, references, ["a", "b"], use_adapters=use_adapters))
+            assert torch.equal(
+                m2c_compose(model, references, ["a", "b"], use_adapters=use_adapters),
+                m2c_compose(loaded, references, ["a", "b"], use_adapters=use_adapters),
+            )
     path.with_suffix(".json").unlink()  # the config is also in the file's metadata
     assert load_m2c_weights(path).config == model.config
     assert not list(tmp_path.glob(".*.tmp"))
 
 
 def test_bad_weights_are_refused(tmp_path, tiny_backbone):
-    fti4cir_file = save_weights(InversionNetwork(InversionConfig(embed_dim=8, token_dim=8, patch_dim=8, num_k=4,
-                                                                 topk=2)), tmp_path / "fti.safetensors")
+    fti4cir_file = save_weights(
+        InversionNetwork(InversionConfig(embed_dim=8, token_dim=8, patch_dim=8, num_k=4, topk=2)),
+        tmp_path / "fti.safetensors",
+    )
     assert not is_m2c_weights(fti4cir_file)
     with pytest.raises(UserError, match="M2C"):
         load_m2c_weights(fti4cir_file)
@@ -203,8 +217,9 @@ def test_bad_weights_are_refused(tmp_path, tiny_backbone):
     path.write_bytes(path.read_bytes()[:1000])
     with pytest.raises(UserError, match="corrupted or truncated"):
         load_m2c_weights(path)
-    other = M2CNetwork(M2CConfig(embed_dim=32, token_dim=32, text_layers=4, grid=(7, 7), vsi_layers=(0,),
-                                         backbone="other"))
+    other = M2CNetwork(
+        M2CConfig(embed_dim=32, token_dim=32, text_layers=4, grid=(7, 7), vsi_layers=(0,), backbone="other")
+    )
     with pytest.raises(UserError, match="pass the matching --backbone"):
         M2CModel(tiny_backbone, other)
 
@@ -231,7 +246,7 @@ def _hard_negative_reference(queries, targets, temperature, topk, scale_mixed=Tr
     to_text, to_image = [], []
     for i in range(b):
         logits = [float(queries[i] @ targets[j]) / temperature for j in range(b)]
-        others = sorted((j for j in range(b) if j != i), key=lambda j: -logits[j])[:min(topk, b - 1)]
+        others = sorted((j for j in range(b) if j != i), key=lambda j: -logits[j])[: min(topk, b - 1)]
         low, high = float(similarity[i].min()), float(similarity[i].max())
         for j in others:
             w = (float(similarity[i, j]) - low) / (high - low + 1e-8)
@@ -249,8 +264,9 @@ def test_mixed_hard_negatives_are_scaled_by_the_temperature(batch, topk):
     loss = hard_negative_info_nce(queries, targets, 0.05, topk)
     assert torch.allclose(loss, _hard_negative_reference(queries, targets, 0.05, topk), atol=1e-4)
     if batch > 1:  # the released code's unscaled mixed logits give another loss
-        assert not torch.allclose(loss, _hard_negative_reference(queries, targets, 0.05, topk, scale_mixed=False),
-                                  atol=1e-2)
+        assert not torch.allclose(
+            loss, _hard_negative_reference(queries, targets, 0.05, topk, scale_mixed=False), atol=1e-2
+        )
 
 
 def test_stage2_loss_without_captions_has_no_kl():
@@ -274,8 +290,9 @@ def test_synthetic_triplets_from_a_labelled_folder(tmp_path):
         assert r["reference_caption"] == f"a photo of a {ref_class.replace('_', ' ')}"
         assert sorted(r["ground_truths"]) == sorted(f"photos/{target_class}/{target_class}_{i}.png" for i in range(4))
     assert build_triplets(root, tmp_path, seed=3, with_ground_truths=True) == records
-    assert build_triplets(root, tmp_path, seed=4) != [{k: v for k, v in r.items() if k != "ground_truths"}
-                                                      for r in records]
+    assert build_triplets(root, tmp_path, seed=4) != [
+        {k: v for k, v in r.items() if k != "ground_truths"} for r in records
+    ]
     assert len(build_triplets(root, tmp_path, per_reference=2)) == 24
     small = build_triplets(root, tmp_path, max_per_class=2, template="in {label}")
     assert len(small) == 6 and len({r["reference"] for r in small} | {r["target"] for r in small}) <= 6
@@ -289,19 +306,33 @@ def test_synthetic_triplets_from_a_labelled_folder(tmp_path):
 def test_triplets_jsonl_reader(tmp_path):
     (tmp_path / "sub").mkdir()
     file = tmp_path / "sub" / "t.jsonl"
-    lines = [{"reference": "a.jpg", "text": "is red", "target": "/abs/b.jpg", "reference_caption": "a shirt"},
-             {"reference": "../c.jpg", "target_caption": "a blue shirt", "target": "d.jpg",
-              "ground_truths": ["d.jpg", "e.jpg"]}]
+    lines = [
+        {"reference": "a.jpg", "text": "is red", "target": "/abs/b.jpg", "reference_caption": "a shirt"},
+        {
+            "reference": "../c.jpg",
+            "target_caption": "a blue shirt",
+            "target": "d.jpg",
+            "ground_truths": ["d.jpg", "e.jpg"],
+        },
+    ]
     file.write_text(json.dumps(lines[0]) + "\n\n" + json.dumps(lines[1]) + "\n")
     first, second = read_triplets(file)
-    assert (first.reference, first.target, first.text, first.reference_caption) == \
-        (tmp_path / "sub" / "a.jpg", Path("/abs/b.jpg"), "is red", "a shirt")
+    assert (first.reference, first.target, first.text, first.reference_caption) == (
+        tmp_path / "sub" / "a.jpg",
+        Path("/abs/b.jpg"),
+        "is red",
+        "a shirt",
+    )
     assert second.reference == tmp_path / "c.jpg" and second.text == "a blue shirt"
     assert second.answers == (tmp_path / "sub" / "d.jpg", tmp_path / "sub" / "e.jpg")
     assert first.answers == (first.target,)
-    for bad, message in [("{not json", "not valid JSON"), ('{"reference": "a", "text": "t"}', "'target'"),
-                         ('{"reference": "a", "target": "b"}', "needs a 'text'"), ("[1]", "JSON object"),
-                         ('{"reference": "a", "target": "b", "text": "t", "ground_truths": "x"}', "ground_truths")]:
+    for bad, message in [
+        ("{not json", "not valid JSON"),
+        ('{"reference": "a", "text": "t"}', "'target'"),
+        ('{"reference": "a", "target": "b"}', "needs a 'text'"),
+        ("[1]", "JSON object"),
+        ('{"reference": "a", "target": "b", "text": "t", "ground_truths": "x"}', "ground_truths"),
+    ]:
         file.write_text(json.dumps(lines[0]) + "\n" + bad + "\n")
         with pytest.raises(UserError, match=f"t.jsonl line 2: .*{message}"):
             read_triplets(file)
@@ -315,8 +346,9 @@ def test_stage1_captions_from_labels_or_a_captions_file(tmp_path):
     paths, captions = stage1_data(root)
     assert [c for _, c in sorted(zip(paths, captions))] == ["a photo of a shirt"] * 2 + ["a photo of a t-shirt"] * 2
     captions_file = tmp_path / "captions.jsonl"
-    captions_file.write_text(json.dumps({"image": "shirt/shirt_1.png", "sha1": "0" * 40, "caption": "a blue shirt"})
-                             + "\n")
+    captions_file.write_text(
+        json.dumps({"image": "shirt/shirt_1.png", "sha1": "0" * 40, "caption": "a blue shirt"}) + "\n"
+    )
     assert stage1_data(root, captions_file) == ([root / "shirt" / "shirt_1.png"], ["a blue shirt"])
     pil_images(1)[0].save(root / "loose.png")
     with pytest.raises(UserError, match="--captions"):
@@ -325,24 +357,78 @@ def test_stage1_captions_from_labels_or_a_captions_file(tmp_path):
 
 def test_command_line_runs_both_stages(tmp_path, capsys):
     photos = write_labelled_folder(tmp_path / "photos", ["red", "blue", "green"], 4)
-    common = ["--backbone", "fti4cir-tiny", "--pretrained", "none", "--device", "cpu", "--epochs", "1",
-              "--batch-size", "6", "--num-workers", "0", "--cache-dir", str(tmp_path / "cache")]
-    assert run_subcommand(m2c_train_command, ["m2c-train", "--stage", "1", "--images", str(photos), "--out",
-                                str(tmp_path / "s1.safetensors"), *common]) == 0
-    assert run_subcommand(triplets_command, ["triplets", str(photos), "--out", str(tmp_path / "t.jsonl"),
-                                   "--ground-truths"]) == 0
+    common = [
+        "--backbone",
+        "fti4cir-tiny",
+        "--pretrained",
+        "none",
+        "--device",
+        "cpu",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "6",
+        "--num-workers",
+        "0",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+    ]
+    assert (
+        run_subcommand(
+            m2c_train_command,
+            ["m2c-train", "--stage", "1", "--images", str(photos), "--out", str(tmp_path / "s1.safetensors"), *common],
+        )
+        == 0
+    )
+    assert (
+        run_subcommand(
+            triplets_command, ["triplets", str(photos), "--out", str(tmp_path / "t.jsonl"), "--ground-truths"]
+        )
+        == 0
+    )
     assert len(read_triplets(tmp_path / "t.jsonl")) == 12
-    assert run_subcommand(m2c_train_command, ["m2c-train", "--stage", "2", "--init", str(tmp_path / "s1.safetensors"),
-                                "--triplets", str(tmp_path / "t.jsonl"), "--out", str(tmp_path / "s2.safetensors"),
-                                "--adapter-rank", "16", "--val-triplets", str(tmp_path / "t.jsonl"),
-                                "--gallery", str(photos), *common]) == 0
+    assert (
+        run_subcommand(
+            m2c_train_command,
+            [
+                "m2c-train",
+                "--stage",
+                "2",
+                "--init",
+                str(tmp_path / "s1.safetensors"),
+                "--triplets",
+                str(tmp_path / "t.jsonl"),
+                "--out",
+                str(tmp_path / "s2.safetensors"),
+                "--adapter-rank",
+                "16",
+                "--val-triplets",
+                str(tmp_path / "t.jsonl"),
+                "--gallery",
+                str(photos),
+                *common,
+            ],
+        )
+        == 0
+    )
     stage2 = load_m2c_weights(tmp_path / "s2.safetensors")
     assert (stage2.config.adapter_layers, stage2.config.adapter_rank) == ((0, 1), 16)
     out = capsys.readouterr().out
     assert "held-out m2c: R@1" in out and "held-out m2c+compose: R@1" in out
     with pytest.raises(UserError, match="--init"):
-        run_subcommand(m2c_train_command, ["m2c-train", "--stage", "2", "--triplets", str(tmp_path / "t.jsonl"), "--out",
-                             str(tmp_path / "x.safetensors"), *common])
+        run_subcommand(
+            m2c_train_command,
+            [
+                "m2c-train",
+                "--stage",
+                "2",
+                "--triplets",
+                str(tmp_path / "t.jsonl"),
+                "--out",
+                str(tmp_path / "x.safetensors"),
+                *common,
+            ],
+        )
 
 
 # ---- both stages on real photos -----------------------------------------------------------------------------------
@@ -358,14 +444,15 @@ def _treated_folder(source_dir, target_dir, per_class, seed):
     random.Random(seed).shuffle(sources)
     for k, (name, gains) in enumerate(TREATMENTS.items()):
         (target_dir / name).mkdir(parents=True)
-        for source in sources[k * per_class:(k + 1) * per_class]:
+        for source in sources[k * per_class : (k + 1) * per_class]:
             with PIL.Image.open(source) as image:
                 image = image.convert("RGB").resize((224, 224), PIL.Image.BILINEAR)
             if gains is None:
                 image = image.convert("L").convert("RGB")
             else:
-                image = PIL.Image.merge("RGB", [band.point(lambda v, g=g: int(v * g))
-                                                for band, g in zip(image.split(), gains)])
+                image = PIL.Image.merge(
+                    "RGB", [band.point(lambda v, g=g: int(v * g)) for band, g in zip(image.split(), gains)]
+                )
             image.save(target_dir / name / f"{source.parent.name}_{source.stem}.jpg", quality=90)
     return target_dir
 
@@ -377,29 +464,44 @@ def two_stages(tiny_backbone, tmp_path_factory):
     train_dir = _treated_folder(clothing / "train", work / "train", 20, seed=0)
     test_dir = _treated_folder(clothing / "test", work / "test", 15, seed=1)
     write_triplets(build_triplets(train_dir, work, seed=1, template="in {label}"), work / "train.jsonl")
-    write_triplets(build_triplets(test_dir, work, seed=2, template="in {label}", with_ground_truths=True),
-                   work / "held_out.jsonl")
+    write_triplets(
+        build_triplets(test_dir, work, seed=2, template="in {label}", with_ground_truths=True), work / "held_out.jsonl"
+    )
     held_out, gallery = read_triplets(work / "held_out.jsonl"), list_images(test_dir)
 
     model = make_model(tiny_backbone)
     paths, captions = stage1_data(train_dir)
     stage1_paths = [p for i, p in enumerate(paths) if i % 2 == 0]  # 10 photos per class
     stage1_captions = [c for i, c in enumerate(captions) if i % 2 == 0]
-    history1 = train_stage1(model, stage1_paths, stage1_captions,
-                            TrainOptions(epochs=5, batch_size=20, lr=1e-3, warmup=0, num_workers=0), progress=False)
+    history1 = train_stage1(
+        model,
+        stage1_paths,
+        stage1_captions,
+        TrainOptions(epochs=5, batch_size=20, lr=1e-3, warmup=0, num_workers=0),
+        progress=False,
+    )
     store = FeatureStore.for_model(work / "cache", model, with_patches=True)
     stage1_state = {k: v.clone() for k, v in model.net.state_dict().items()}
     recall1 = triplet_recall(model, held_out, gallery, store, use_adapters=False, num_workers=0)
 
     model.net.add_adapters()
-    history2 = train_stage2(model, read_triplets(work / "train.jsonl"),
-                            TrainOptions(epochs=10, batch_size=40, lr=5e-3, warmup=2, num_workers=0, augment="views",
-                                         views=2),
-                            cache_dir=work / "cache", progress=False)
+    history2 = train_stage2(
+        model,
+        read_triplets(work / "train.jsonl"),
+        TrainOptions(epochs=10, batch_size=40, lr=5e-3, warmup=2, num_workers=0, augment="views", views=2),
+        cache_dir=work / "cache",
+        progress=False,
+    )
     recall2 = triplet_recall(model, held_out, gallery, store, use_adapters=True, num_workers=0)
     print(f"\nM2C held-out Recall: stage I {recall1}, stage II {recall2}")
-    return {"history1": history1, "history2": history2, "recall1": recall1, "recall2": recall2, "model": model,
-            "stage1_state": stage1_state}
+    return {
+        "history1": history1,
+        "history2": history2,
+        "recall1": recall1,
+        "recall2": recall2,
+        "model": model,
+        "stage1_state": stage1_state,
+    }
 
 
 def test_stage1_loss_falls(two_stages):
@@ -416,8 +518,11 @@ def test_stage2_trains_only_the_adapters_in_the_official_train_mode(two_stages):
     """Stage-I parameters stay; as in the official stage II, Phi and VSI run in train mode, so the VSI BatchNorm
     running statistics follow the stage-II batches (and are saved with the stage-II weights)."""
     state = two_stages["model"].net.state_dict()
-    statistics = [k for k in two_stages["stage1_state"] if k.split(".")[-1] in ("running_mean", "running_var",
-                                                                                  "num_batches_tracked")]
+    statistics = [
+        k
+        for k in two_stages["stage1_state"]
+        if k.split(".")[-1] in ("running_mean", "running_var", "num_batches_tracked")
+    ]
     for key, value in two_stages["stage1_state"].items():
         if key not in statistics:
             assert torch.equal(state[key], value), key

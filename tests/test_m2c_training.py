@@ -1,6 +1,7 @@
 """M2C training against the official code: loss parity (intended and as released), optimizer and schedule, seeded
 views, the official-checkpoint converter, kill -9 resume of both stages, and the gathered negatives of two
 processes."""
+
 from __future__ import annotations
 
 import argparse
@@ -17,14 +18,14 @@ import PIL.Image
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import random_m2c, run_subcommand
 from safetensors.torch import load_file
 from torchvision.transforms import RandomResizedCrop
 
+from conftest import random_m2c, run_subcommand
+from fti4cir.commands import m2c_train as m2c_train_command
 from fti4cir.errors import UserError
 from fti4cir.features import hash_files
 from fti4cir.m2c import M2CConfig, M2CModel, M2CNetwork, load_m2c_weights, m2c_compose
-from fti4cir.commands import m2c_train as m2c_train_command
 from fti4cir.m2c import convert as m2c_convert
 from fti4cir.m2c.convert import official_name
 from fti4cir.training import loop
@@ -63,20 +64,30 @@ def test_stage1_loss_equals_the_official():
 def test_stage2_loss_equals_the_official(batch, topk, as_released):
     """Default: the official loss with the gather and 1/t fixed; as_released: the released one."""
     query, mapping, reference, target, captions = (features(batch, 16, seed=10 + s) for s in range(5))
-    ours = stage2_loss(*(F.normalize(x, dim=-1) for x in (query, mapping, reference, target, captions)),
-                       temperature=0.01, topk=topk, as_released=as_released)
-    official = official_stage2_loss(target, reference, query, mapping, captions, temperature=0.01, topk=topk,
-                                    fixed=not as_released)
-    other = official_stage2_loss(target, reference, query, mapping, captions, temperature=0.01, topk=topk,
-                                 fixed=as_released)
+    ours = stage2_loss(
+        *(F.normalize(x, dim=-1) for x in (query, mapping, reference, target, captions)),
+        temperature=0.01,
+        topk=topk,
+        as_released=as_released,
+    )
+    official = official_stage2_loss(
+        target, reference, query, mapping, captions, temperature=0.01, topk=topk, fixed=not as_released
+    )
+    other = official_stage2_loss(
+        target, reference, query, mapping, captions, temperature=0.01, topk=topk, fixed=as_released
+    )
     assert torch.allclose(ours.total, official, rtol=1e-12, atol=0)
     assert abs(float(ours.total - other)) > 1e-3  # the two variants differ on these batches
 
 
 def _fixed_views(model, paths, spec, role, rows):
     """The crops step 0 of epoch 0 (seed 0) trains on, and their visual features."""
-    views = torch.stack([augment(PIL.Image.open(paths[r]), spec, model.backbone.image_size,
-                                 derived_seed(0, 0, role, int(r))) for r in rows])
+    views = torch.stack(
+        [
+            augment(PIL.Image.open(paths[r]), spec, model.backbone.image_size, derived_seed(0, 0, role, int(r)))
+            for r in rows
+        ]
+    )
     with torch.no_grad():
         return model.backbone.encode_visual(views)
 
@@ -90,13 +101,13 @@ def test_stage1_training_step_equals_the_official_loss_on_its_views(tiny_backbon
     torch.manual_seed(0)
     model = M2CModel(tiny_backbone, M2CNetwork(M2CConfig.for_backbone(tiny_backbone, dropout=0.0)))
     start = {k: v.clone() for k, v in model.net.state_dict().items()}
-    history = m2c_train.train_stage1(model, paths, captions, TrainOptions(epochs=1, batch_size=6, num_workers=0),
-                                     progress=False)
+    history = m2c_train.train_stage1(
+        model, paths, captions, TrainOptions(epochs=1, batch_size=6, num_workers=0), progress=False
+    )
     model.net.load_state_dict(start)
     model.net.train()
     rows = np.arange(6)
-    visual_a, view_b = (_fixed_views(model, paths, spec, role, rows) for spec, role in ((VIEW_A, "A"),
-                                                                                       (VIEW_B, "B")))
+    visual_a, view_b = (_fixed_views(model, paths, spec, role, rows) for spec, role in ((VIEW_A, "A"), (VIEW_B, "B")))
     with torch.no_grad():
         image_a, patches = model.visual_inputs(visual_a)
         query = model.encode("a photo of *", None, image_a, patches, use_adapters=False)
@@ -121,18 +132,32 @@ def test_stage2_training_step_equals_the_official_loss_on_its_views(tiny_backbon
     images = sorted({p for t in triplets for p in (t.reference, t.target)})
     position = {p: i for i, p in enumerate(images)}
     rows = np.arange(6)
-    reference = torch.stack([augment(PIL.Image.open(t.reference), VIEW_B, tiny_backbone.image_size,
-                                     derived_seed(0, 0, "ref", int(r))) for r, t in zip(rows, triplets)])
-    target = torch.stack([augment(PIL.Image.open(t.target), VIEW_B, tiny_backbone.image_size,
-                                  derived_seed(0, 0, "tgt", int(r))) for r, t in zip(rows, triplets)])
+    reference = torch.stack(
+        [
+            augment(PIL.Image.open(t.reference), VIEW_B, tiny_backbone.image_size, derived_seed(0, 0, "ref", int(r)))
+            for r, t in zip(rows, triplets)
+        ]
+    )
+    target = torch.stack(
+        [
+            augment(PIL.Image.open(t.target), VIEW_B, tiny_backbone.image_size, derived_seed(0, 0, "tgt", int(r)))
+            for r, t in zip(rows, triplets)
+        ]
+    )
     assert len(position) > 6  # references and targets are different images
     with torch.no_grad():
         image, patches = model.visual_inputs(tiny_backbone.encode_visual(reference))
         query = model.encode(m2c_train.TRAIN_PROMPT, [t.text for t in triplets], image, patches, use_adapters=True)
         mapping = model.encode("a photo of *", None, image, patches, use_adapters=True)
-        official = official_stage2_loss(tiny_backbone.encode_image(target), image, query, mapping,
-                                        tiny_backbone.encode_text([t.reference_caption for t in triplets]),
-                                        topk=3, fixed=not as_released)
+        official = official_stage2_loss(
+            tiny_backbone.encode_image(target),
+            image,
+            query,
+            mapping,
+            tiny_backbone.encode_text([t.reference_caption for t in triplets]),
+            topk=3,
+            fixed=not as_released,
+        )
     assert history[0]["total"] == pytest.approx(float(official), rel=1e-5)
 
 
@@ -161,12 +186,28 @@ def test_official_schedule_is_not_capped():
 def test_command_line_options_reach_training():
     parser = argparse.ArgumentParser()
     m2c_train_command.add_parser(parser.add_subparsers())
-    args = parser.parse_args(["m2c-train", "--stage", "2", "--out", "x.safetensors", "--as-released", "--augment",
-                              "views", "--views", "3", "--beta2", "0.95"])
+    args = parser.parse_args(
+        [
+            "m2c-train",
+            "--stage",
+            "2",
+            "--out",
+            "x.safetensors",
+            "--as-released",
+            "--augment",
+            "views",
+            "--views",
+            "3",
+            "--beta2",
+            "0.95",
+        ]
+    )
     options = m2c_train_command.options_from_args(args)
     assert (options.as_released, options.augment, options.views, options.warmup) == (True, "views", 3, None)
     assert options.resolved(2, "ViT-L-14") == (100, 0.01, (0.9, 0.95), 1e-6)
-    defaults = m2c_train_command.options_from_args(parser.parse_args(["m2c-train", "--stage", "1", "--out", "x.safetensors"]))
+    defaults = m2c_train_command.options_from_args(
+        parser.parse_args(["m2c-train", "--stage", "1", "--out", "x.safetensors"])
+    )
     assert (defaults.as_released, defaults.augment) == (False, "online")
     assert defaults.resolved(1, "ViT-B-32") == (10000, 0.07, (0.9, 0.98), 1e-6)
 
@@ -176,10 +217,17 @@ def test_official_names_cover_the_188_tensors_one_to_one():
     keys = list(M2CNetwork(config).state_dict())
     names = {official_name(k) for k in keys}
     assert len(keys) == len(names) == 188
-    assert {"fc_out.weight", "fc_out_hidden.bias", "layers.layers.1.0.weight", "adapters.3.conv.1.running_var",
-            "adapters.0.ca.layers.1.multihead_attn.in_proj_weight", "adapters.2.rehid.layers.1.0.bias",
-            "adapters.1.hid_3.layers.0.0.weight", "adapters.0.ca.layers.0.norm2.weight",
-            "lora_layers.5.B"} <= names
+    assert {
+        "fc_out.weight",
+        "fc_out_hidden.bias",
+        "layers.layers.1.0.weight",
+        "adapters.3.conv.1.running_var",
+        "adapters.0.ca.layers.1.multihead_attn.in_proj_weight",
+        "adapters.2.rehid.layers.1.0.bias",
+        "adapters.1.hid_3.layers.0.0.weight",
+        "adapters.0.ca.layers.0.norm2.weight",
+        "lora_layers.5.B",
+    } <= names
 
 
 # ---- views --------------------------------------------------------------------------------------------------------
@@ -204,20 +252,29 @@ def test_cached_views_are_exactly_the_visual_towers_features(tiny_backbone, tmp_
     for i in range(3):
         paths.append(tmp_path / f"p{i}.png")
         photo(i).save(paths[-1])
-    cache = cached_views(model, paths, tmp_path / "cache", VIEW_B, 2, 5, with_patches=True, num_workers=0,
-                         progress=False)
+    cache = cached_views(
+        model, paths, tmp_path / "cache", VIEW_B, 2, 5, with_patches=True, num_workers=0, progress=False
+    )
     assert cache.views == 2 and cache.readable().all()
     hashes = hash_files(paths)
     images, views = np.array([2, 0, 1, 2]), np.array([1, 0, 1, 0])
     got = cache.get(images, views)
     with torch.no_grad():
-        expected = tiny_backbone.encode_visual(torch.stack([
-            augment(PIL.Image.open(paths[i]), VIEW_B, tiny_backbone.image_size, derived_seed(5, hashes[i], int(v)))
-            for i, v in zip(images, views)]))
+        expected = tiny_backbone.encode_visual(
+            torch.stack(
+                [
+                    augment(
+                        PIL.Image.open(paths[i]), VIEW_B, tiny_backbone.image_size, derived_seed(5, hashes[i], int(v))
+                    )
+                    for i, v in zip(images, views)
+                ]
+            )
+        )
     assert torch.allclose(got.global_features.float(), expected.global_features, atol=2e-3)  # fp16 cache
     assert torch.allclose(got.patch_tokens.float(), expected.patch_tokens, atol=2e-3)
-    again = cached_views(model, paths, tmp_path / "cache", VIEW_B, 2, 5, with_patches=True, num_workers=0,
-                         progress=False)
+    again = cached_views(
+        model, paths, tmp_path / "cache", VIEW_B, 2, 5, with_patches=True, num_workers=0, progress=False
+    )
     assert np.array_equal(again.rows, cache.rows)  # found in the cache, not recomputed
 
 
@@ -234,8 +291,14 @@ def test_stage1_trains_from_cached_views_or_centre_crops(tiny_backbone, data, au
     tiny_backbone.encode_visual = lambda images: calls.append(len(images)) or encode(images)
     try:
         options = TrainOptions(epochs=2, batch_size=4, lr=1e-3, warmup=0, num_workers=0, augment=augment, views=2)
-        history = m2c_train.train_stage1(model, paths + [broken], ["a photo"] * (len(paths) + 1), options,
-                                         cache_dir=data / f"cache-{augment}", progress=False)
+        history = m2c_train.train_stage1(
+            model,
+            paths + [broken],
+            ["a photo"] * (len(paths) + 1),
+            options,
+            cache_dir=data / f"cache-{augment}",
+            progress=False,
+        )
     finally:
         del tiny_backbone.encode_visual
     assert [h["steps"] for h in history] == [3, 3] and all(np.isfinite(h["total"]) for h in history)
@@ -249,16 +312,30 @@ def official_checkpoint(net: M2CNetwork, path: Path, epoch=3) -> Path:
     c = net.config
     state = net.state_dict()
     img2text = {"module." + official_name(k): v for k, v in state.items() if not k.startswith("adapters.")}
-    record = {"epoch": epoch, "name": "run", "state_dict": {"module.logit_scale": torch.tensor(4.6)},
-              "args": argparse.Namespace(va_layers=list(c.vsi_layers), ca_layers=list(c.adapter_layers),
-                                         adapter_dim=c.vsi_dim, lora_rank=c.adapter_rank, stage=2, lr=1e-4,
-                                         model="ViT-L-14.pt", multigpu=None),
-              "state_dict_img2text": img2text,
-              "optimizer": {"state": {0: {"step": torch.tensor(9.0), "exp_avg": torch.zeros(3)}},
-                            "param_groups": [{"lr": 1e-4, "betas": (0.9, 0.98), "params": [0]}]}}
+    record = {
+        "epoch": epoch,
+        "name": "run",
+        "state_dict": {"module.logit_scale": torch.tensor(4.6)},
+        "args": argparse.Namespace(
+            va_layers=list(c.vsi_layers),
+            ca_layers=list(c.adapter_layers),
+            adapter_dim=c.vsi_dim,
+            lora_rank=c.adapter_rank,
+            stage=2,
+            lr=1e-4,
+            model="ViT-L-14.pt",
+            multigpu=None,
+        ),
+        "state_dict_img2text": img2text,
+        "optimizer": {
+            "state": {0: {"step": torch.tensor(9.0), "exp_avg": torch.zeros(3)}},
+            "param_groups": [{"lr": 1e-4, "betas": (0.9, 0.98), "params": [0]}],
+        },
+    }
     if net.has_adapters:
-        record["state_dict_lora"] = {"module." + official_name(k): v for k, v in state.items()
-                                     if k.startswith("adapters.")}
+        record["state_dict_lora"] = {
+            "module." + official_name(k): v for k, v in state.items() if k.startswith("adapters.")
+        }
     torch.save(record, path)
     return path
 
@@ -268,8 +345,12 @@ def test_converted_checkpoint_gives_the_same_queries(tiny_backbone, tmp_path, st
     net = random_m2c(tiny_backbone, stage)
     src = official_checkpoint(net, tmp_path / "epoch_3.pt")
     out = tmp_path / "m2c.safetensors"
-    assert run_subcommand(m2c_convert, ["convert-m2c", str(src), str(out), "--backbone", "fti4cir-tiny",
-                                        "--pretrained", "none"]) == 0
+    assert (
+        run_subcommand(
+            m2c_convert, ["convert-m2c", str(src), str(out), "--backbone", "fti4cir-tiny", "--pretrained", "none"]
+        )
+        == 0
+    )
     converted = load_m2c_weights(out)
     assert converted.config.adapter_layers == net.config.adapter_layers
     assert converted.config.extra["epoch"] == 3
@@ -278,8 +359,7 @@ def test_converted_checkpoint_gives_the_same_queries(tiny_backbone, tmp_path, st
     with torch.no_grad():
         for use_adapters in [False, True][:stage]:
             direct = m2c_compose(M2CModel(tiny_backbone, net), references, texts, use_adapters=use_adapters)
-            ours = m2c_compose(M2CModel(tiny_backbone, converted.eval()), references, texts,
-                               use_adapters=use_adapters)
+            ours = m2c_compose(M2CModel(tiny_backbone, converted.eval()), references, texts, use_adapters=use_adapters)
             assert torch.equal(ours, direct)
 
 
@@ -326,19 +406,63 @@ def data(tmp_path_factory):
         (root / "photos" / CLASSES[i % 3]).mkdir(parents=True, exist_ok=True)
         paths.append(root / "photos" / CLASSES[i % 3] / f"p{i}.png")
         photo(i).save(paths[-1])
-    records = [{"reference": str(paths[i]), "target": str(paths[(i + 4) % 12]), "text": f"as a {CLASSES[(i + 1) % 3]}",
-                "reference_caption": f"a photo of a {CLASSES[i % 3]}"} for i in range(12)]
+    records = [
+        {
+            "reference": str(paths[i]),
+            "target": str(paths[(i + 4) % 12]),
+            "text": f"as a {CLASSES[(i + 1) % 3]}",
+            "reference_caption": f"a photo of a {CLASSES[i % 3]}",
+        }
+        for i in range(12)
+    ]
     (root / "triplets.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     return root
 
 
 def argv(data: Path, stage: int, out: Path, *extra: str) -> list[str]:
-    common = ["m2c-train", "--stage", str(stage), "--out", str(out), "--backbone", "fti4cir-tiny", "--pretrained",
-              "none", "--device", "cpu", "--epochs", "2", "--batch-size", "4", "--num-workers", "0", "--lr", "1e-3",
-              "--warmup", "2", "--adapter-rank", "8", "--cache-dir", str(data / "cache"), "--checkpoint-steps", "2"]
-    inputs = ["--images", str(data / "photos")] if stage == 1 else \
-        ["--init", str(data / "straight1.safetensors"), "--triplets", str(data / "triplets.jsonl"),
-         "--augment", "views", "--views", "2"]
+    common = [
+        "m2c-train",
+        "--stage",
+        str(stage),
+        "--out",
+        str(out),
+        "--backbone",
+        "fti4cir-tiny",
+        "--pretrained",
+        "none",
+        "--device",
+        "cpu",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "4",
+        "--num-workers",
+        "0",
+        "--lr",
+        "1e-3",
+        "--warmup",
+        "2",
+        "--adapter-rank",
+        "8",
+        "--cache-dir",
+        str(data / "cache"),
+        "--checkpoint-steps",
+        "2",
+    ]
+    inputs = (
+        ["--images", str(data / "photos")]
+        if stage == 1
+        else [
+            "--init",
+            str(data / "straight1.safetensors"),
+            "--triplets",
+            str(data / "triplets.jsonl"),
+            "--augment",
+            "views",
+            "--views",
+            "2",
+        ]
+    )
     return common + inputs + list(extra)
 
 
@@ -367,6 +491,7 @@ def train_then_die(where: str, at: int, args: list[str]) -> None:
             if where == "step" and calls[0] == at:
                 os.kill(os.getpid(), signal.SIGKILL)
             return loss(*a, **k)
+
         return wrapped
 
     def dying_commit(path, record, **kwargs):
@@ -382,8 +507,9 @@ def train_then_die(where: str, at: int, args: list[str]) -> None:
 @pytest.mark.parametrize("stage, where, at, committed", [(1, "step", 5, 4), (1, "commit", 4, 3), (2, "step", 5, 4)])
 def test_sigkill_then_resume_equals_the_uninterrupted_run(straight, tmp_path, stage, where, at, committed):
     out = tmp_path / f"m2c{stage}.safetensors"
-    child = multiprocessing.get_context("fork").Process(target=train_then_die,
-                                                        args=(where, at, argv(straight, stage, out)))
+    child = multiprocessing.get_context("fork").Process(
+        target=train_then_die, args=(where, at, argv(straight, stage, out))
+    )
     child.start()
     child.join(timeout=120)
     assert child.exitcode == -signal.SIGKILL
@@ -412,8 +538,9 @@ def _losses(inputs: dict, projection: torch.nn.Linear, world: World, rows: slice
     f = {k: F.normalize(projection(v[rows]), dim=-1) for k, v in inputs.items()}
     g = {k: gather_rows(v, world) for k, v in f.items()}
     one = stage1_loss(g["query"], g["view_a"], g["view_b"], g["captions"], temperature=0.07).total
-    two = stage2_loss(g["query"], g["view_a"], g["view_b"], g["captions"], g["captions"], temperature=0.01,
-                      topk=3).total
+    two = stage2_loss(
+        g["query"], g["view_a"], g["view_b"], g["captions"], g["captions"], temperature=0.01, topk=3
+    ).total
     return one, two
 
 
@@ -436,8 +563,10 @@ def _rank(rank: int, port: int, out: str) -> None:
     summed = projection.weight.grad.clone()
     projection.weight.grad.copy_(local)
     sum_gradients(projection.parameters(), world, average=True)  # --as-released: DDP's average
-    torch.save({"one": one.detach(), "two": two.detach(), "grad": summed, "averaged": projection.weight.grad},
-               f"{out}/{rank}.pt")
+    torch.save(
+        {"one": one.detach(), "two": two.detach(), "grad": summed, "averaged": projection.weight.grad},
+        f"{out}/{rank}.pt",
+    )
     dist.destroy_process_group()
 
 

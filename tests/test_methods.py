@@ -1,4 +1,5 @@
 """The method registry (`fti4cir.methods`) and truncation reported by the query path instead of a warning."""
+
 from __future__ import annotations
 
 import subprocess
@@ -9,8 +10,8 @@ from pathlib import Path
 import PIL.Image
 import pytest
 import torch
-from conftest import random_m2c
 
+from conftest import random_m2c
 from fti4cir import create_model, methods, prompts
 from fti4cir.compose import METHODS, compose, compose_query
 from fti4cir.errors import UserError
@@ -36,12 +37,18 @@ def test_every_method_is_declared_once_with_what_it_needs():
     assert methods.names() == (*METHODS, "m2c", "m2c+compose")  # fti4cir.m2c imported: its methods registered
     assert methods.names("m2c") == ("m2c", "m2c+compose")
     fti4cir, m2c = methods.get("fti4cir"), methods.get("m2c+compose")
-    assert (fti4cir.template, fti4cir.family, fti4cir.pseudo_tokens, fti4cir.patch_tokens) == \
-        (prompts.DEFAULT, "fti4cir", True, False)
+    assert (fti4cir.template, fti4cir.family, fti4cir.pseudo_tokens, fti4cir.patch_tokens) == (
+        prompts.DEFAULT,
+        "fti4cir",
+        True,
+        False,
+    )
     assert (m2c.template, m2c.family, m2c.pseudo_tokens, m2c.patch_tokens) == (PROMPTS["default"], "m2c", False, True)
     assert methods.get("image-only").text is False and methods.get("text-only").template is None
-    assert m2c.template_for("fashioniq") == PROMPTS["fashioniq"] and fti4cir.template_for("cirr", "x * {text}") == \
-        "x * {text}"
+    assert (
+        m2c.template_for("fashioniq") == PROMPTS["fashioniq"]
+        and fti4cir.template_for("cirr", "x * {text}") == "x * {text}"
+    )
     with pytest.raises(ValueError, match="method must be one of"):
         methods.get("nope")
     with pytest.raises(ValueError, match="already declared"):
@@ -49,13 +56,17 @@ def test_every_method_is_declared_once_with_what_it_needs():
 
 
 def test_the_core_does_not_import_m2c():
-    code = ("import sys, fti4cir.explain, fti4cir.methods\n"
-            "from fti4cir.compose import METHODS\n"
-            "assert 'fti4cir.m2c' not in sys.modules, 'core imported m2c'\n"
-            "assert fti4cir.methods.names() == METHODS\n"
-            "import fti4cir.m2c\n"
-            "print(fti4cir.methods.names('m2c'))")
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    code = (
+        "import sys, fti4cir.explain, fti4cir.methods\n"
+        "from fti4cir.compose import METHODS\n"
+        "assert 'fti4cir.m2c' not in sys.modules, 'core imported m2c'\n"
+        "assert fti4cir.methods.names() == METHODS\n"
+        "import fti4cir.m2c\n"
+        "print(fti4cir.methods.names('m2c'))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300, check=False
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "('m2c', 'm2c+compose')"
 
@@ -90,7 +101,9 @@ def test_m2c_methods_run_through_compose(tiny_model, images, tmp_path):
         # an FTI4CIR model built with M2C weights runs them too (on its `.m2c`); without, a user error
         weights = save_m2c_weights(m2c_model.net, tmp_path / "m2c.safetensors")
         model = create_model("fti4cir-tiny", None, device="cpu", seed=0, m2c_weights=weights)
-        torch.testing.assert_close(compose(model, images, ["is red"] * 3, method="m2c+compose"),
-                                   m2c_compose(model.m2c, images, ["is red"] * 3, use_adapters=True))
+        torch.testing.assert_close(
+            compose(model, images, ["is red"] * 3, method="m2c+compose"),
+            m2c_compose(model.m2c, images, ["is red"] * 3, use_adapters=True),
+        )
         with pytest.raises(UserError, match="M2C weights"):
             compose(tiny_model, images, ["is red"] * 3, method="m2c")

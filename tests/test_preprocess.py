@@ -50,8 +50,11 @@ def test_clip_transform_matches_open_clip(tiny_backbone):
 
 @pytest.mark.parametrize("mode", ["1", "L", "P", "RGBA", "LA", "CMYK", "I;16", "I", "F", "YCbCr"])
 def test_any_pil_mode_is_accepted(mode):
-    image = Image.new("RGB", (90, 60), (200, 100, 50)).convert(mode) if mode not in ("I;16", "I", "F") else \
-        Image.new(mode, (90, 60), 1)
+    image = (
+        Image.new("RGB", (90, 60), (200, 100, 50)).convert(mode)
+        if mode not in ("I;16", "I", "F")
+        else Image.new(mode, (90, 60), 1)
+    )
     out = make_transform("targetpad", 64)(image)
     assert out.shape == (3, 64, 64) and torch.isfinite(out).all()
 

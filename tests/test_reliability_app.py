@@ -1,6 +1,7 @@
 """The running app cleans up and serves safely: 200 new sessions with flat memory, uploads deleted after the cache
 age, nosniff on every response, files as attachments, monitoring off. End to end on `python app.py --tiny`
 (tests/app_server.py), driving the page's own events through gradio's queue protocol as a browser would."""
+
 from __future__ import annotations
 
 import json
@@ -32,8 +33,9 @@ MAX_GROWTH = 80 * 2**20
 def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("app-reliability")
     galleries = build_tiny_gallery(tmp, GALLERY_SIZE)
-    with running_app(tmp, galleries, extra_args=["--cache-max-age", str(CACHE_MAX_AGE_S),
-                                                            "--max-sessions", str(MAX_SESSIONS)]) as app_server:
+    with running_app(
+        tmp, galleries, extra_args=["--cache-max-age", str(CACHE_MAX_AGE_S), "--max-sessions", str(MAX_SESSIONS)]
+    ) as app_server:
         app_server.tmp = tmp
         yield app_server
         assert "Traceback" not in app_server.log_text(), app_server.log_text()[-3000:]
@@ -58,10 +60,19 @@ def _browser_select(server) -> int:
 def _new_session_picks(server, fn_index: int, row: int) -> dict:
     """A new browser session (its own session hash) clicks gallery image `row`; the event's final message."""
     session = uuid.uuid4().hex
-    body = {"data": ["", "fti4cir", 3], "event_data": {"index": row, "value": None, "selected": True},
-            "fn_index": fn_index, "trigger_id": None, "session_hash": session}
-    request = urllib.request.Request(f"{server.url}gradio_api/queue/join", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"}, method="POST")
+    body = {
+        "data": ["", "fti4cir", 3],
+        "event_data": {"index": row, "value": None, "selected": True},
+        "fn_index": fn_index,
+        "trigger_id": None,
+        "session_hash": session,
+    }
+    request = urllib.request.Request(
+        f"{server.url}gradio_api/queue/join",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
     with urllib.request.urlopen(request, timeout=60):
         pass
     with urllib.request.urlopen(f"{server.url}gradio_api/queue/data?session_hash={session}", timeout=120) as r:
@@ -78,8 +89,9 @@ def test_memory_stays_flat_over_200_new_sessions(server):
 
     def run(count: int, offset: int) -> None:
         with ThreadPoolExecutor(2) as pool:
-            for message in pool.map(lambda i: _new_session_picks(server, fn_index, i % GALLERY_SIZE),
-                                    range(offset, offset + count)):
+            for message in pool.map(
+                lambda i: _new_session_picks(server, fn_index, i % GALLERY_SIZE), range(offset, offset + count)
+            ):
                 assert message["success"], message
                 output = message["output"]["data"]
                 assert "pseudo token" in json.dumps(output), output  # the page got its sentence and token table
@@ -89,9 +101,11 @@ def test_memory_stays_flat_over_200_new_sessions(server):
     start = time.perf_counter()
     run(SESSIONS, WARM_UP_SESSIONS)
     growth = server.rss_bytes() - before
-    print(f"\n{SESSIONS} new sessions in {time.perf_counter() - start:.0f} s: RSS {before / 2**20:.0f} MiB -> "
-          f"{(before + growth) / 2**20:.0f} MiB ({growth / 2**20:+.1f} MiB, {growth / SESSIONS / 1024:+.0f} kB a "
-          "session)")
+    print(
+        f"\n{SESSIONS} new sessions in {time.perf_counter() - start:.0f} s: RSS {before / 2**20:.0f} MiB -> "
+        f"{(before + growth) / 2**20:.0f} MiB ({growth / 2**20:+.1f} MiB, {growth / SESSIONS / 1024:+.0f} kB a "
+        "session)"
+    )
     assert growth < MAX_GROWTH
 
 

@@ -1,4 +1,5 @@
 """Hostile release files and configs: structure checked while unpickling, values checked before allocating."""
+
 from __future__ import annotations
 
 import json
@@ -71,11 +72,19 @@ def test_attributes_set_on_parameters_are_refused(tmp_path):
 
 def _storage_pickle(numel: int, size: tuple[int, ...], stride: tuple[int, ...]) -> bytes:
     """A pickle of one tensor over storage "0" of `numel` floats."""
+
     def ints(values):
         return b"(" + b"".join(b"J" + v.to_bytes(4, "little", signed=True) for v in values) + b"t"
-    return (b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\n((X\x07\x00\x00\x00storagectorch\nFloatStorage\n"
-            b"X\x01\x00\x00\x000X\x03\x00\x00\x00cpuJ" + numel.to_bytes(4, "little") + b"tQK\x00" + ints(size)
-            + ints(stride) + b"\x89ccollections\nOrderedDict\n)RtR.")
+
+    return (
+        b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\n((X\x07\x00\x00\x00storagectorch\nFloatStorage\n"
+        b"X\x01\x00\x00\x000X\x03\x00\x00\x00cpuJ"
+        + numel.to_bytes(4, "little")
+        + b"tQK\x00"
+        + ints(size)
+        + ints(stride)
+        + b"\x89ccollections\nOrderedDict\n)RtR."
+    )
 
 
 def test_storage_members_are_read_only_when_referred_to_and_within_the_budget(tmp_path, monkeypatch):
@@ -87,8 +96,9 @@ def test_storage_members_are_read_only_when_referred_to_and_within_the_budget(tm
     with pytest.raises(UserError, match="more than 1 MB"):
         read_official(honest, max_bytes=2**20)
     # unreferenced members are never read
-    unreferenced = _release_with(tmp_path, _storage_pickle(4, (2, 2), (2, 1)),
-                                 {"archive/data/0": b"\0" * 16, "archive/data/1": b"\0" * 2**20})
+    unreferenced = _release_with(
+        tmp_path, _storage_pickle(4, (2, 2), (2, 1)), {"archive/data/0": b"\0" * 16, "archive/data/1": b"\0" * 2**20}
+    )
     read = []
     original = zipfile.ZipFile.open
 
@@ -102,9 +112,13 @@ def test_storage_members_are_read_only_when_referred_to_and_within_the_budget(tm
     assert read == ["archive/data.pkl", "archive/data/0"]
 
 
-@pytest.mark.parametrize("size, stride, expected", [
-    ((2, 2), (3, 1), "runs past the end"), ((2**20, 2**20), (0, 0), "more elements than its storage"),
-])
+@pytest.mark.parametrize(
+    "size, stride, expected",
+    [
+        ((2, 2), (3, 1), "runs past the end"),
+        ((2**20, 2**20), (0, 0), "more elements than its storage"),
+    ],
+)
 def test_tensors_must_lie_inside_their_storage(tmp_path, size, stride, expected):
     path = _release_with(tmp_path, _storage_pickle(4, size, stride), {"archive/data/0": b"\0" * 16})
     with pytest.raises(UserError, match=expected):
@@ -133,16 +147,19 @@ def test_official_settings_are_validated(tmp_path):
         read_official(src)
 
 
-@pytest.mark.parametrize("change, expected", [
-    ({"tf_heads": 0}, "tf_heads must be in 1..4096"),
-    ({"embed_dim": -8}, "embed_dim must be in 1..16384"),
-    ({"patch_dim": "8"}, "patch_dim must be a whole number, not str '8'"),
-    ({"epsilon": float("nan")}, "epsilon must be finite"),
-    ({"topk": 9}, "topk <= num_k"),
-    ({"tf_heads": 3}, "divisible by tf_heads"),
-    ({"extra": {"x": "y" * 100_000}}, "extra is larger than 64 kB"),
-    ({"version": True}, "version must be a whole number"),
-])
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        ({"tf_heads": 0}, "tf_heads must be in 1..4096"),
+        ({"embed_dim": -8}, "embed_dim must be in 1..16384"),
+        ({"patch_dim": "8"}, "patch_dim must be a whole number, not str '8'"),
+        ({"epsilon": float("nan")}, "epsilon must be finite"),
+        ({"topk": 9}, "topk <= num_k"),
+        ({"tf_heads": 3}, "divisible by tf_heads"),
+        ({"extra": {"x": "y" * 100_000}}, "extra is larger than 64 kB"),
+        ({"version": True}, "version must be a whole number"),
+    ],
+)
 def test_fti4cir_config_values_are_checked(tmp_path, change, expected):
     with pytest.raises(ValueError, match=expected):
         InversionConfig.from_dict({**InversionConfig(**GOOD).to_dict(), **change})
@@ -154,8 +171,9 @@ def test_fti4cir_config_values_are_checked(tmp_path, change, expected):
 
 def test_sizes_are_checked_against_the_header_before_allocating(tmp_path, monkeypatch):
     path = save_weights(InversionNetwork(InversionConfig(**GOOD)), tmp_path / "w.safetensors")
-    config_path(path).write_text(json.dumps({**InversionConfig(**GOOD).to_dict(), "embed_dim": 4096,
-                                             "token_dim": 4096}))
+    config_path(path).write_text(
+        json.dumps({**InversionConfig(**GOOD).to_dict(), "embed_dim": 4096, "token_dim": 4096})
+    )
     allocated = []
     original = InversionNetwork.__init__
 
@@ -169,13 +187,19 @@ def test_sizes_are_checked_against_the_header_before_allocating(tmp_path, monkey
     assert allocated == ["meta"]  # built once, on the meta device only
 
 
-@pytest.mark.parametrize("change, expected", [
-    ({"vsi_heads": 0}, "vsi_heads must be in 1..4096"), ({"grid": [7]}, "grid must have 2 items"),
-    ({"dropout": float("inf")}, "dropout must be finite"), ({"vsi_dim": 10, "vsi_heads": 4}, "divisible"),
-    ({"text_layers": "12"}, "text_layers must be a whole number"),
-])
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        ({"vsi_heads": 0}, "vsi_heads must be in 1..4096"),
+        ({"grid": [7]}, "grid must have 2 items"),
+        ({"dropout": float("inf")}, "dropout must be finite"),
+        ({"vsi_dim": 10, "vsi_heads": 4}, "divisible"),
+        ({"text_layers": "12"}, "text_layers must be a whole number"),
+    ],
+)
 def test_m2c_config_values_are_checked(change, expected):
-    good = M2CConfig(embed_dim=8, token_dim=8, text_layers=2, grid=(2, 2), vsi_dim=8, vsi_heads=2,
-                     vsi_layers=(1,)).to_dict()
+    good = M2CConfig(
+        embed_dim=8, token_dim=8, text_layers=2, grid=(2, 2), vsi_dim=8, vsi_heads=2, vsi_layers=(1,)
+    ).to_dict()
     with pytest.raises(ValueError, match=expected):
         M2CConfig.from_dict({**good, **change})

@@ -1,5 +1,6 @@
 """Bounded cost from bytes to tensor: worst image shapes measured for peak memory, thin lines handled or refused,
 the bounded transforms close to the official ones, 1-bit colour keys on white."""
+
 from __future__ import annotations
 
 import io
@@ -60,8 +61,13 @@ def _worst_shapes(folder: Path) -> list[Path]:
 def test_peak_memory_per_request_is_bounded_for_the_worst_shapes(tmp_path):
     paths = _worst_shapes(tmp_path)
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "PYTHONPATH": str(TESTS.parent)}
-    run = subprocess.run([sys.executable, str(TESTS / "peak_memory.py"), *map(str, paths)], env=env,
-                         capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [sys.executable, str(TESTS / "peak_memory.py"), *map(str, paths)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     measured = json.loads(run.stdout)
     report = {name: f"{m['peak'] / MiB:.0f} MiB, {m['seconds']:.2f} s" for name, m in measured.items()}

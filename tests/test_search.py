@@ -1,4 +1,5 @@
 """Search stage: exact parity with numpy, approximate recall, exclusions, add/remove, persistence, validation."""
+
 from __future__ import annotations
 
 import numpy as np

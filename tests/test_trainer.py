@@ -1,4 +1,5 @@
 """Training data, the trainer's resume guarantees (bit-for-bit, SIGKILL-safe) and a learning check on real photos."""
+
 import contextlib
 import hashlib
 import json
@@ -14,19 +15,18 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from conftest import run_subcommand, shared_data
 from fti4cir import create_model
 from fti4cir.backbone import Backbone
+from fti4cir.commands import train as train_command
 from fti4cir.errors import UserError
 from fti4cir.features import FeatureStore, extract_features
 from fti4cir.imagefiles import list_images
 from fti4cir.inputs import load_image
-from fti4cir.commands import train as train_command
 from fti4cir.training import loop, trainer
 from fti4cir.training.data import epoch_batches, prepare_training_data, read_pairs
 from fti4cir.training.losses import pseudo_sentence_features
 from fti4cir.weights import load_weights
-
-from conftest import run_subcommand, shared_data
 
 NUM_PAIRS = 24  # 3 steps of 8 per epoch
 
@@ -66,15 +66,24 @@ def dataset(tmp_path_factory):
         if i != 5:
             record["sha1"] = sha1(path)
         records.append(record)
-    return {"root": root, "images": root / "images", "pairs": write_pairs(root / "pairs.jsonl", records),
-            "cache": root / "cache"}
+    return {
+        "root": root,
+        "images": root / "images",
+        "pairs": write_pairs(root / "pairs.jsonl", records),
+        "cache": root / "cache",
+    }
 
 
 @pytest.fixture(scope="module")
 def cached(dataset):
     """The features of every training image, extracted once for the module (the visual tower's only runs)."""
-    config = trainer.TrainConfig(images=str(dataset["images"]), pairs=str(dataset["pairs"]), out="unused",
-                                 backbone="fti4cir-tiny", pretrained=None)
+    config = trainer.TrainConfig(
+        images=str(dataset["images"]),
+        pairs=str(dataset["pairs"]),
+        out="unused",
+        backbone="fti4cir-tiny",
+        pretrained=None,
+    )
     model = create_model(config.model_spec("cpu"))
     store = FeatureStore.for_model(dataset["cache"], model, with_patches=True)
     data = prepare_training_data(model, dataset["images"], dataset["pairs"], store, progress=False)
@@ -85,6 +94,7 @@ def cached(dataset):
 @contextlib.contextmanager
 def visual_tower_disabled():
     """Every entry point to the visual tower raises: training must read cached features only."""
+
     def refuse(*args, **kwargs):
         raise AssertionError("the visual tower ran during training")
 
@@ -103,9 +113,24 @@ def no_visual_tower(cached):
 
 def run_args(dataset) -> list[str]:
     """The settings of every run in this module (lr decays from the second epoch on)."""
-    return ["--images", str(dataset["images"]), "--pairs", str(dataset["pairs"]), "--cache-dir", str(dataset["cache"]),
-            "--backbone", "fti4cir-tiny", "--pretrained", "none", "--batch-size", "8", "--lr", "1e-3",
-            "--lr-decay-epoch", "1"]
+    return [
+        "--images",
+        str(dataset["images"]),
+        "--pairs",
+        str(dataset["pairs"]),
+        "--cache-dir",
+        str(dataset["cache"]),
+        "--backbone",
+        "fti4cir-tiny",
+        "--pretrained",
+        "none",
+        "--batch-size",
+        "8",
+        "--lr",
+        "1e-3",
+        "--lr-decay-epoch",
+        "1",
+    ]
 
 
 def train_cli(dataset, *extra: str, base: bool = True) -> int:
@@ -125,8 +150,10 @@ def assert_same_weights(a: Path, b: Path) -> None:
 
 
 def log_without_times(run: Path) -> list[dict]:
-    return [{k: v for k, v in json.loads(line).items() if k != "seconds"}
-            for line in (run / trainer.LOG).read_text().splitlines()]
+    return [
+        {k: v for k, v in json.loads(line).items() if k != "seconds"}
+        for line in (run / trainer.LOG).read_text().splitlines()
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -163,8 +190,9 @@ def test_pairs_resolve_to_cached_features_of_any_layout(tmp_path, tiny_model):
     assert data.dropped == {"missing_file": 1, "unreadable": 1, "changed_since_captioning": 1}
     assert data.rows[0] == data.rows[2] and len(set(data.rows.tolist())) == 3
     batch = data.batch([1, 3])
-    expected = tiny_model.backbone.encode_visual(tiny_model.preprocess([load_image(images / "b.png"),
-                                                                        load_image(images / "c.jpg")]))
+    expected = tiny_model.backbone.encode_visual(
+        tiny_model.preprocess([load_image(images / "b.png"), load_image(images / "c.jpg")])
+    )
     torch.testing.assert_close(batch.visual.global_features, expected.global_features, atol=2e-3, rtol=2e-3)
     torch.testing.assert_close(batch.visual.patch_tokens, expected.patch_tokens, atol=2e-2, rtol=2e-3)
     assert batch.visual.patch_tokens.dtype == torch.float32 and batch.attributes == ["in the snow", "on a branch"]
@@ -237,13 +265,24 @@ def train_then_die(where: str, at: int, argv: list[str]) -> None:
 
 
 @pytest.mark.parametrize("where, at, committed", [("step", 5, 4), ("commit", 4, 3)])
-def test_sigkill_mid_epoch_then_resume_completes_identically(straight_run, no_visual_tower, tmp_path, where, at,
-                                                            committed):
+def test_sigkill_mid_epoch_then_resume_completes_identically(
+    straight_run, no_visual_tower, tmp_path, where, at, committed
+):
     """A trainer process killed after step 5 (last checkpoint: step 4, mid epoch 2) or while committing the step-4
     checkpoint; resuming gives exactly the uninterrupted run."""
     run = tmp_path / "run"
-    argv = ["train", "--out", str(run), "--epochs", "2", "--checkpoint-steps", "2", "--device", "cpu",
-            *run_args(no_visual_tower)]
+    argv = [
+        "train",
+        "--out",
+        str(run),
+        "--epochs",
+        "2",
+        "--checkpoint-steps",
+        "2",
+        "--device",
+        "cpu",
+        *run_args(no_visual_tower),
+    ]
     child = multiprocessing.get_context("fork").Process(target=train_then_die, args=(where, at, argv))
     child.start()
     child.join(timeout=120)
@@ -268,8 +307,7 @@ def test_existing_run_needs_resume_and_matching_settings(straight_run, cached, t
     records[0]["attribute"] = "something else"
     changed = write_pairs(tmp_path / "changed.jsonl", records)
     with pytest.raises(UserError, match="changed since the checkpoint"):
-        train_cli(cached, "--out", str(straight_run), "--resume", "--epochs", "3", "--pairs", str(changed),
-                  base=False)
+        train_cli(cached, "--out", str(straight_run), "--resume", "--epochs", "3", "--pairs", str(changed), base=False)
 
 
 # ---- learning on real photos ------------------------------------------------------------------------------------
@@ -296,12 +334,24 @@ def test_training_on_photos_raises_held_out_self_retrieval(tmp_path):
     photos = photos[:1000]
     held_out = photos[4::5]
     training = [p for i, p in enumerate(photos) if i % 5 != 4]
-    pairs = write_pairs(tmp_path / "pairs.jsonl", [
-        {"image": p.name, "subject": p.stem.split("_", 1)[1].replace("_", " "), "attribute": "a natural scene"}
-        for p in training])
-    config = trainer.TrainConfig(images=str(photos[0].parent), pairs=str(pairs), out=str(tmp_path / "run"),
-                                 backbone="fti4cir-tiny", pretrained=None, cache_dir=str(tmp_path / "cache"),
-                                 epochs=5, batch_size=16, lr=2e-3)
+    pairs = write_pairs(
+        tmp_path / "pairs.jsonl",
+        [
+            {"image": p.name, "subject": p.stem.split("_", 1)[1].replace("_", " "), "attribute": "a natural scene"}
+            for p in training
+        ],
+    )
+    config = trainer.TrainConfig(
+        images=str(photos[0].parent),
+        pairs=str(pairs),
+        out=str(tmp_path / "run"),
+        backbone="fti4cir-tiny",
+        pretrained=None,
+        cache_dir=str(tmp_path / "cache"),
+        epochs=5,
+        batch_size=16,
+        lr=2e-3,
+    )
     model = create_model(config.model_spec("cpu"))
     store = FeatureStore.for_model(config.cache_dir, model, with_patches=True)
     visual = store.get(extract_features(model, held_out, store, progress=False).rows)

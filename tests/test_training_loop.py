@@ -2,6 +2,7 @@
 its last checkpoint ends bit for bit as the uninterrupted one (weights, optimizer, GradScaler, RNG streams, loss sums,
 history); steps without a loss are not counted; the schedule is set before every step. The FTI4CIR trainer and both
 M2C stages run on it: their kill -9 tests are in tests/test_trainer.py and tests/test_m2c_training.py."""
+
 from dataclasses import dataclass
 
 import pytest
@@ -30,7 +31,7 @@ def make_loop(run_dir, *, die_at: int | None = None, lrs: list | None = None) ->
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Dropout(0.3), torch.nn.Linear(8, 1))
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-2)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 4, growth_interval=2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**4, growth_interval=2)
     calls = [0]
 
     def batches(epoch, start):
@@ -51,11 +52,21 @@ def make_loop(run_dir, *, die_at: int | None = None, lrs: list | None = None) ->
         terms = optimisation_step(optimizer, loss, scaler=scaler)
         return None if terms is None else terms.detached()
 
-    return Loop(net, optimizer, EPOCHS, STEPS_PER_EPOCH, batches, step,
-                epoch_record=lambda epoch, state, seconds: {"epoch": epoch, **state.means(),
-                                                            "steps": state.sums.get(STEPS, 0)},
-                lr=lambda epoch, global_step: 1e-2 / (1 + global_step), run_dir=run_dir, record={"name": "toy"},
-                scaler=scaler, checkpoint_steps=3, progress=False)
+    return Loop(
+        net,
+        optimizer,
+        EPOCHS,
+        STEPS_PER_EPOCH,
+        batches,
+        step,
+        epoch_record=lambda epoch, state, seconds: {"epoch": epoch, **state.means(), "steps": state.sums.get(STEPS, 0)},
+        lr=lambda epoch, global_step: 1e-2 / (1 + global_step),
+        run_dir=run_dir,
+        record={"name": "toy"},
+        scaler=scaler,
+        checkpoint_steps=3,
+        progress=False,
+    )
 
 
 def train(run_dir, **kwargs) -> tuple[Loop, list, torch.Tensor]:
@@ -73,15 +84,16 @@ def test_resumed_runs_equal_the_uninterrupted_one(tmp_path):
     assert all(h["twice"] == pytest.approx(2 * h["total"]) for h in history)
     record = read_checkpoint(tmp_path / "straight")
     assert (record["name"], record["epoch"], record["global_step"]) == ("toy", EPOCHS, EPOCHS * STEPS_PER_EPOCH)
-    assert record["scaler"]["scale"] != 2.0 ** 4  # the scale grew: its state matters
+    assert record["scaler"]["scale"] != 2.0**4  # the scale grew: its state matters
     for die_at in (2, 4, 5, 7, 11):  # mid epoch, at an epoch end, at a step without a loss ...
         run = tmp_path / f"killed-at-{die_at}"
         with pytest.raises(Interrupted):
             train(run, die_at=die_at)
         resumed, resumed_history, resumed_rng = train(run)
         assert resumed_history == history
-        assert all(torch.equal(a, b) for a, b in zip(straight.net.state_dict().values(),
-                                                     resumed.net.state_dict().values()))
+        assert all(
+            torch.equal(a, b) for a, b in zip(straight.net.state_dict().values(), resumed.net.state_dict().values())
+        )
         assert resumed.scaler.state_dict() == straight.scaler.state_dict()
         assert torch.equal(resumed_rng, rng)
         assert [p.name for p in run.glob("checkpoint-*")] == ["checkpoint-000000012.safetensors"]

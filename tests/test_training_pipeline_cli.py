@@ -1,4 +1,5 @@
 """Issue 3 end to end: every training stage from the command line on shared photos, tiny backbone, tiny BLIP."""
+
 import json
 
 from conftest import place_photos, shared_data
@@ -16,8 +17,27 @@ def test_caption_split_features_train_from_the_cli(tmp_path):
     assert len(pairs) >= 4 and all(p["subject"] and p["attribute"] for p in pairs)  # 9 with the seeded tiny BLIP
     cache = str(tmp_path / "cache")
     assert main(["features", str(photos), "--cache-dir", cache, *model]) == 0
-    assert main(["train", "--images", str(photos), "--pairs", str(tmp_path / "pairs.jsonl"), "--out",
-                 str(tmp_path / "run"), "--cache-dir", cache, "--epochs", "1", "--batch-size", "4", *model]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--images",
+                str(photos),
+                "--pairs",
+                str(tmp_path / "pairs.jsonl"),
+                "--out",
+                str(tmp_path / "run"),
+                "--cache-dir",
+                cache,
+                "--epochs",
+                "1",
+                "--batch-size",
+                "4",
+                *model,
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "run" / "fti4cir.safetensors").exists() and (tmp_path / "run" / "fti4cir.json").exists()
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert len(log) == 1

@@ -10,8 +10,9 @@ from fti4cir.weights import config_path
 
 def small_net(seed=0, **overrides):
     torch.manual_seed(seed)
-    return InversionNetwork(InversionConfig(embed_dim=16, token_dim=24, patch_dim=20, num_k=8, topk=4,
-                                            backbone="test", **overrides)).eval()
+    return InversionNetwork(
+        InversionConfig(embed_dim=16, token_dim=24, patch_dim=20, num_k=8, topk=4, backbone="test", **overrides)
+    ).eval()
 
 
 def outputs(net):
@@ -68,6 +69,7 @@ def test_only_safetensors_are_written(tmp_path):
 def test_missing_file_and_offline_hub_id_give_clear_errors(tmp_path):
     with pytest.raises(UserError, match="not found"):
         load_weights(tmp_path / "nope.safetensors")
-    with pytest.raises(UserError, match="Could not get weights 'fti4cir.safetensors' of Hub repository "
-                                        "'someone/fti4cir-weights'"):
+    with pytest.raises(
+        UserError, match="Could not get weights 'fti4cir.safetensors' of Hub repository 'someone/fti4cir-weights'"
+    ):
         load_weights("someone/fti4cir-weights")

@@ -1,5 +1,6 @@
 """`fti4cir convert` and `fti4cir convert-m2c`: official checkpoints (FTI4CIR release .pth, M2C .pt) read safely and
 written as our safetensors + JSON."""
+
 from __future__ import annotations
 
 import argparse
@@ -24,19 +25,26 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser("convert", help=CONVERT_HELP)
     p.add_argument("src", help="the official release file (.pth: a pickle of the whole module, read safely)")
     p.add_argument("out", help="output .safetensors (the config is written beside it as .json)")
-    p.add_argument("--backbone", default="ViT-L-14", help="backbone the release was trained with (default "
-                   "%(default)s)")
+    p.add_argument("--backbone", default="ViT-L-14", help="backbone the release was trained with (default %(default)s)")
     p.add_argument("--pretrained", default="openai", help="its pretrained tag (default %(default)s)")
     p.set_defaults(func=run_convert)
 
-    p = subparsers.add_parser("convert-m2c", help=CONVERT_M2C_HELP, description=CONVERT_M2C_DESCRIPTION,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = subparsers.add_parser(
+        "convert-m2c",
+        help=CONVERT_M2C_HELP,
+        description=CONVERT_M2C_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("src", help="official checkpoint (epoch_N.pt of LiJiaBei-7/TSCIR)")
     p.add_argument("out", help="weights to write (.safetensors + .json)")
-    p.add_argument("--backbone", default="ViT-L-14", help="open_clip model the checkpoint was trained on "
-                   "(default %(default)s)")
-    p.add_argument("--pretrained", default="openai",
-                   help="its CLIP weights tag or file, recorded in the config (default %(default)s)")
+    p.add_argument(
+        "--backbone", default="ViT-L-14", help="open_clip model the checkpoint was trained on (default %(default)s)"
+    )
+    p.add_argument(
+        "--pretrained",
+        default="openai",
+        help="its CLIP weights tag or file, recorded in the config (default %(default)s)",
+    )
     p.set_defaults(func=run_convert_m2c)
 
 

@@ -1,4 +1,5 @@
 """`fti4cir features IMAGES`: extract and cache visual features (`fti4cir.features`), one visual pass per image."""
+
 from __future__ import annotations
 
 from .common import add_model_args
@@ -30,8 +31,10 @@ def run(args) -> int:
     model = create_model(spec_from_args(args))
     store = FeatureStore.for_model(args.cache_dir, model, with_patches=not args.no_patches)
     result = extract_features(model, paths, store, batch_size=args.batch_size, num_workers=args.num_workers)
-    print(f"{len(paths)} images: {result.computed} encoded, {len(paths) - result.computed - len(result.failures)} "
-          f"already cached, {len(result.failures)} unreadable; cache {store.dir}")
-    for path, message in result.failures[:10]:
+    print(
+        f"{len(paths)} images: {result.computed} encoded, {len(paths) - result.computed - len(result.failures)} "
+        f"already cached, {len(result.failures)} unreadable; cache {store.dir}"
+    )
+    for _path, message in result.failures[:10]:
         print(f"  skipped {message}")
     return 0

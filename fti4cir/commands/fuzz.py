@@ -4,6 +4,7 @@ development tool: it needs hypothesis, requirements-dev.txt).
     python -m fti4cir.commands.fuzz --examples 2000                  # every target, 2000 generated inputs each
     python -m fti4cir.commands.fuzz --examples 500 --target pickles   # one target
 """
+
 from __future__ import annotations
 
 import argparse
@@ -14,8 +15,11 @@ TARGETS = ("images", "texts", "configs", "pickles")  # = fti4cir.fuzz.TARGETS (t
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m fti4cir.commands.fuzz", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m fti4cir.commands.fuzz",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--examples", type=int, default=200, help="generated inputs per target (default 200)")
     parser.add_argument("--target", action="append", choices=TARGETS, help="only these targets (repeatable)")
     return parser
@@ -37,8 +41,11 @@ def main(argv: list[str] | None = None) -> int:
             start = time.perf_counter()
             tally = run_target(target, args.examples)
             outcomes = ", ".join(f"{k} {v}" for k, v in sorted(tally.outcomes.items()))
-            print(f"{target}: {tally.examples} inputs ({outcomes}) in {time.perf_counter() - start:.0f} s: "
-                  f"{'FAILED' if tally.failure else 'no failure'}", flush=True)
+            print(
+                f"{target}: {tally.examples} inputs ({outcomes}) in {time.perf_counter() - start:.0f} s: "
+                f"{'FAILED' if tally.failure else 'no failure'}",
+                flush=True,
+            )
             if tally.failure:
                 failed += 1
                 print(tally.failure, flush=True)

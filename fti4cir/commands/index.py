@@ -8,6 +8,7 @@ benchmark split; crash-safe and incremental (see `fti4cir.gallery.build`).
 Benchmark sources are resolved here (through `fti4cir.evaluation.datasets`) and handed to the gallery library as
 named image files.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -23,29 +24,59 @@ def add_parser(subparsers) -> None:
     from ..gallery import INDEX_KINDS
 
     p = subparsers.add_parser("index", help=SUMMARY, description=__doc__.split("\n\n")[0])
-    p.add_argument("source", nargs="?", help="image folder (searched recursively) or "
-                   "benchmark:<fashioniq|cirr|circo>:<split>[:category]:<root>")
+    p.add_argument(
+        "source",
+        nargs="?",
+        help="image folder (searched recursively) or benchmark:<fashioniq|cirr|circo>:<split>[:category]:<root>",
+    )
     p.add_argument("--name", help="gallery name (letters, digits, . _ -); default: the definition's file name")
-    p.add_argument("--definition", help="gallery definition galleries/<name>.json (source, backbone, pretrained, "
-                   "weights); its values replace the SOURCE and model flags")
-    p.add_argument("--galleries-dir", default=None,
-                   help="folder of galleries (default: the definition's folder, else 'galleries')")
+    p.add_argument(
+        "--definition",
+        help="gallery definition galleries/<name>.json (source, backbone, pretrained, "
+        "weights); its values replace the SOURCE and model flags",
+    )
+    p.add_argument(
+        "--galleries-dir", default=None, help="folder of galleries (default: the definition's folder, else 'galleries')"
+    )
     add_model_args(p)
-    p.add_argument("--index", choices=INDEX_KINDS, default=None,
-                   help="search index: exact inner product, approximate, or auto (exact unless large; default)")
+    p.add_argument(
+        "--index",
+        choices=INDEX_KINDS,
+        default=None,
+        help="search index: exact inner product, approximate, or auto (exact unless large; default)",
+    )
     p.add_argument("--batch-size", type=positive_int, default=32, help="images per visual pass (default %(default)s)")
     p.add_argument("--num-workers", type=int, default=None, help="image decoding processes (default: up to 4)")
-    p.add_argument("--shard-size", type=positive_int, default=256,
-                   help="images per staged shard: the unit of resumed work and of Ray tasks (default %(default)s)")
-    p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
-                   help="compute on a Ray cluster: 'auto', ray://host:10001, host:6379; without ADDRESS, RAY_ADDRESS, "
-                        "a cluster running here, or a new local instance (give SOURCE before a bare --ray)")
-    p.add_argument("--ray-workers", type=int, default=None,
-                   help="Ray actors, each holding one model (default: cluster CPUs / --ray-cpus-per-worker)")
-    p.add_argument("--ray-cpus-per-worker", type=float, default=1.0,
-                   help="CPUs each Ray actor reserves (default %(default)s)")
-    p.add_argument("--ray-gpus-per-worker", type=float, default=0.0,
-                   help="GPUs each Ray actor reserves, fractions allowed (default %(default)s)")
+    p.add_argument(
+        "--shard-size",
+        type=positive_int,
+        default=256,
+        help="images per staged shard: the unit of resumed work and of Ray tasks (default %(default)s)",
+    )
+    p.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="ADDRESS",
+        help="compute on a Ray cluster: 'auto', ray://host:10001, host:6379; without ADDRESS, RAY_ADDRESS, "
+        "a cluster running here, or a new local instance (give SOURCE before a bare --ray)",
+    )
+    p.add_argument(
+        "--ray-workers",
+        type=int,
+        default=None,
+        help="Ray actors, each holding one model (default: cluster CPUs / --ray-cpus-per-worker)",
+    )
+    p.add_argument(
+        "--ray-cpus-per-worker", type=float, default=1.0, help="CPUs each Ray actor reserves (default %(default)s)"
+    )
+    p.add_argument(
+        "--ray-gpus-per-worker",
+        type=float,
+        default=0.0,
+        help="GPUs each Ray actor reserves, fractions allowed (default %(default)s)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
@@ -63,8 +94,10 @@ def resolve_source(spec: str):
     if len(parts) == 4 and parts[1].lower() == "fashioniq":
         parts = spec.split(":", 4)
     if len(parts) not in (4, 5) or not parts[-1]:
-        raise UserError(f"Benchmark source {spec!r} must look like benchmark:<fashioniq|cirr|circo>:<split>"
-                        f"[:category]:<root>, e.g. benchmark:fashioniq:val:dress:data/FashionIQ")
+        raise UserError(
+            f"Benchmark source {spec!r} must look like benchmark:<fashioniq|cirr|circo>:<split>"
+            f"[:category]:<root>, e.g. benchmark:fashioniq:val:dress:data/FashionIQ"
+        )
     name, split, category, root = parts[1], parts[2], (parts[3] if len(parts) == 5 else None), parts[-1]
     root = Path(root).resolve()
     bench = load_benchmark(name, root, split, category)
@@ -103,13 +136,28 @@ def run(args) -> int:
     if args.ray is not None:
         from ..gallery.ray import RayCompute
 
-        ray = RayCompute(address=args.ray or None, model_spec=spec.to_dict(), num_workers=args.ray_workers,
-                         cpus_per_worker=args.ray_cpus_per_worker, gpus_per_worker=args.ray_gpus_per_worker,
-                         batch_size=args.batch_size)
-    report = build_gallery(model, source, args.name, galleries_dir=galleries_dir or "galleries",
-                           index=index or "auto", batch_size=args.batch_size, num_workers=args.num_workers,
-                           shard_size=args.shard_size, weights=weights_label(spec.weights, spec.seed), ray=ray,
-                           progress=not args.quiet, spec=spec.replace(m2c_weights=m2c_weights))
+        ray = RayCompute(
+            address=args.ray or None,
+            model_spec=spec.to_dict(),
+            num_workers=args.ray_workers,
+            cpus_per_worker=args.ray_cpus_per_worker,
+            gpus_per_worker=args.ray_gpus_per_worker,
+            batch_size=args.batch_size,
+        )
+    report = build_gallery(
+        model,
+        source,
+        args.name,
+        galleries_dir=galleries_dir or "galleries",
+        index=index or "auto",
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        shard_size=args.shard_size,
+        weights=weights_label(spec.weights, spec.seed),
+        ray=ray,
+        progress=not args.quiet,
+        spec=spec.replace(m2c_weights=m2c_weights),
+    )
     print(report.summary())
     for _, message in report.failures[:SHOWN_FAILURES]:
         print(f"  skipped {message}")

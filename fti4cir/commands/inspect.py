@@ -1,4 +1,5 @@
 """`fti4cir inspect IMAGE`: the nearest vocabulary words of one image's subject and kept attribute pseudo tokens."""
+
 from __future__ import annotations
 
 from .common import add_model_args
@@ -30,8 +31,7 @@ def run(args) -> int:
     r = int(tokens.num_kept[0])
     words = decode(model.backbone, torch.cat([tokens.subject[:1], tokens.attributes[0, :r]]), k=args.k)
     fmt = lambda ws: "/".join(f"{w.word}({w.score:.2f})" for w in ws)  # noqa: E731
-    print(f"a photo of [{fmt(words[0])}] with [{', '.join(fmt(w) for w in words[1:])}] but "
-          f"{clean_text(args.text)}")
+    print(f"a photo of [{fmt(words[0])}] with [{', '.join(fmt(w) for w in words[1:])}] but {clean_text(args.text)}")
     relevance = tokens.selection.relevance[0]
     print(f"kept {r} of {relevance.numel()} attribute queries: {tokens.selection.indices[0, :r].tolist()}")
     return 0

@@ -7,6 +7,7 @@ The model is the one the gallery was built with (`fti4cir.gallery.gallery_model_
 `galleries/<name>.json` beside it, else the model or the identity it records); model flags override it, and a model
 that does not match the gallery is refused naming both sides.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,14 +27,22 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser("search", help=SUMMARY, description=__doc__.split("\n\n")[0])
     p.add_argument("--gallery", required=True, help="gallery name under --galleries-dir, or a gallery folder")
     p.add_argument("--galleries-dir", default="galleries", help="folder of galleries (default %(default)s)")
-    p.add_argument("--image", required=True, help="reference: an image file, or the name of a gallery image (as "
-                   "results name them; it is then left out of its own results)")
-    p.add_argument("--text", default="", help="modification text, e.g. \"is red with short sleeves\"")
+    p.add_argument(
+        "--image",
+        required=True,
+        help="reference: an image file, or the name of a gallery image (as "
+        "results name them; it is then left out of its own results)",
+    )
+    p.add_argument("--text", default="", help='modification text, e.g. "is red with short sleeves"')
     p.add_argument("-k", type=positive_int, default=10, help="number of results (default %(default)s, at most 100)")
-    p.add_argument("--method", default="fti4cir", help="fti4cir (default), subject-only, image-only, text-only, "
-                   "image+text")
-    p.add_argument("--json", action="store_true", help="print one JSON object (query, sentence, results with name, "
-                   "score and path) instead of lines")
+    p.add_argument(
+        "--method", default="fti4cir", help="fti4cir (default), subject-only, image-only, text-only, image+text"
+    )
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object (query, sentence, results with name, score and path) instead of lines",
+    )
     add_model_args(p)
     # model flags default to the gallery's model (None = not given)
     p.set_defaults(backbone=None, pretrained=None, preprocess=None, seed=None, func=run)
@@ -62,14 +71,28 @@ def run(args) -> int:
     elif args.image in gallery.names:
         reference = gallery.row(args.image)
     else:
-        raise UserError(f"--image {args.image[:200]!r} is neither an image file nor an image of gallery "
-                        f"{gallery.name!r} (gallery images are named like {gallery.names[0]!r})")
+        raise UserError(
+            f"--image {args.image[:200]!r} is neither an image file nor an image of gallery "
+            f"{gallery.name!r} (gallery images are named like {gallery.names[0]!r})"
+        )
     result = service.search(service.reference(reference, display=False), args.text, args.method, k=args.k)
     if args.json:
-        json.dump({"gallery": gallery.name, "reference": result.reference.name, "text": result.text,
-                   "method": result.method, "sentence": result.sentence, "truncated": result.truncated,
-                   "results": [{"rank": h.rank, "name": h.name, "score": round(h.score, 6), "path": str(h.path)}
-                               for h in result.hits]}, sys.stdout, indent=1)
+        json.dump(
+            {
+                "gallery": gallery.name,
+                "reference": result.reference.name,
+                "text": result.text,
+                "method": result.method,
+                "sentence": result.sentence,
+                "truncated": result.truncated,
+                "results": [
+                    {"rank": h.rank, "name": h.name, "score": round(h.score, 6), "path": str(h.path)}
+                    for h in result.hits
+                ],
+            },
+            sys.stdout,
+            indent=1,
+        )
         print()
     else:
         print(result.sentence)
@@ -77,4 +100,3 @@ def run(args) -> int:
             print(f"{h.rank:3d}  {h.score:.4f}  {h.name}")
     log.info("%d results from %d images in %s", len(result.hits), len(gallery), result.timing_text())
     return 0
-

@@ -23,6 +23,7 @@ The file (`data/clothing-cir/queries.json`):
 
 `fti4cir evaluate --dataset clothing-cir --root data/clothing-cir` reads it (see fti4cir.evaluation.datasets).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -81,10 +82,16 @@ def _article(word: str) -> str:
 def phrase(form: str, reference_word: str, reference_colour: str, target_word: str, target_colour: str) -> str:
     """One modification text: `form` (a PHRASINGS entry) filled in."""
     named = reference_word if target_word == reference_word else target_word
-    return form.format(c=target_colour, rc=reference_colour, w=target_word, rw=reference_word,
-                       a=_article(target_word), ra=_article(reference_word),
-                       it="them" if reference_word in PLURAL_WORDS else "it",
-                       **{"is": "are" if named in PLURAL_WORDS else "is"})
+    return form.format(
+        c=target_colour,
+        rc=reference_colour,
+        w=target_word,
+        rw=reference_word,
+        a=_article(target_word),
+        ra=_article(reference_word),
+        it="them" if reference_word in PLURAL_WORDS else "it",
+        **{"is": "are" if named in PLURAL_WORDS else "is"},
+    )
 
 
 def labels_digest(labels: dict) -> str:
@@ -98,7 +105,7 @@ def generate(labels: dict, seed: int = 0, per_type: int = PER_TYPE, split: str =
     if not photos:
         raise UserError(f"the labels hold no photos of split {split!r}")
     prefix = f"{split}/"
-    name = lambda p: p["path"][len(prefix):] if p["path"].startswith(prefix) else p["path"]  # noqa: E731
+    name = lambda p: p["path"][len(prefix) :] if p["path"].startswith(prefix) else p["path"]  # noqa: E731
     labelled = [p for p in photos if p["colour"] is not None]
     by_key: dict[tuple[str, str], list[str]] = defaultdict(list)
     for p in labelled:
@@ -115,26 +122,53 @@ def generate(labels: dict, seed: int = 0, per_type: int = PER_TYPE, split: str =
             if made == per_type:
                 break
             ref_class, ref_colour = reference["class"], reference["colour"]
-            targets = [(c, col) for (c, col), names in sorted(by_key.items())
-                       if (c == ref_class) == (kind == "colour") and (col == ref_colour) == (kind == "class")
-                       and [n for n in names if n != name(reference)]]
+            targets = [
+                (c, col)
+                for (c, col), names in sorted(by_key.items())
+                if (c == ref_class) == (kind == "colour")
+                and (col == ref_colour) == (kind == "class")
+                and [n for n in names if n != name(reference)]
+            ]
             if not targets:
                 continue
             target_class, target_colour = rng.choice(targets)
             form = rng.choice(PHRASINGS[kind])
             text = phrase(form, words[ref_class], ref_colour, words[target_class], target_colour)
             truths = [n for n in by_key[(target_class, target_colour)] if n != name(reference)]
-            queries.append({"id": f"{kind}-{made:03d}", "type": kind, "reference": name(reference), "text": text,
-                            "reference_class": ref_class, "reference_colour": ref_colour,
-                            "target_class": target_class, "target_colour": target_colour, "ground_truths": truths})
+            queries.append(
+                {
+                    "id": f"{kind}-{made:03d}",
+                    "type": kind,
+                    "reference": name(reference),
+                    "text": text,
+                    "reference_class": ref_class,
+                    "reference_colour": ref_colour,
+                    "target_class": target_class,
+                    "target_colour": target_colour,
+                    "ground_truths": truths,
+                }
+            )
             made += 1
         if made < per_type:
-            raise UserError(f"only {made} {kind} queries with ground truths can be made from {len(labelled)} "
-                            f"labelled {split} photos (asked for {per_type})")
-    return {"name": NAME, "split": split,
-            "generator": {"name": GENERATOR, "version": VERSION, "seed": seed, "per_type": per_type,
-                          "labels_sha1": labels_digest(labels), "colours": list(COLOURS)},
-            "images": f"../clothing/{split}", "gallery": [name(p) for p in photos], "queries": queries}
+            raise UserError(
+                f"only {made} {kind} queries with ground truths can be made from {len(labelled)} "
+                f"labelled {split} photos (asked for {per_type})"
+            )
+    return {
+        "name": NAME,
+        "split": split,
+        "generator": {
+            "name": GENERATOR,
+            "version": VERSION,
+            "seed": seed,
+            "per_type": per_type,
+            "labels_sha1": labels_digest(labels),
+            "colours": list(COLOURS),
+        },
+        "images": f"../clothing/{split}",
+        "gallery": [name(p) for p in photos],
+        "queries": queries,
+    }
 
 
 def write_benchmark(benchmark: dict, path: str | os.PathLike, photos: str | os.PathLike) -> None:

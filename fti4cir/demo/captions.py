@@ -23,6 +23,7 @@ Photos without a reliable colour (`"colour": null` in labels.json) get forms tha
 use: `{"image": <path relative to the split folder>, "sha1": <sha1 of the file>, "caption": ...}`, so the pairs
 file works with `fti4cir train --images data/clothing/<split>`.
 """
+
 from __future__ import annotations
 
 import json
@@ -84,16 +85,23 @@ def _fill(form: str, word: str, colour: str | None, rng: random.Random, others: 
     plural = word in PLURAL_WORDS
     other_w = rng.choice([w for w in others if w != word]) if "{other_w}" in form else ""
     values = {
-        "a": "" if plural else "a ", "is": "are" if plural else "is", "this": "these" if plural else "this",
-        "it": "they" if plural else "it", "its": "their" if plural else "its", "w": word, "c": colour or "",
+        "a": "" if plural else "a ",
+        "is": "are" if plural else "is",
+        "this": "these" if plural else "this",
+        "it": "they" if plural else "it",
+        "its": "their" if plural else "its",
+        "w": word,
+        "c": colour or "",
         "other_c": rng.choice([c for c in COLOURS if c != colour]) if "{other_c}" in form else "",
-        "other_w": other_w, "other_a": "" if other_w in PLURAL_WORDS else "a ",
+        "other_w": other_w,
+        "other_a": "" if other_w in PLURAL_WORDS else "a ",
     }
     return form.format(**values)
 
 
-def caption(word: str, colour: str | None, rng: random.Random, *, forms: str = "all",
-            others: tuple[str, ...] | None = None) -> str:
+def caption(
+    word: str, colour: str | None, rng: random.Random, *, forms: str = "all", others: tuple[str, ...] | None = None
+) -> str:
     """One caption of a garment `word` in `colour` (None: a form without colour), the form drawn with `rng`.
 
     forms: "all" (FTI4CIR, contrast and colour-first forms) or "fti4cir" (garment first, colour after, nothing the
@@ -103,6 +111,7 @@ def caption(word: str, colour: str | None, rng: random.Random, *, forms: str = "
         raise UserError(f"unknown caption forms {forms!r} (choose from {', '.join(FORM_SETS)})")
     if others is None:
         from .world import CLASS_WORDS
+
         others = tuple(CLASS_WORDS.values())
     if colour is None:
         return _fill(rng.choice(NO_COLOUR_FORMS), word, None, rng, others)
@@ -111,8 +120,15 @@ def caption(word: str, colour: str | None, rng: random.Random, *, forms: str = "
     return _fill(rng.choice(FORM_SETS[forms]), word, colour, rng, others)
 
 
-def caption_records(labels: dict, split: str, seed: int = 0, *, forms: str = "all",
-                    photos_root: str | os.PathLike = "data/clothing", progress: bool = True) -> list[dict]:
+def caption_records(
+    labels: dict,
+    split: str,
+    seed: int = 0,
+    *,
+    forms: str = "all",
+    photos_root: str | os.PathLike = "data/clothing",
+    progress: bool = True,
+) -> list[dict]:
     """One caption record per photo of `split` (in labels order), deterministic from `seed`."""
     from tqdm import tqdm
 
@@ -127,13 +143,26 @@ def caption_records(labels: dict, split: str, seed: int = 0, *, forms: str = "al
         path = root / photo["path"]
         if not path.is_file():
             raise UserError(f"{path} is missing (labels and photo folder disagree; run `fti4cir demo-photos`)")
-        records.append({"image": Path(photo["path"]).relative_to(split).as_posix(), "sha1": file_digest(path, "sha1"),
-                        "caption": caption(photo["word"], photo["colour"], rng, forms=forms, others=others)})
+        records.append(
+            {
+                "image": Path(photo["path"]).relative_to(split).as_posix(),
+                "sha1": file_digest(path, "sha1"),
+                "caption": caption(photo["word"], photo["colour"], rng, forms=forms, others=others),
+            }
+        )
     return records
 
 
-def write_captions(labels: dict, split: str, out_jsonl: str | os.PathLike, seed: int = 0, *, forms: str = "all",
-                   photos_root: str | os.PathLike = "data/clothing", progress: bool = True) -> list[dict]:
+def write_captions(
+    labels: dict,
+    split: str,
+    out_jsonl: str | os.PathLike,
+    seed: int = 0,
+    *,
+    forms: str = "all",
+    photos_root: str | os.PathLike = "data/clothing",
+    progress: bool = True,
+) -> list[dict]:
     """Write `caption_records(...)` as a captions JSONL (atomically); returns the records."""
     records = caption_records(labels, split, seed, forms=forms, photos_root=photos_root, progress=progress)
     write_text_atomic(out_jsonl, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))

@@ -19,6 +19,7 @@ Deterministic from the seed; the run directory holds a checkpoint after every ep
 written atomically) and `resume` continues bit for bit. The result is `clip.safetensors` (fp16; rows of the token
 embedding for tokens no caption ever used are zero, since nothing gave them a meaning) and `clip.json`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -47,8 +48,8 @@ from ..training.checkpoint import (
     set_rng_state,
     write_state_tensors,
 )
-from .captions import caption
 from .benchmark import labels_digest
+from .captions import caption
 from .labels import read_labels
 from .world import COLOURS
 
@@ -89,8 +90,7 @@ class PhotoSet:
     paths: list[str]
 
 
-def load_photos(photos_root: str | os.PathLike, labels: dict, split: str, size: int,
-                progress: bool = True) -> PhotoSet:
+def load_photos(photos_root: str | os.PathLike, labels: dict, split: str, size: int, progress: bool = True) -> PhotoSet:
     """Decode the photos of `split` through the targetpad transform at `size` (uint8, not normalised)."""
     from PIL import Image
 
@@ -112,9 +112,13 @@ def load_photos(photos_root: str | os.PathLike, labels: dict, split: str, size: 
         except OSError as e:
             raise UserError(f"cannot read {path}: {e}") from e
         images[i] = ((x * std + mean) * 255).round().clamp(0, 255).to(torch.uint8)
-    return PhotoSet(images, torch.tensor([words.index(p["word"]) for p in rows]),
-                    torch.tensor([COLOURS.index(p["colour"]) if p["colour"] else -1 for p in rows]), words,
-                    [p["path"] for p in rows])
+    return PhotoSet(
+        images,
+        torch.tensor([words.index(p["word"]) for p in rows]),
+        torch.tensor([COLOURS.index(p["colour"]) if p["colour"] else -1 for p in rows]),
+        words,
+        [p["path"] for p in rows],
+    )
 
 
 def normalise(images: torch.Tensor) -> torch.Tensor:
@@ -231,8 +235,15 @@ def corrected_caption(word: str, colour: str, words: list[str], rng) -> str:
     form = rng.choice(CORRECTED_FORMS)
     article = lambda w: "" if w in PLURAL_WORDS else "a "  # noqa: E731
     plural = word in PLURAL_WORDS
-    text = form.format(w=word, c=colour, ow=other_word, oc=other_colour, a=article(word),
-                       oa=article(other_word if "{ow}" in form else word), **{"is": "they are" if plural else "it is"})
+    text = form.format(
+        w=word,
+        c=colour,
+        ow=other_word,
+        oc=other_colour,
+        a=article(word),
+        oa=article(other_word if "{ow}" in form else word),
+        **{"is": "they are" if plural else "it is"},
+    )
     text = text.replace(" one", " ones" if plural else " one")
     return re.sub(r"\ba (?=[aeiou])", "an ", text)
 
@@ -257,8 +268,12 @@ def contrastive_loss(image: torch.Tensor, text: torch.Tensor, scale: torch.Tenso
 def _optimizer(model, config: ClipTrainConfig) -> torch.optim.AdamW:
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
     other = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                              {"params": other, "weight_decay": 0.0}], lr=config.lr, betas=(0.9, 0.98), eps=1e-6)
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.weight_decay}, {"params": other, "weight_decay": 0.0}],
+        lr=config.lr,
+        betas=(0.9, 0.98),
+        eps=1e-6,
+    )
 
 
 def _lr_factor(step: int, total: int, warmup: int) -> float:
@@ -271,8 +286,9 @@ def _check_resumable(config: ClipTrainConfig, record: dict) -> None:
         raise UserError(f"Cannot resume {config.out}: settings differ from its checkpoint ({'; '.join(different)})")
 
 
-def train_clip(config: ClipTrainConfig, *, resume: bool = True, device: str | None = None,
-               progress: bool = True) -> Path:
+def train_clip(
+    config: ClipTrainConfig, *, resume: bool = True, device: str | None = None, progress: bool = True
+) -> Path:
     """Train (or continue) the demo CLIP in `config.out`; returns the path of the final weights."""
     run_dir = Path(config.out)
     final = run_dir / WEIGHTS
@@ -294,22 +310,23 @@ def train_clip(config: ClipTrainConfig, *, resume: bool = True, device: str | No
     steps_per_epoch = max(len(data.images) // config.batch_size, 1)
     total, warmup = steps_per_epoch * config.epochs, int(config.warmup_epochs * steps_per_epoch)
     weights = (1.0 / torch.bincount(data.classes).float())[data.classes]  # class-balanced sampling
-    epoch, history = 0, []
+    start_epoch, history = 0, []
     run_dir.mkdir(parents=True, exist_ok=True)
     if record is not None:
         restore_state_tensors(run_dir, record, model, optimizer)
         set_rng_state(record["rng"])
-        epoch, history = record["epoch"], record["history"]
+        start_epoch, history = record["epoch"], record["history"]
         for text in record["captions"]:  # the token-usage record of the epochs already run
             sampler.ids(text)
     model.train()
-    for epoch in range(epoch, config.epochs):
+    for epoch in range(start_epoch, config.epochs):
         started, loss_sum = time.monotonic(), 0.0
         order = torch.multinomial(weights, steps_per_epoch * config.batch_size, replacement=True)
-        bar = tqdm(range(steps_per_epoch), desc=f"CLIP epoch {epoch + 1}/{config.epochs}", unit="step",
-                   disable=not progress)
+        bar = tqdm(
+            range(steps_per_epoch), desc=f"CLIP epoch {epoch + 1}/{config.epochs}", unit="step", disable=not progress
+        )
         for step in bar:
-            index = order[step * config.batch_size:(step + 1) * config.batch_size]
+            index = order[step * config.batch_size : (step + 1) * config.batch_size]
             global_step = epoch * steps_per_epoch + step
             for group in optimizer.param_groups:
                 group["lr"] = config.lr * _lr_factor(global_step, total, warmup)
@@ -325,30 +342,50 @@ def train_clip(config: ClipTrainConfig, *, resume: bool = True, device: str | No
             optimizer.step()
             loss_sum += loss.item()
             bar.set_postfix(loss=f"{loss_sum / (step + 1):.3f}", refresh=False)
-        history.append({"epoch": epoch + 1, "loss": loss_sum / steps_per_epoch,
-                        "seconds": round(time.monotonic() - started, 2)})
+        history.append(
+            {"epoch": epoch + 1, "loss": loss_sum / steps_per_epoch, "seconds": round(time.monotonic() - started, 2)}
+        )
         name, optimizer_state = write_state_tensors(run_dir, epoch + 1, model, optimizer)
-        write_json_atomic(run_dir / CHECKPOINT, {
-            "format": 1, "tensors": name, "config": config.to_dict(), "epoch": epoch + 1, "history": history,
-            "optimizer": optimizer_state, "rng": rng_state(), "captions": sorted(sampler._ids)}, indent=None)
+        write_json_atomic(
+            run_dir / CHECKPOINT,
+            {
+                "format": 1,
+                "tensors": name,
+                "config": config.to_dict(),
+                "epoch": epoch + 1,
+                "history": history,
+                "optimizer": optimizer_state,
+                "rng": rng_state(),
+                "captions": sorted(sampler._ids),
+            },
+            indent=None,
+        )
         remove_stale_tensors(run_dir, name)
     return save_clip(model.eval(), sampler.used_tokens(), config, history, labels_digest(labels), final)
 
 
-def save_clip(model, used_tokens: torch.Tensor, config: ClipTrainConfig, history: list, labels_sha1: str,
-              path: Path) -> Path:
+def save_clip(
+    model, used_tokens: torch.Tensor, config: ClipTrainConfig, history: list, labels_sha1: str, path: Path
+) -> Path:
     """fp16 safetensors (token rows no caption used set to zero) + `<stem>.json` describing the run."""
     from safetensors.torch import save_file
 
     from ..atomic import atomic_path
 
-    state = {k: v.detach().cpu().to(torch.float16 if v.is_floating_point() else v.dtype).contiguous()
-             for k, v in model.state_dict().items()}
+    state = {
+        k: v.detach().cpu().to(torch.float16 if v.is_floating_point() else v.dtype).contiguous()
+        for k, v in model.state_dict().items()
+    }
     unused = torch.ones(state["token_embedding.weight"].shape[0], dtype=torch.bool)
     unused[used_tokens] = False
     state["token_embedding.weight"][unused] = 0
-    meta = {"model": config.model, "training": config.to_dict(), "labels_sha1": labels_sha1,
-            "tokens_used": int((~unused).sum()), "history": history}
+    meta = {
+        "model": config.model,
+        "training": config.to_dict(),
+        "labels_sha1": labels_sha1,
+        "tokens_used": int((~unused).sum()),
+        "history": history,
+    }
     with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata={"fti4cir_clip": json.dumps(meta)})
     write_json_atomic(path.with_suffix(".json"), meta)

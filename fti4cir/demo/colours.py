@@ -22,6 +22,7 @@ agreement with a person's reading). The hard cases are the boundaries of the bas
 vs black, charcoal vs grey vs black, beige/khaki (no basic term; here brown when it has some chroma), light denim
 vs white, and colour casts of indoor light.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -65,9 +66,9 @@ def srgb_to_lab(rgb: np.ndarray) -> np.ndarray:
     """[..., 3] sRGB in 0..255 -> [..., 3] CIE Lab (D65 white)."""
     c = np.asarray(rgb, dtype=np.float64) / 255.0
     linear = np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
-    m = np.array([[0.4124564, 0.3575761, 0.1804375],
-                  [0.2126729, 0.7151522, 0.0721750],
-                  [0.0193339, 0.1191920, 0.9503041]])
+    m = np.array(
+        [[0.4124564, 0.3575761, 0.1804375], [0.2126729, 0.7151522, 0.0721750], [0.0193339, 0.1191920, 0.9503041]]
+    )
     xyz = linear @ m.T / np.array([0.95047, 1.0, 1.08883])
     f = np.where(xyz > 216 / 24389, np.cbrt(xyz), (24389 / 27 * xyz + 16) / 116)
     return np.stack([116 * f[..., 1] - 16, 500 * (f[..., 0] - f[..., 1]), 200 * (f[..., 1] - f[..., 2])], axis=-1)
@@ -92,8 +93,11 @@ def name_pixels(lab: np.ndarray) -> np.ndarray:
     warm = (h >= 40) & (h < 105)
     bluish = (h >= 215) & (h < 308)
     violet_cast = (h >= VIOLET_FROM) & (h < 308) & (L >= 30)
-    limit = np.select([L < 15, warm & (L > 55), warm, bluish & (L >= WHITE_FROM), violet_cast, bluish],
-                      [12.0, 13.0, 7.0, 9.0, VIOLET_LIMIT, BLUE_LIMIT], default=5.5)
+    limit = np.select(
+        [L < 15, warm & (L > 55), warm, bluish & (L >= WHITE_FROM), violet_cast, bluish],
+        [12.0, 13.0, 7.0, 9.0, VIOLET_LIMIT, BLUE_LIMIT],
+        default=5.5,
+    )
     achromatic = C < limit
     red_zone = (h < 48) | (h >= 345)
     navy = (L < 32) & (h >= 290) & (h < NAVY_TO)
@@ -113,8 +117,9 @@ def name_pixels(lab: np.ndarray) -> np.ndarray:
         ((h < 308) | navy, "blue"),
         ((h >= 330) & (L > 55), "pink"),
     ]
-    return np.select([condition for condition, _ in rules], [_INDEX[word] for _, word in rules],
-                     default=_INDEX["purple"]).astype(np.int64)
+    return np.select(
+        [condition for condition, _ in rules], [_INDEX[word] for _, word in rules], default=_INDEX["purple"]
+    ).astype(np.int64)
 
 
 def _pixels(image: Image.Image) -> np.ndarray:
@@ -185,5 +190,6 @@ def garment_colour(image: Image.Image) -> ColourLabel:
     votes = np.bincount(name_pixels(lab[mask]), weights=centre[mask], minlength=len(COLOURS))
     votes = votes / votes.sum()
     best = int(votes.argmax())
-    return ColourLabel(COLOURS[best], float(votes[best]), fraction,
-                       {c: round(float(v), 4) for c, v in zip(COLOURS, votes)})
+    return ColourLabel(
+        COLOURS[best], float(votes[best]), fraction, {c: round(float(v), 4) for c, v in zip(COLOURS, votes)}
+    )

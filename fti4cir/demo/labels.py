@@ -7,6 +7,7 @@
 Paths are relative to the photo folder (`data/clothing`). A photo whose colour label is not reliable (see
 `ColourLabel.reliable`) carries `"colour": null`; its measured guess stays in `"colour_guess"`.
 """
+
 from __future__ import annotations
 
 import json
@@ -41,13 +42,24 @@ def label_photos(root: str | os.PathLike, *, progress: bool = True) -> dict:
                 label = garment_colour(image)
         except OSError as e:
             raise UserError(f"Cannot read {root / photo.rel}: {e}") from e
-        records.append({"path": photo.rel, "split": photo.split, "class": photo.cls, "word": class_word(photo.cls),
-                        "colour": label.colour if label.reliable else None,
-                        "colour_guess": label.colour,
-                        "confidence": round(label.confidence, 4),
-                        "garment_fraction": round(label.garment_fraction, 4)})
-    return {"generator": {"name": LABELLER, "version": LABELS_VERSION}, "classes": dict(CLASS_WORDS),
-            "colours": list(COLOURS), "photos": records}
+        records.append(
+            {
+                "path": photo.rel,
+                "split": photo.split,
+                "class": photo.cls,
+                "word": class_word(photo.cls),
+                "colour": label.colour if label.reliable else None,
+                "colour_guess": label.colour,
+                "confidence": round(label.confidence, 4),
+                "garment_fraction": round(label.garment_fraction, 4),
+            }
+        )
+    return {
+        "generator": {"name": LABELLER, "version": LABELS_VERSION},
+        "classes": dict(CLASS_WORDS),
+        "colours": list(COLOURS),
+        "photos": records,
+    }
 
 
 def write_labels(labels: dict, path: str | os.PathLike) -> None:

@@ -5,6 +5,7 @@ validation, test) becomes `dest/<split>/<class>/<same name>.jpg` with its longer
 (never enlarged) at JPEG quality `quality`; the source's LICENSE is copied beside them. Only the split folders are
 read, so nothing else that lives next to them (e.g. an `imagenet-sample` folder) is ever copied.
 """
+
 from __future__ import annotations
 
 import io
@@ -45,8 +46,11 @@ def source_photos(source: str | os.PathLike) -> list[PhotoFile]:
         if not split_dir.is_dir():
             continue
         for class_dir in sorted(p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            photos += [PhotoFile(split, class_dir.name, f.name) for f in sorted(class_dir.iterdir())
-                       if f.is_file() and f.suffix.lower() in (".jpg", ".jpeg") and not f.name.startswith(".")]
+            photos += [
+                PhotoFile(split, class_dir.name, f.name)
+                for f in sorted(class_dir.iterdir())
+                if f.is_file() and f.suffix.lower() in (".jpg", ".jpeg") and not f.name.startswith(".")
+            ]
     if not photos:
         raise UserError(f"{source} holds no <split>/<class>/*.jpg photos (splits {', '.join(SPLITS)})")
     return photos
@@ -70,8 +74,15 @@ def encode_jpeg(image: Image.Image, quality: int = QUALITY) -> bytes:
     return buffer.getvalue()
 
 
-def copy_photos(source: str | os.PathLike, dest: str | os.PathLike, *, max_side: int = MAX_SIDE,
-                quality: int = QUALITY, overwrite: bool = False, progress: bool = True) -> list[PhotoFile]:
+def copy_photos(
+    source: str | os.PathLike,
+    dest: str | os.PathLike,
+    *,
+    max_side: int = MAX_SIDE,
+    quality: int = QUALITY,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> list[PhotoFile]:
     """Copy (downscale + re-encode) every photo of `source` into `dest`; existing outputs are kept unless
     `overwrite` (a rerun after an interruption finishes the rest; every file is written atomically)."""
     from tqdm import tqdm

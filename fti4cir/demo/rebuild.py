@@ -24,6 +24,7 @@ uses triplets, and those come from the train photos: the benchmark's test photos
 `--quick` runs the same stages on a few photos per class with a handful of steps (seconds to a minute: for CI).
 `--install` copies the results into `weights/` and `galleries/` (the embedded default) when all stages are done.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,9 +33,10 @@ import os
 import shutil
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 from ..atomic import write_json_atomic, write_text_atomic
 from ..errors import UserError
@@ -47,12 +49,26 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-STAGES = ("clip", "zero-shot", "captions", "pairs", "fti4cir", "m2c-1", "triplets", "m2c-2", "compact", "gallery",
-          "benchmark")
+STAGES = (
+    "clip",
+    "zero-shot",
+    "captions",
+    "pairs",
+    "fti4cir",
+    "m2c-1",
+    "triplets",
+    "m2c-2",
+    "compact",
+    "gallery",
+    "benchmark",
+)
 GALLERY = "clothing"
 REPORT = "clothing-report.md"
-CLIP_FILE, FTI4CIR_FILE, M2C_FILE = "clothing-clip.safetensors", "clothing-fti4cir.safetensors", \
-    "clothing-m2c.safetensors"
+CLIP_FILE, FTI4CIR_FILE, M2C_FILE = (
+    "clothing-clip.safetensors",
+    "clothing-fti4cir.safetensors",
+    "clothing-m2c.safetensors",
+)
 DEMO_MODEL = "fti4cir-clothing"  # = fti4cir.demo.clip_train.DEMO_MODEL (that module imports torch)
 COMMAND_SEED = 0  # the --seed default of `fti4cir index` and `fti4cir evaluate`, which the demo leaves unset
 
@@ -82,12 +98,21 @@ class Settings:
     benchmark_queries: int = 0  # quick runs: queries of the benchmark generated from those photos
 
     @classmethod
-    def quick(cls) -> "Settings":
+    def quick(cls) -> Settings:
         from .clip_train import ClipTrainConfig
 
-        return cls(clip=ClipTrainConfig(epochs=2, batch_size=16), fti4cir_epochs=1, fti4cir_batch=16,
-                   m2c1_epochs=1, m2c2_epochs=1, m2c_batch=16, m2c_augment="none",
-                   triplets_per_type=8, benchmark_queries=9, per_class=6)
+        return cls(
+            clip=ClipTrainConfig(epochs=2, batch_size=16),
+            fti4cir_epochs=1,
+            fti4cir_batch=16,
+            m2c1_epochs=1,
+            m2c2_epochs=1,
+            m2c_batch=16,
+            m2c_augment="none",
+            triplets_per_type=8,
+            benchmark_queries=9,
+            per_class=6,
+        )
 
 
 def subset_photos(photos: str | os.PathLike, out: str | os.PathLike, per_class: int) -> dict:
@@ -130,10 +155,17 @@ def half_precision_copy(src: Path, dst: Path) -> None:
 
 
 class Rebuild:
-    def __init__(self, out: str | os.PathLike, photos: str | os.PathLike = "data/clothing",
-                 benchmark: str | os.PathLike = "data/clothing-cir", settings: Settings | None = None,
-                 seed: int = 0, device: str | None = None, progress: bool = True,
-                 say: Callable[[str], None] = log.info):
+    def __init__(
+        self,
+        out: str | os.PathLike,
+        photos: str | os.PathLike = "data/clothing",
+        benchmark: str | os.PathLike = "data/clothing-cir",
+        settings: Settings | None = None,
+        seed: int = 0,
+        device: str | None = None,
+        progress: bool = True,
+        say: Callable[[str], None] = log.info,
+    ):
         """say: where the stage notices and results go (the command prints them)."""
         self.out, self.photos, self.benchmark_root = Path(out), Path(photos), Path(benchmark)
         self.settings, self.seed, self.device, self.progress = settings or Settings(), seed, device, progress
@@ -151,8 +183,9 @@ class Rebuild:
         subset, queries = self.out / "photos", self.out / "clothing-cir" / "queries.json"
         if not queries.exists():  # written last: a rerun keeps the subset (and every stage built on it)
             labels = subset_photos(self.photos, subset, self.settings.per_class)
-            write_benchmark(generate(labels, seed=self.seed, per_type=self.settings.benchmark_queries // 3),
-                            queries, subset)
+            write_benchmark(
+                generate(labels, seed=self.seed, per_type=self.settings.benchmark_queries // 3), queries, subset
+            )
         self.photos, self.benchmark_root = subset, queries.parent
 
     # ---- paths ----------------------------------------------------------------------------------------------------
@@ -167,9 +200,14 @@ class Rebuild:
         """The demo model on the CLIP of this run: what the stages build (`fti4cir.factory.create_model`)."""
         from ..spec import ModelSpec
 
-        return ModelSpec(backbone=DEMO_MODEL, pretrained=str(self.clip_weights),
-                         weights=str(weights) if weights else None, device=self.device,
-                         seed=self.seed if seed is None else seed, **fields)
+        return ModelSpec(
+            backbone=DEMO_MODEL,
+            pretrained=str(self.clip_weights),
+            weights=str(weights) if weights else None,
+            device=self.device,
+            seed=self.seed if seed is None else seed,
+            **fields,
+        )
 
     # ---- stages ---------------------------------------------------------------------------------------------------
     def stages(self) -> dict[str, tuple[Path, Callable[[], None]]]:
@@ -212,8 +250,14 @@ class Rebuild:
     def train_clip(self) -> None:
         from .clip_train import ClipTrainConfig, train_clip
 
-        config = ClipTrainConfig(**{**self.settings.clip.to_dict(), "photos": str(self.photos),
-                                    "out": str(self.out / "clip"), "seed": self.seed})
+        config = ClipTrainConfig(
+            **{
+                **self.settings.clip.to_dict(),
+                "photos": str(self.photos),
+                "out": str(self.out / "clip"),
+                "seed": self.seed,
+            }
+        )
         train_clip(config, resume=True, device=self.device, progress=self.progress)
 
     def demo_model(self, weights: Path | None = None):
@@ -232,8 +276,15 @@ class Rebuild:
     def captions(self) -> None:
         from .captions import write_captions
 
-        write_captions(self.labels(), "train", self.path("captions-train.jsonl"), self.seed, forms="fti4cir",
-                       photos_root=self.photos, progress=self.progress)
+        write_captions(
+            self.labels(),
+            "train",
+            self.path("captions-train.jsonl"),
+            self.seed,
+            forms="fti4cir",
+            photos_root=self.photos,
+            progress=self.progress,
+        )
 
     def pairs(self) -> None:
         from ..training.caption_split import TORN_NOTICE, split_captions_file
@@ -249,12 +300,20 @@ class Rebuild:
 
         s = self.settings
         run = self.path("fti4cir")
-        config = TrainConfig(images=str(self.photos / "train"), pairs=str(self.path("pairs-train.jsonl")),
-                             out=str(run), backbone=DEMO_MODEL, pretrained=str(self.clip_weights),
-                             cache_dir=str(self.cache), epochs=s.fti4cir_epochs, batch_size=s.fti4cir_batch,
-                             lr=s.fti4cir_lr, lr_decay_epoch=max(s.fti4cir_epochs * 3 // 4, 1), seed=self.seed)
-        result = train(config, resume=(run / "checkpoint.json").exists(), device=self.device,
-                       progress=self.progress)
+        config = TrainConfig(
+            images=str(self.photos / "train"),
+            pairs=str(self.path("pairs-train.jsonl")),
+            out=str(run),
+            backbone=DEMO_MODEL,
+            pretrained=str(self.clip_weights),
+            cache_dir=str(self.cache),
+            epochs=s.fti4cir_epochs,
+            batch_size=s.fti4cir_batch,
+            lr=s.fti4cir_lr,
+            lr_decay_epoch=max(s.fti4cir_epochs * 3 // 4, 1),
+            seed=self.seed,
+        )
+        result = train(config, resume=(run / "checkpoint.json").exists(), device=self.device, progress=self.progress)
         self.say(f"wrote {result.weights}")
 
     def _m2c(self, stage: int, model, data, train_stage) -> None:
@@ -262,10 +321,24 @@ class Rebuild:
 
         s = self.settings
         out = self.path(f"m2c-stage{stage}.safetensors")
-        options = TrainOptions(epochs=s.m2c1_epochs if stage == 1 else s.m2c2_epochs, batch_size=s.m2c_batch,
-                               lr=s.m2c_lr, warmup=0, augment=s.m2c_augment, views=s.m2c_views, seed=self.seed)
-        history = train_stage(model, *data, options, out=out, resume=out.with_suffix(".run").exists(),
-                              cache_dir=self.cache, progress=self.progress)
+        options = TrainOptions(
+            epochs=s.m2c1_epochs if stage == 1 else s.m2c2_epochs,
+            batch_size=s.m2c_batch,
+            lr=s.m2c_lr,
+            warmup=0,
+            augment=s.m2c_augment,
+            views=s.m2c_views,
+            seed=self.seed,
+        )
+        history = train_stage(
+            model,
+            *data,
+            options,
+            out=out,
+            resume=out.with_suffix(".run").exists(),
+            cache_dir=self.cache,
+            progress=self.progress,
+        )
         self.say(f"wrote {out} ({len(history)} epochs, final loss {history[-1].get('total', float('nan')):.4f})")
         write_text_atomic(self.path(f"m2c-stage{stage}.done"), f"{out.name}\n")
 
@@ -273,8 +346,9 @@ class Rebuild:
         """A stage's M2C model (random stage-I network, or `init`'s weights), as `fti4cir m2c-train` builds it."""
         from ..factory import create_model
 
-        return create_model(self.model_spec(m2c_weights=str(init) if init else None, preprocess="targetpad",
-                                            family="m2c"))
+        return create_model(
+            self.model_spec(m2c_weights=str(init) if init else None, preprocess="targetpad", family="m2c")
+        )
 
     def train_m2c1(self) -> None:
         from ..training.m2c.train import stage1_data, train_stage1
@@ -292,8 +366,7 @@ class Rebuild:
         # hash() differs between processes)
         for q in bench["queries"]:
             target = q["ground_truths"][zlib.crc32(f"{q['id']}/{self.seed}".encode()) % len(q["ground_truths"])]
-            records.append({"reference": str(root / q["reference"]), "text": q["text"],
-                            "target": str(root / target)})
+            records.append({"reference": str(root / q["reference"]), "text": q["text"], "target": str(root / target)})
         write_text_atomic(self.path("triplets-train.jsonl"), "".join(json.dumps(r) + "\n" for r in records))
 
     def train_m2c2(self) -> None:
@@ -305,16 +378,23 @@ class Rebuild:
         self._m2c(2, model, (read_triplets(self.path("triplets-train.jsonl")),), train_stage2)
 
     def compact(self) -> None:
-        for src, dst in ((self.path("fti4cir/fti4cir.safetensors"), self.path(FTI4CIR_FILE)),
-                         (self.path("m2c-stage2.safetensors"), self.path(M2C_FILE))):
+        for src, dst in (
+            (self.path("fti4cir/fti4cir.safetensors"), self.path(FTI4CIR_FILE)),
+            (self.path("m2c-stage2.safetensors"), self.path(M2C_FILE)),
+        ):
             half_precision_copy(src, dst)
 
     def gallery(self) -> None:
-        self.index(self.photos / "test", GALLERY, self.path("galleries"), self.model_spec(
-            self.path(FTI4CIR_FILE), seed=COMMAND_SEED))
+        self.index(
+            self.photos / "test",
+            GALLERY,
+            self.path("galleries"),
+            self.model_spec(self.path(FTI4CIR_FILE), seed=COMMAND_SEED),
+        )
 
-    def index(self, source: str | os.PathLike, name: str, galleries_dir: str | os.PathLike, spec,
-              index: str = "auto") -> None:
+    def index(
+        self, source: str | os.PathLike, name: str, galleries_dir: str | os.PathLike, spec, index: str = "auto"
+    ) -> None:
         """Build the gallery `galleries_dir/name` of `source` with the model of `spec`, as `fti4cir index`."""
         from ..factory import create_model
         from ..gallery import build_gallery, folder_source, validate_name, weights_label
@@ -324,8 +404,15 @@ class Rebuild:
         spec = spec.resolved()
         if spec.weights is not None and Path(spec.weights).exists():
             spec = spec.replace(weights=str(Path(spec.weights).resolve()))
-        report = build_gallery(create_model(spec), source, name, galleries_dir=galleries_dir, index=index,
-                               weights=weights_label(spec.weights, spec.seed), progress=False)
+        report = build_gallery(
+            create_model(spec),
+            source,
+            name,
+            galleries_dir=galleries_dir,
+            index=index,
+            weights=weights_label(spec.weights, spec.seed),
+            progress=False,
+        )
         self.say(report.summary())
 
     def evaluate(self) -> None:
@@ -340,15 +427,25 @@ class Rebuild:
         parts = load_parts("clothing-cir", self.benchmark_root, "test")
         model = create_model(self.model_spec(self.path(FTI4CIR_FILE), seed=COMMAND_SEED, m2c_weights=m2c_weights))
         cache = FeatureCache(model, self.cache)
-        results = evaluate(model, "clothing-cir", parts, cache, methods=methods, weights=weights,
-                           m2c_side=make_m2c_side(model, cache, m2c_weights, model.preprocess_kind))
+        results = evaluate(
+            model,
+            "clothing-cir",
+            parts,
+            cache,
+            methods=methods,
+            weights=weights,
+            m2c_side=make_m2c_side(model, cache, m2c_weights, model.preprocess_kind),
+        )
         json_path, markdown_path = write_report(self.path("evaluate"), results)
         self.say(to_markdown(results))
-        self.say(f"{results['features']['visual_passes']} visual passes, {results['seconds']:.1f} s; "
-                 f"wrote {json_path} and {markdown_path}")
+        self.say(
+            f"{results['features']['visual_passes']} visual passes, {results['seconds']:.1f} s; "
+            f"wrote {json_path} and {markdown_path}"
+        )
 
-        rates = decoded_word_rates(self.demo_model(self.path(FTI4CIR_FILE)), self.photos,
-                                   self.labels(), "test", progress=self.progress)
+        rates = decoded_word_rates(
+            self.demo_model(self.path(FTI4CIR_FILE)), self.photos, self.labels(), "test", progress=self.progress
+        )
         write_json_atomic(self.path("benchmark.json"), {"decoded_words": rates})
 
     # ---- install --------------------------------------------------------------------------------------------------
@@ -357,8 +454,11 @@ class Rebuild:
         if missing:
             raise UserError(f"cannot install: stages not done yet: {', '.join(missing)}")
         weights_dir, galleries_dir = Path(weights_dir), Path(galleries_dir)
-        pairs = [(self.clip_weights, weights_dir / CLIP_FILE), (self.path(FTI4CIR_FILE), weights_dir / FTI4CIR_FILE),
-                 (self.path(M2C_FILE), weights_dir / M2C_FILE)]
+        pairs = [
+            (self.clip_weights, weights_dir / CLIP_FILE),
+            (self.path(FTI4CIR_FILE), weights_dir / FTI4CIR_FILE),
+            (self.path(M2C_FILE), weights_dir / M2C_FILE),
+        ]
         for src, dst in pairs:
             for a, b in ((src, dst), (src.with_suffix(".json"), dst.with_suffix(".json"))):
                 dst.parent.mkdir(parents=True, exist_ok=True)
@@ -366,11 +466,18 @@ class Rebuild:
         write_text_atomic(weights_dir / REPORT, self.report())
         definition = galleries_dir / f"{GALLERY}.json"
         rel = lambda p: os.path.relpath(Path(p).resolve(), galleries_dir.resolve())  # noqa: E731
-        write_json_atomic(definition, {
-            "description": "The embedded demo: the clothing test photos indexed with the demo model "
-                           "(fti4cir demo-rebuild --install)",
-            "source": rel(self.photos / "test"), "backbone": DEMO_MODEL, "pretrained": rel(weights_dir / CLIP_FILE),
-            "weights": rel(weights_dir / FTI4CIR_FILE), "m2c_weights": rel(weights_dir / M2C_FILE)})
+        write_json_atomic(
+            definition,
+            {
+                "description": "The embedded demo: the clothing test photos indexed with the demo model "
+                "(fti4cir demo-rebuild --install)",
+                "source": rel(self.photos / "test"),
+                "backbone": DEMO_MODEL,
+                "pretrained": rel(weights_dir / CLIP_FILE),
+                "weights": rel(weights_dir / FTI4CIR_FILE),
+                "m2c_weights": rel(weights_dir / M2C_FILE),
+            },
+        )
         target = galleries_dir / GALLERY
         if target.exists():  # rebuilt from scratch: a gallery keeps old versions, the repository needs one
             shutil.rmtree(target)
@@ -383,7 +490,8 @@ class Rebuild:
 
         values = read_definition(definition)
         spec = self.model_spec(seed=COMMAND_SEED).replace(
-            **{key: values[key] for key in ("backbone", "pretrained", "weights", "preprocess") if key in values})
+            **{key: values[key] for key in ("backbone", "pretrained", "weights", "preprocess") if key in values}
+        )
         self.index(values["source"], definition.stem, definition.parent, spec, values.get("index") or "auto")
 
     def report(self) -> str:
@@ -391,16 +499,33 @@ class Rebuild:
         benchmark table, decoded-word hit rates."""
         timings = json.loads(self.path("timings.json").read_text()) if self.path("timings.json").exists() else {}
         words = json.loads(self.path("benchmark.json").read_text())["decoded_words"]
-        lines = ["# The demo model: measured numbers", "",
-                 "Written by `fti4cir demo-rebuild --install` from the run it installs (seed "
-                 f"{self.seed}); wall times on the machine that ran it.", "",
-                 "## Wall time per stage", "", "| stage | seconds |", "|---|---:|"]
+        lines = [
+            "# The demo model: measured numbers",
+            "",
+            "Written by `fti4cir demo-rebuild --install` from the run it installs (seed "
+            f"{self.seed}); wall times on the machine that ran it.",
+            "",
+            "## Wall time per stage",
+            "",
+            "| stage | seconds |",
+            "|---|---:|",
+        ]
         lines += [f"| {name} | {seconds:.0f} |" for name, seconds in timings.items()]
-        lines += ["", "## The CLIP, zero-shot", "", self.path("zero-shot.md").read_text().strip(), "",
-                  "## clothing-cir (held-out test photos)", "",
-                  (self.path("evaluate") / "results.md").read_text().strip(), "", "## Decoded words", "",
-                  f"Of {words['photos']} test photos, the subject token's nearest word is the class word for "
-                  f"{words['subject_is_class']:.1%}; of the {words['coloured_photos']} with a colour label, the colour "
-                  f"word is among the top-3 words of a kept attribute token for {words['colour_in_attribute_top3']:.1%}.",
-                  ""]
+        lines += [
+            "",
+            "## The CLIP, zero-shot",
+            "",
+            self.path("zero-shot.md").read_text().strip(),
+            "",
+            "## clothing-cir (held-out test photos)",
+            "",
+            (self.path("evaluate") / "results.md").read_text().strip(),
+            "",
+            "## Decoded words",
+            "",
+            f"Of {words['photos']} test photos, the subject token's nearest word is the class word for "
+            f"{words['subject_is_class']:.1%}; of the {words['coloured_photos']} with a colour label, the colour "
+            f"word is among the top-3 words of a kept attribute token for {words['colour_in_attribute_top3']:.1%}.",
+            "",
+        ]
         return "\n".join(lines)

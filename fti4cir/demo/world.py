@@ -3,6 +3,7 @@
 Every word is a single token of the CLIP BPE vocabulary (`open_clip.get_tokenizer`, checked by the tests), so a
 pseudo token decoded to its nearest vocabulary word can land exactly on a class or colour.
 """
+
 from __future__ import annotations
 
 # class folder of clothing-dataset-small -> the noun captions, benchmark texts and decoding use
@@ -23,8 +24,19 @@ CLASS_WORDS: dict[str, str] = {
 PLURAL_WORDS: frozenset[str] = frozenset({"pants", "shoes", "shorts"})
 
 # the basic colour terms a garment is named with (Berlin & Kay's eleven)
-COLOURS: tuple[str, ...] = ("black", "white", "grey", "red", "orange", "yellow", "green", "blue", "purple", "pink",
-                            "brown")
+COLOURS: tuple[str, ...] = (
+    "black",
+    "white",
+    "grey",
+    "red",
+    "orange",
+    "yellow",
+    "green",
+    "blue",
+    "purple",
+    "pink",
+    "brown",
+)
 
 
 def class_word(folder: str) -> str:

@@ -5,6 +5,7 @@ each colour's text feature is the mean of "a photo of a {colour} {word}" over th
 photos with a reliable colour label. Images go through the model's own transform (`model.preprocess`), the path
 every query takes.
 """
+
 from __future__ import annotations
 
 import os
@@ -39,21 +40,32 @@ class ZeroShotReport:
     coloured_photos: int
 
     def to_dict(self) -> dict:
-        return {"split": self.split, "class_accuracy": self.class_accuracy, "colour_accuracy": self.colour_accuracy,
-                "photos": self.photos, "coloured_photos": self.coloured_photos, "words": self.words,
-                "colours": list(COLOURS), "class_confusion": self.class_confusion.tolist(),
-                "colour_confusion": self.colour_confusion.tolist()}
+        return {
+            "split": self.split,
+            "class_accuracy": self.class_accuracy,
+            "colour_accuracy": self.colour_accuracy,
+            "photos": self.photos,
+            "coloured_photos": self.coloured_photos,
+            "words": self.words,
+            "colours": list(COLOURS),
+            "class_confusion": self.class_confusion.tolist(),
+            "colour_confusion": self.colour_confusion.tolist(),
+        }
 
     def markdown(self) -> str:
         def table(matrix: np.ndarray, names: list[str]) -> str:
             head = "| truth \\ predicted | " + " | ".join(names) + " |\n|---|" + "---|" * len(names) + "\n"
-            return head + "".join(f"| {n} | " + " | ".join(str(v) for v in row) + " |\n"
-                                  for n, row in zip(names, matrix))
-        return (f"Zero-shot on the {self.split} split: class accuracy {self.class_accuracy:.1%} ({self.photos} photos, "
-                f"chance {1 / len(self.words):.0%}), colour accuracy {self.colour_accuracy:.1%} "
-                f"({self.coloured_photos} photos with a colour label, chance {1 / len(COLOURS):.0%}).\n\n"
-                f"Class confusion:\n\n{table(self.class_confusion, self.words)}\n"
-                f"Colour confusion:\n\n{table(self.colour_confusion, list(COLOURS))}")
+            return head + "".join(
+                f"| {n} | " + " | ".join(str(v) for v in row) + " |\n" for n, row in zip(names, matrix)
+            )
+
+        return (
+            f"Zero-shot on the {self.split} split: class accuracy {self.class_accuracy:.1%} ({self.photos} photos, "
+            f"chance {1 / len(self.words):.0%}), colour accuracy {self.colour_accuracy:.1%} "
+            f"({self.coloured_photos} photos with a colour label, chance {1 / len(COLOURS):.0%}).\n\n"
+            f"Class confusion:\n\n{table(self.class_confusion, self.words)}\n"
+            f"Colour confusion:\n\n{table(self.colour_confusion, list(COLOURS))}"
+        )
 
 
 def _confusion(truth: np.ndarray, predicted: np.ndarray, n: int) -> np.ndarray:
@@ -69,28 +81,36 @@ def image_features(model, paths: list[Path], batch_size: int = 128, progress: bo
 
     out = []
     for i in tqdm(range(0, len(paths), batch_size), desc="image features", unit="batch", disable=not progress):
-        images = [load_image(p) for p in paths[i:i + batch_size]]
+        images = [load_image(p) for p in paths[i : i + batch_size]]
         out.append(F.normalize(model.backbone.encode_image(model.preprocess(images)).float(), dim=-1).cpu())
     return torch.cat(out)
 
 
 @torch.no_grad()
-def zero_shot(model, photos_root: str | os.PathLike, labels: dict, split: str = "test",
-              progress: bool = True) -> ZeroShotReport:
+def zero_shot(
+    model, photos_root: str | os.PathLike, labels: dict, split: str = "test", progress: bool = True
+) -> ZeroShotReport:
     """Class and colour accuracy of `model` (a `BackboneModel`: backbone + transform) on `split`."""
     rows = [p for p in labels["photos"] if p["split"] == split]
     words = sorted(set(labels["classes"].values()))
     feats = image_features(model, [Path(photos_root) / p["path"] for p in rows], progress=progress)
     encode = lambda texts: F.normalize(model.backbone.encode_text(texts).float(), dim=-1).cpu()  # noqa: E731
     class_text = encode([_prompt(CLASS_PROMPT, w) for w in words])
-    colour_text = torch.stack([F.normalize(encode([_prompt(COLOUR_PROMPT, w, c) for w in words]).mean(0), dim=0)
-                               for c in COLOURS])
+    colour_text = torch.stack(
+        [F.normalize(encode([_prompt(COLOUR_PROMPT, w, c) for w in words]).mean(0), dim=0) for c in COLOURS]
+    )
     class_truth = np.array([words.index(p["word"]) for p in rows])
     class_pred = (feats @ class_text.T).argmax(1).numpy()
     coloured = [i for i, p in enumerate(rows) if p["colour"]]
     colour_truth = np.array([COLOURS.index(rows[i]["colour"]) for i in coloured])
     colour_pred = (feats[coloured] @ colour_text.T).argmax(1).numpy()
-    return ZeroShotReport(split, float((class_pred == class_truth).mean()),
-                          float((colour_pred == colour_truth).mean()) if coloured else float("nan"),
-                          _confusion(class_truth, class_pred, len(words)),
-                          _confusion(colour_truth, colour_pred, len(COLOURS)), words, len(rows), len(coloured))
+    return ZeroShotReport(
+        split,
+        float((class_pred == class_truth).mean()),
+        float((colour_pred == colour_truth).mean()) if coloured else float("nan"),
+        _confusion(class_truth, class_pred, len(words)),
+        _confusion(colour_truth, colour_pred, len(COLOURS)),
+        words,
+        len(rows),
+        len(coloured),
+    )

@@ -102,9 +102,7 @@ def _columns_of(names: Sequence[str], index: Mapping[str, int], what: str, n_row
     return np.fromiter((index[name] for name in names), dtype=np.int64, count=len(names))
 
 
-def _padded_columns(
-    name_sets: Sequence[Sequence[str]], index: Mapping[str, int], what: str, n_rows: int
-) -> np.ndarray:
+def _padded_columns(name_sets: Sequence[Sequence[str]], index: Mapping[str, int], what: str, n_rows: int) -> np.ndarray:
     """Gallery columns of several names per query, de-duplicated, padded with -1 to ``[queries, max size]``."""
     if len(name_sets) != n_rows:
         raise ValueError(f"{len(name_sets)} {what} for {n_rows} queries")
@@ -346,8 +344,9 @@ def clothing_cir_metrics(
     top = _top_columns(matrix, depth, "similarity", excluded=reference_columns)
     hits = (top[:, :, None] == truth_columns[:, None, :]).any(axis=2)
     precision_at_hits = np.cumsum(hits, axis=1) * hits / np.arange(1, depth + 1)
-    per_query = {f"map@{k}": precision_at_hits[:, :k].sum(axis=1) / np.minimum(truth_counts, k)
-                 for k in CLOTHING_MAP_KS}
+    per_query = {
+        f"map@{k}": precision_at_hits[:, :k].sum(axis=1) / np.minimum(truth_counts, k) for k in CLOTHING_MAP_KS
+    }
     per_query.update({f"recall@{k}": hits[:, :k].any(axis=1).astype(np.float64) for k in CLOTHING_RECALL_KS})
 
     def summary(rows: np.ndarray) -> dict[str, float]:
@@ -355,6 +354,8 @@ def clothing_cir_metrics(
 
     kinds = np.asarray(kinds)
     result: dict[str, Any] = summary(np.arange(n_rows))
-    result["by_type"] = {kind: {"queries": int((kinds == kind).sum()), **summary(np.flatnonzero(kinds == kind))}
-                         for kind in dict.fromkeys(kinds.tolist())}
+    result["by_type"] = {
+        kind: {"queries": int((kinds == kind).sum()), **summary(np.flatnonzero(kinds == kind))}
+        for kind in dict.fromkeys(kinds.tolist())
+    }
     return result

@@ -6,6 +6,7 @@ The results object (written by :mod:`fti4cir.evaluation.run`) holds ``dataset``,
 ``features`` (visual passes run) and ``seconds``. Metrics are percentages. clothing-cir metrics also hold
 ``by_type`` (query type -> its query count and metrics), shown as a second table with one row per method and type.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -25,17 +26,27 @@ def metric_columns(results: Mapping[str, Any]) -> list[tuple[str, tuple[str, ...
     if dataset == "fashioniq":
         categories = [part["name"] for part in results["parts"]]
         columns = [(f"{c} R@{k}", (c, f"recall@{k}")) for c in categories for k in (10, 50)]
-        return columns + [("avg R@10", ("average", "recall@10")), ("avg R@50", ("average", "recall@50")),
-                          ("avg", ("average", "mean"))]
+        return columns + [
+            ("avg R@10", ("average", "recall@10")),
+            ("avg R@50", ("average", "recall@50")),
+            ("avg", ("average", "mean")),
+        ]
     if dataset == "cirr":
-        return [*((f"R@{k}", (f"recall@{k}",)) for k in (1, 5, 10, 50)),
-                *((f"Rs@{k}", (f"recall_subset@{k}",)) for k in (1, 2, 3)), ("avg", ("avg",))]
+        return [
+            *((f"R@{k}", (f"recall@{k}",)) for k in (1, 5, 10, 50)),
+            *((f"Rs@{k}", (f"recall_subset@{k}",)) for k in (1, 2, 3)),
+            ("avg", ("avg",)),
+        ]
     if dataset == "circo":
-        return [*((f"mAP@{k}", (f"map@{k}",)) for k in (5, 10, 25, 50)),
-                *((f"R@{k}", (f"recall@{k}",)) for k in (5, 10, 25, 50))]
+        return [
+            *((f"mAP@{k}", (f"map@{k}",)) for k in (5, 10, 25, 50)),
+            *((f"R@{k}", (f"recall@{k}",)) for k in (5, 10, 25, 50)),
+        ]
     if dataset == "clothing-cir":
-        return [*((f"mAP@{k}", (f"map@{k}",)) for k in (5, 10, 25)),
-                *((f"R@{k}", (f"recall@{k}",)) for k in (1, 5, 10))]
+        return [
+            *((f"mAP@{k}", (f"map@{k}",)) for k in (5, 10, 25)),
+            *((f"R@{k}", (f"recall@{k}",)) for k in (1, 5, 10)),
+        ]
     raise ValueError(f"unknown dataset {dataset!r}")
 
 
@@ -50,10 +61,14 @@ def _scope(results: Mapping[str, Any]) -> str:
     """One line on what was evaluated, loud when the run is a subset."""
     sizes = "; ".join(
         f"{part['name']}: {part['queries']} of {part['queries_total']} queries, "
-        f"gallery {part['gallery']} of {part['gallery_total']} images" for part in results["parts"])
+        f"gallery {part['gallery']} of {part['gallery_total']} images"
+        for part in results["parts"]
+    )
     if results["protocol"] == "subset":
-        return (f"**Subset run, not comparable to published numbers** ({sizes}). Fewer queries change the "
-                f"average; a smaller gallery makes retrieval easier.")
+        return (
+            f"**Subset run, not comparable to published numbers** ({sizes}). Fewer queries change the "
+            f"average; a smaller gallery makes retrieval easier."
+        )
     return f"Official protocol ({sizes})."
 
 
@@ -78,12 +93,19 @@ def to_markdown(results: Mapping[str, Any]) -> str:
     for method, metrics in results["methods"].items():
         cells = " | ".join(f"{_lookup(metrics, path):.2f}" for _, path in columns)
         lines.append(f"| {method} | {cells} |")
-    by_type = [(method, kind, values) for method, metrics in results["methods"].items()
-               for kind, values in metrics.get("by_type", {}).items()]
+    by_type = [
+        (method, kind, values)
+        for method, metrics in results["methods"].items()
+        for kind, values in metrics.get("by_type", {}).items()
+    ]
     if by_type:
-        lines += ["", "Per query type:", "",
-                  "| method | type | queries | " + " | ".join(header for header, _ in columns) + " |",
-                  "|---|---|---:|" + "---:|" * len(columns)]
+        lines += [
+            "",
+            "Per query type:",
+            "",
+            "| method | type | queries | " + " | ".join(header for header, _ in columns) + " |",
+            "|---|---|---:|" + "---:|" * len(columns),
+        ]
         for method, kind, values in by_type:
             cells = " | ".join(f"{_lookup(values, path):.2f}" for _, path in columns)
             lines.append(f"| {method} | {kind} | {values['queries']} | {cells} |")

@@ -23,6 +23,7 @@ Subset mode (`--max-queries`, `--subset-gallery`): the first N queries (per Fash
 down to the images those queries use plus N distractors. For smoke tests and quick comparisons; the results are
 marked "subset" and are not comparable to published numbers (a smaller gallery makes retrieval easier).
 """
+
 from __future__ import annotations
 
 import functools
@@ -67,15 +68,14 @@ REFERENCE_POLICY = {
     "cirr": "the reference image is removed from the ranking (official CIRR protocol)",
     "circo": "the reference image stays in the ranking (official CIRCO/FTI4CIR validation code)",
     "clothing-cir": "the reference image is removed from the ranking; a query's ground truths are every other test "
-                    "photo of the target class and colour",
+    "photo of the target class and colour",
 }
 
 
 # ---- queries and galleries ----------------------------------------------------------------------------------------
 def _query_images(query: Query) -> list[str]:
     """Every image a query names: reference, target, ground truths, group members."""
-    return [query.reference, *([query.target] if query.target is not None else []), *query.ground_truths,
-            *query.group]
+    return [query.reference, *([query.target] if query.target is not None else []), *query.ground_truths, *query.group]
 
 
 @dataclass
@@ -92,16 +92,20 @@ class Part:
         return len(self.queries) < len(self.benchmark.queries) or len(self.gallery) < len(self.benchmark.images)
 
     def sizes(self) -> dict[str, Any]:
-        return {"name": self.name, "queries": len(self.queries), "queries_total": len(self.benchmark.queries),
-                "gallery": len(self.gallery), "gallery_total": len(self.benchmark.images)}
+        return {
+            "name": self.name,
+            "queries": len(self.queries),
+            "queries_total": len(self.benchmark.queries),
+            "gallery": len(self.gallery),
+            "gallery_total": len(self.benchmark.images),
+        }
 
     def needed_images(self) -> list[str]:
         """Gallery plus every image a selected query names (a name outside the gallery index counts as missing)."""
         return list(dict.fromkeys([*self.gallery, *(n for q in self.queries for n in _query_images(q))]))
 
 
-def select(name: str, benchmark: Benchmark, max_queries: int | None = None,
-           subset_gallery: int | None = None) -> Part:
+def select(name: str, benchmark: Benchmark, max_queries: int | None = None, subset_gallery: int | None = None) -> Part:
     """The first `max_queries` queries; with `subset_gallery`, only the gallery images those queries use (reference,
     target, ground truths, group members) plus that many other gallery images, in official order."""
     queries = benchmark.queries[:max_queries] if max_queries is not None else list(benchmark.queries)
@@ -114,8 +118,15 @@ def select(name: str, benchmark: Benchmark, max_queries: int | None = None,
     return Part(name, benchmark, queries, gallery)
 
 
-def load_parts(dataset: str, root: str | Path, split: str, *, categories: Sequence[str] = FASHIONIQ_CATEGORIES,
-               max_queries: int | None = None, subset_gallery: int | None = None) -> list[Part]:
+def load_parts(
+    dataset: str,
+    root: str | Path,
+    split: str,
+    *,
+    categories: Sequence[str] = FASHIONIQ_CATEGORIES,
+    max_queries: int | None = None,
+    subset_gallery: int | None = None,
+) -> list[Part]:
     """Read and select the benchmark, then check that every needed image file exists (one UserError otherwise)."""
     if dataset == "fashioniq":
         parts = [select(c, load_benchmark(dataset, root, split, c), max_queries, subset_gallery) for c in categories]
@@ -143,8 +154,10 @@ def resolve_prompt(value: str | None, dataset: str) -> str:
         return prompts.PROMPTS.get(dataset, prompts.DEFAULT)
     template = prompts.PROMPTS.get(value, value)
     if "*" not in template or template_fields(template) - {ATTRS_FIELD} != {"text"}:
-        raise UserError(f"--prompt must be one of {', '.join(prompts.PROMPTS)} or a template with '*' placeholders "
-                        f"and a {{text}} field (optionally {{attrs}}), got {value!r}")
+        raise UserError(
+            f"--prompt must be one of {', '.join(prompts.PROMPTS)} or a template with '*' placeholders "
+            f"and a {{text}} field (optionally {{attrs}}), got {value!r}"
+        )
     return template
 
 
@@ -159,8 +172,16 @@ def method_prompts(methods: Sequence[str], fti4cir_prompt: str, dataset: str) ->
 class FeatureCache:
     """Reference features (with patch tokens) and gallery features (global only) for one model, on disk."""
 
-    def __init__(self, model, root: str | Path = DEFAULT_CACHE_DIR, *, batch_size: int = 32,
-                 num_workers: int | None = None, progress: bool = True, hashes: FileHashes | None = None):
+    def __init__(
+        self,
+        model,
+        root: str | Path = DEFAULT_CACHE_DIR,
+        *,
+        batch_size: int = 32,
+        num_workers: int | None = None,
+        progress: bool = True,
+        hashes: FileHashes | None = None,
+    ):
         """hashes: the file-hash memo of another cache under the same root (one memo per file, so that neither
         overwrites what the other learnt)."""
         self.model, self.batch_size, self.num_workers, self.progress = model, batch_size, num_workers, progress
@@ -188,8 +209,14 @@ class FeatureCache:
         todo = np.flatnonzero(rows < 0)
         if todo.size:
             todo_paths = [paths[i] for i in todo]
-            result = extract_features(self.model, todo_paths, store, batch_size=self.batch_size,
-                                      num_workers=self.num_workers, progress=self.progress)
+            result = extract_features(
+                self.model,
+                todo_paths,
+                store,
+                batch_size=self.batch_size,
+                num_workers=self.num_workers,
+                progress=self.progress,
+            )
             self.computed += result.computed
             self.hashes.record(todo_paths, result.hashes)
             self.hashes.save()
@@ -202,8 +229,9 @@ class FeatureCache:
     def reference_features(self, rows: np.ndarray) -> VisualFeatures:
         """Visual features (with patch tokens, fp32, on the model's device) of rows from `reference_rows`."""
         cached = self.references.get(rows)
-        return VisualFeatures(cached.global_features.to(self.model.device).float(),
-                              cached.patch_tokens.to(self.model.device).float())
+        return VisualFeatures(
+            cached.global_features.to(self.model.device).float(), cached.patch_tokens.to(self.model.device).float()
+        )
 
     def reference_rows(self, paths: list[Path]) -> np.ndarray:
         """Rows of the references in the reference store, computing what is absent."""
@@ -220,7 +248,7 @@ class FeatureCache:
             batches = []
             with torch.inference_mode():
                 for start in range(0, len(missing_rows), self.batch_size):
-                    visual = self.reference_features(missing_rows[start:start + self.batch_size])
+                    visual = self.reference_features(missing_rows[start : start + self.batch_size])
                     batches.append(self.model.invert(visual))
             self.tokens.add(missing, PseudoTokens.cat(batches))
         return self.tokens.get(hashes).to(self.model.device)
@@ -252,23 +280,31 @@ def make_m2c_side(model, cache: FeatureCache, weights: str, preprocess: str = "c
     if m2c_model.preprocess_kind != preprocess:  # the same network on the same backbone, another image transform
         m2c_model = M2CModel(m2c_model.backbone, m2c_model.net, preprocess)
     if m2c_model.identity() != model.identity():
-        cache = FeatureCache(m2c_model, cache.root, batch_size=cache.batch_size, num_workers=cache.num_workers,
-                             progress=cache.progress, hashes=cache.hashes)
+        cache = FeatureCache(
+            m2c_model,
+            cache.root,
+            batch_size=cache.batch_size,
+            num_workers=cache.num_workers,
+            progress=cache.progress,
+            hashes=cache.hashes,
+        )
     return M2CSide(m2c_model, cache, str(weights))
 
 
 # ---- queries -> similarities --------------------------------------------------------------------------------------
-def query_features(model, references, reference_index: np.ndarray, texts: Sequence, method: str,
-                   prompt: str | None, batch_size: int) -> torch.Tensor:
+def query_features(
+    model, references, reference_index: np.ndarray, texts: Sequence, method: str, prompt: str | None, batch_size: int
+) -> torch.Tensor:
     """compose() over query batches: [Q, E] L2-normalised. references: the references' pseudo tokens, or a function
     (rows of `reference_index`) -> their visual features, for methods that read patch tokens."""
     out, truncated = [], 0
     with torch.inference_mode():
         for start in range(0, len(texts), batch_size):
-            rows = reference_index[start:start + batch_size]
+            rows = reference_index[start : start + batch_size]
             batch = references(rows) if callable(references) else references[rows]
-            composed = compose_query(model, batch, list(texts[start:start + batch_size]), method=method,
-                                     prompt=prompt)
+            composed = compose_query(
+                model, batch, list(texts[start : start + batch_size]), method=method, prompt=prompt
+            )
             out.append(composed.features)
             truncated += int(composed.truncated.sum())
     if truncated:
@@ -276,9 +312,17 @@ def query_features(model, references, reference_index: np.ndarray, texts: Sequen
     return torch.cat(out).float()
 
 
-def part_similarities(model, dataset: str, part: Part, cache: FeatureCache, templates: dict[str, str],
-                      methods: Sequence[str], batch_size: int, progress: bool = True, m2c_side: M2CSide | None = None
-                      ) -> Iterator[tuple[str, np.ndarray]]:
+def part_similarities(
+    model,
+    dataset: str,
+    part: Part,
+    cache: FeatureCache,
+    templates: dict[str, str],
+    methods: Sequence[str],
+    batch_size: int,
+    progress: bool = True,
+    m2c_side: M2CSide | None = None,
+) -> Iterator[tuple[str, np.ndarray]]:
     """(method, similarity [queries, gallery]) for each method; visual features come from the cache(s). Each method
     runs on the model of its family (FTI4CIR's, or M2C's from `m2c_side`) with that model's cache, on the references'
     pseudo tokens, or on their cached visual features when it reads patch tokens."""
@@ -301,15 +345,22 @@ def part_similarities(model, dataset: str, part: Part, cache: FeatureCache, temp
             inputs[family, False] = side_cache.reference_tokens(reference_paths)
         if any(d.patch_tokens for d in used):
             rows = side_cache.reference_rows(reference_paths)
-            inputs[family, True] = lambda index, rows=rows, side_cache=side_cache: \
-                side_cache.reference_features(rows[index])
+            inputs[family, True] = lambda index, rows=rows, side_cache=side_cache: side_cache.reference_features(
+                rows[index]
+            )
         galleries[family] = side_cache.gallery_features(gallery_paths)
     for method in tqdm(methods, desc=f"{part.name} methods", disable=not progress):
         spec = declared[method]
         side_model, _ = sides[spec.family]
-        features = query_features(side_model, inputs[spec.family, spec.patch_tokens], reference_index,
-                                  query_texts(dataset, part.queries, method), method, templates.get(method),
-                                  batch_size)
+        features = query_features(
+            side_model,
+            inputs[spec.family, spec.patch_tokens],
+            reference_index,
+            query_texts(dataset, part.queries, method),
+            method,
+            templates.get(method),
+            batch_size,
+        )
         targets = galleries[spec.family]
         yield method, (features.to(targets.device) @ targets.T).cpu().numpy()
 
@@ -320,19 +371,31 @@ def part_metrics(dataset: str, part: Part, similarity: np.ndarray) -> dict[str, 
     if dataset == "fashioniq":
         return metrics.fashioniq_recall(similarity, part.gallery, [x.target for x in q])
     if dataset == "cirr":
-        result = metrics.cirr_metrics(similarity, part.gallery, [x.reference for x in q], [x.target for x in q],
-                                      [x.group for x in q])
+        result = metrics.cirr_metrics(
+            similarity, part.gallery, [x.reference for x in q], [x.target for x in q], [x.group for x in q]
+        )
         result["avg"] = mean((result["recall@5"], result["recall_subset@1"]))  # the CIRR paper's "Avg"
         return result
     if dataset == "clothing-cir":
-        return metrics.clothing_cir_metrics(similarity, part.gallery, [x.reference for x in q],
-                                            [x.ground_truths for x in q], [x.kind for x in q])
+        return metrics.clothing_cir_metrics(
+            similarity, part.gallery, [x.reference for x in q], [x.ground_truths for x in q], [x.kind for x in q]
+        )
     return metrics.circo_metrics(similarity, part.gallery, [x.target for x in q], [x.ground_truths for x in q])
 
 
-def evaluate(model, dataset: str, parts: list[Part], cache: FeatureCache, *, methods: Sequence[str] = METHODS,
-             prompt: str | None = None, batch_size: int = 32, weights: str | None = None,
-             progress: bool = True, m2c_side: M2CSide | None = None) -> dict[str, Any]:
+def evaluate(
+    model,
+    dataset: str,
+    parts: list[Part],
+    cache: FeatureCache,
+    *,
+    methods: Sequence[str] = METHODS,
+    prompt: str | None = None,
+    batch_size: int = 32,
+    weights: str | None = None,
+    progress: bool = True,
+    m2c_side: M2CSide | None = None,
+) -> dict[str, Any]:
     """All `methods` on the same parts and cached features; returns the results object of `report`."""
     started = time.perf_counter()
     caches = [cache] + ([m2c_side.cache] if m2c_side is not None and m2c_side.cache is not cache else [])
@@ -340,8 +403,9 @@ def evaluate(model, dataset: str, parts: list[Part], cache: FeatureCache, *, met
     templates = method_prompts(methods, resolve_prompt(prompt, dataset), dataset)
     per_method: dict[str, dict[str, Any]] = {m: {} for m in methods}
     for part in parts:
-        for method, similarity in part_similarities(model, dataset, part, cache, templates, methods, batch_size,
-                                                    progress, m2c_side):
+        for method, similarity in part_similarities(
+            model, dataset, part, cache, templates, methods, batch_size, progress, m2c_side
+        ):
             per_method[method][part.name] = part_metrics(dataset, part, similarity)
     if dataset == "fashioniq":
         results_by_method = {m: metrics.fashioniq_average(per_method[m]) for m in methods}
@@ -352,14 +416,18 @@ def evaluate(model, dataset: str, parts: list[Part], cache: FeatureCache, *, met
         "split": parts[0].benchmark.split,
         "protocol": "subset" if any(p.subset for p in parts) else "official",
         "parts": [p.sizes() for p in parts],
-        "model": {**model.identity(), "weights": None if weights is None else str(weights),
-                  **({"m2c_weights": m2c_side.weights, "m2c_preprocess": m2c_side.model.preprocess_kind}
-                     if m2c_side else {})},
+        "model": {
+            **model.identity(),
+            "weights": None if weights is None else str(weights),
+            **({"m2c_weights": m2c_side.weights, "m2c_preprocess": m2c_side.model.preprocess_kind} if m2c_side else {}),
+        },
         "prompts": templates,
         "reference_policy": REFERENCE_POLICY[dataset],
         "methods": results_by_method,
-        "features": {"visual_passes": sum(c.computed for c in caches) - computed_before,
-                     "cache": str(cache.gallery.dir.parent)},
+        "features": {
+            "visual_passes": sum(c.computed for c in caches) - computed_before,
+            "cache": str(cache.gallery.dir.parent),
+        },
         "seconds": round(time.perf_counter() - started, 3),
     }
 
@@ -378,12 +446,16 @@ def check_m2c_methods(methods: Sequence[str], config: M2CConfig | None, weights:
     """The M2C methods asked for must be runnable with the given weights (checked before any model work)."""
     wanted = m2c_methods(methods)
     if wanted and config is None:
-        raise UserError(f"method {', '.join(wanted)} needs --m2c-weights: an M2C .safetensors written by "
-                        "`fti4cir m2c-train` (stage 2 for m2c+compose)")
+        raise UserError(
+            f"method {', '.join(wanted)} needs --m2c-weights: an M2C .safetensors written by "
+            "`fti4cir m2c-train` (stage 2 for m2c+compose)"
+        )
     missing = [m for m in wanted if not registry.get(m).available(config)]
     if missing:
-        raise UserError(f"{weights} holds stage-I M2C weights (no composing adapters); {', '.join(missing)} needs "
-                        "the weights of `fti4cir m2c-train --stage 2`")
+        raise UserError(
+            f"{weights} holds stage-I M2C weights (no composing adapters); {', '.join(missing)} needs "
+            "the weights of `fti4cir m2c-train --stage 2`"
+        )
 
 
 # ---- submit -------------------------------------------------------------------------------------------------------
@@ -399,11 +471,13 @@ def write_submission(dataset: str, part: Part, similarity: np.ndarray, out: Path
     try:
         if dataset == "cirr":
             groups = [x.group for x in q]
-            recall, subset = submission.cirr_submission(ids, *submission.cirr_rankings(similarity, part.gallery,
-                                                                                        references, groups))
+            recall, subset = submission.cirr_submission(
+                ids, *submission.cirr_rankings(similarity, part.gallery, references, groups)
+            )
             for obj, metric in ((recall, "recall"), (subset, "recall_subset")):
-                submission.validate_cirr_submission(obj, metric, ids, references=dict(zip(ids, references)),
-                                                    groups=dict(zip(ids, groups)))
+                submission.validate_cirr_submission(
+                    obj, metric, ids, references=dict(zip(ids, references)), groups=dict(zip(ids, groups))
+                )
             files = {out / "cirr" / f"{name}.json": recall, out / "cirr" / f"subset_{name}.json": subset}
         else:
             ranked = submission.circo_rankings(similarity, part.gallery, references)

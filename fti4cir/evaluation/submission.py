@@ -69,9 +69,7 @@ def _prediction_lists(query_ids: Sequence[Any], ranked: Any, what: str) -> dict[
     return {str(query_id): row for query_id, row in zip(query_ids, rows)}
 
 
-def cirr_submission(
-    query_ids: Sequence[Any], ranked_names_top50: Any, ranked_group_top3: Any
-) -> tuple[dict, dict]:
+def cirr_submission(query_ids: Sequence[Any], ranked_names_top50: Any, ranked_group_top3: Any) -> tuple[dict, dict]:
     """The recall and recall_subset submission objects, validated."""
     submissions = []
     for metric, ranked in (("recall", ranked_names_top50), ("recall_subset", ranked_group_top3)):

@@ -6,6 +6,7 @@ reader follows CURRENT, so it sees the old or the new gallery, never a mix; a ki
 in flight and the next run resumes. Incremental: images are keyed by content hash, so unchanged (or renamed) images are
 copied from the published version, new ones computed, deleted ones dropped. The format: `fti4cir.gallery.store`.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -54,8 +55,10 @@ class BuildReport:
         if self.up_to_date:
             text = f"gallery '{self.name}' is up to date: {self.images} images"
         else:
-            text = (f"gallery '{self.name}' {self.version}: {self.images} images ({self.computed} computed, "
-                    f"{self.reused} unchanged, {self.removed} removed)")
+            text = (
+                f"gallery '{self.name}' {self.version}: {self.images} images ({self.computed} computed, "
+                f"{self.reused} unchanged, {self.removed} removed)"
+            )
         if self.failures:
             shown = ", ".join(p for p, _ in self.failures[:SHOWN_FAILURES])
             more = f" and {len(self.failures) - SHOWN_FAILURES} more" if len(self.failures) > SHOWN_FAILURES else ""
@@ -70,8 +73,7 @@ def _build_lock(gallery_dir: Path):
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise UserError(f"Gallery {gallery_dir} is being built by another process; wait for it to finish") \
-                from None
+            raise UserError(f"Gallery {gallery_dir} is being built by another process; wait for it to finish") from None
         try:
             yield
         finally:
@@ -86,13 +88,21 @@ def _hash_all(paths: list[Path], progress: bool) -> list[str | None]:
 
     with tqdm(total=len(paths), desc="hashing", unit="img", disable=not progress) as bar:
         for start in range(0, len(paths), 1024):
-            hashes += hash_files(paths[start:start + 1024])
-            bar.update(len(paths[start:start + 1024]))
+            hashes += hash_files(paths[start : start + 1024])
+            bar.update(len(paths[start : start + 1024]))
     return hashes
 
 
-def _compute_local(model, todo: list[tuple[Path, str]], staging: Path, *, batch_size: int, num_workers: int | None,
-                   shard_size: int, bar) -> list[tuple[Path, str]]:
+def _compute_local(
+    model,
+    todo: list[tuple[Path, str]],
+    staging: Path,
+    *,
+    batch_size: int,
+    num_workers: int | None,
+    shard_size: int,
+    bar,
+) -> list[tuple[Path, str]]:
     """Compute the missing images shard by shard; returns failures. A kill keeps finished shards and the in-flight
     shard's visual features (crash-safe FeatureStore), so a rerun redoes at most one batch."""
     from ..features import FeatureStore, extract_features
@@ -100,10 +110,11 @@ def _compute_local(model, todo: list[tuple[Path, str]], staging: Path, *, batch_
     partial = staging / "partial-features"
     failures = []
     for start in range(0, len(todo), shard_size):
-        chunk = todo[start:start + shard_size]
+        chunk = todo[start : start + shard_size]
         store = FeatureStore.for_model(partial, model, with_patches=True)
-        result = extract_features(model, [p for p, _ in chunk], store, batch_size=batch_size,
-                                  num_workers=num_workers, progress=False)
+        result = extract_features(
+            model, [p for p, _ in chunk], store, batch_size=batch_size, num_workers=num_workers, progress=False
+        )
         failures += [(p, msg) for p, msg in result.failures]
         ok = result.rows >= 0
         if ok.any():
@@ -114,10 +125,21 @@ def _compute_local(model, todo: list[tuple[Path, str]], staging: Path, *, batch_
     return failures
 
 
-def build_gallery(model, source: str | os.PathLike | Source, name: str, *,
-                  galleries_dir: str | os.PathLike = "galleries", index: str = "auto", batch_size: int = 32,
-                  num_workers: int | None = None, shard_size: int = 256, weights: str | None = None, ray=None,
-                  progress: bool = True, spec: ModelSpec | None = None) -> BuildReport:
+def build_gallery(
+    model,
+    source: str | os.PathLike | Source,
+    name: str,
+    *,
+    galleries_dir: str | os.PathLike = "galleries",
+    index: str = "auto",
+    batch_size: int = 32,
+    num_workers: int | None = None,
+    shard_size: int = 256,
+    weights: str | None = None,
+    ray=None,
+    progress: bool = True,
+    spec: ModelSpec | None = None,
+) -> BuildReport:
     """Build or update `galleries_dir/name` from `source` (see module doc). Safe to kill at any point and rerun.
 
     source: an image folder, or a `Source` (e.g. a benchmark split's images: `named_source`).
@@ -162,8 +184,15 @@ def build_gallery(model, source: str | os.PathLike | Source, name: str, *,
                 if ray is not None:
                     new_failures = ray.compute(identity, todo, staging, shard_size=shard_size, bar=bar)
                 else:
-                    new_failures = _compute_local(model, todo, staging, batch_size=batch_size,
-                                                  num_workers=num_workers, shard_size=shard_size, bar=bar)
+                    new_failures = _compute_local(
+                        model,
+                        todo,
+                        staging,
+                        batch_size=batch_size,
+                        num_workers=num_workers,
+                        shard_size=shard_size,
+                        bar=bar,
+                    )
             failed_paths = {Path(p) for p, _ in new_failures}
             by_path = {im.path: im.rel for im in src.images}
             failures += [(by_path.get(Path(p), str(p)), msg) for p, msg in new_failures]
@@ -173,24 +202,43 @@ def build_gallery(model, source: str | os.PathLike | Source, name: str, *,
         failures += [(im.rel, f"{im.rel}: changed while being indexed; run again to include it") for im in changed]
         entries = [(im, h) for im, h in entries if h in reusable or h in staged]
         if not entries:
-            raise UserError(f"No readable images in {src.spec}" + (f" ({len(failures)} unreadable)" if failures
-                                                                     else ""))
+            raise UserError(
+                f"No readable images in {src.spec}" + (f" ({len(failures)} unreadable)" if failures else "")
+            )
 
         manifest_entries = [_entry(im, h) for im, h in entries]
         old_entries = previous.manifest["entries"] if previous is not None else None
-        if (previous is not None and old_entries == manifest_entries and previous.root == src.root
-                and previous.manifest["index"]["kind"] == index):
+        if (
+            previous is not None
+            and old_entries == manifest_entries
+            and previous.root == src.root
+            and previous.manifest["index"]["kind"] == index
+        ):
             shutil.rmtree(staging, ignore_errors=True)
-            return BuildReport(name, gallery_dir, previous.version, len(entries), 0, len(entries), 0, failures,
-                               up_to_date=True)
+            return BuildReport(
+                name, gallery_dir, previous.version, len(entries), 0, len(entries), 0, failures, up_to_date=True
+            )
 
         version = _next_version(gallery_dir)
         _clear_unpublished(gallery_dir, keep=previous.version if previous is not None else None)
         reused = sum(h in reusable for _, h in entries)
         kept_hashes = {h for _, h in entries}
         removed = sum(e["sha1"] not in kept_hashes for e in old_entries) if old_entries else 0
-        _write_version(gallery_dir / version, model, identity, src, manifest_entries, previous, reusable, staged,
-                       index, failures, gallery_dir, progress, spec)
+        _write_version(
+            gallery_dir / version,
+            model,
+            identity,
+            src,
+            manifest_entries,
+            previous,
+            reusable,
+            staged,
+            index,
+            failures,
+            gallery_dir,
+            progress,
+            spec,
+        )
         manifest_sha = file_digest(gallery_dir / version / "manifest.json")
         write_text_atomic(gallery_dir / CURRENT, f"{version} {manifest_sha}\n")  # the switch
         if previous is not None:
@@ -203,8 +251,10 @@ def build_gallery(model, source: str | os.PathLike | Source, name: str, *,
 
 def _folder(source: str | os.PathLike) -> Source:
     if str(source).startswith("benchmark:"):
-        raise UserError(f"Benchmark source {str(source)[:200]!r}: resolve it first (fti4cir index does; in Python give "
-                        f"build_gallery a fti4cir.gallery.named_source of the split's images)")
+        raise UserError(
+            f"Benchmark source {str(source)[:200]!r}: resolve it first (fti4cir index does; in Python give "
+            f"build_gallery a fti4cir.gallery.named_source of the split's images)"
+        )
     return folder_source(source)
 
 
@@ -241,15 +291,29 @@ def _clear_unpublished(gallery_dir: Path, keep: str | None) -> None:
             shutil.rmtree(d, ignore_errors=True)
 
 
-def _write_version(out: Path, model, identity: dict, src: Source, entries: list[dict], previous: Gallery | None,
-                   reusable: dict[str, int], staged: dict[str, Path], index_kind: str, failures, gallery_dir: Path,
-                   progress: bool, spec: ModelSpec | None) -> None:
+def _write_version(
+    out: Path,
+    model,
+    identity: dict,
+    src: Source,
+    entries: list[dict],
+    previous: Gallery | None,
+    reusable: dict[str, int],
+    staged: dict[str, Path],
+    index_kind: str,
+    failures,
+    gallery_dir: Path,
+    progress: bool,
+    spec: ModelSpec | None,
+) -> None:
     """reusable: the previous version's row of each image hash; staged: the staging shard of each computed hash."""
     out.mkdir()
     n = len(entries)
     shapes = row_shapes(model)
-    arrays = {k: np.lib.format.open_memmap(out / f"{k}.npy", mode="w+", dtype=ARRAYS[k], shape=(n, *shapes[k]))
-              for k in ARRAYS}
+    arrays = {
+        k: np.lib.format.open_memmap(out / f"{k}.npy", mode="w+", dtype=ARRAYS[k], shape=(n, *shapes[k]))
+        for k in ARRAYS
+    }
     rows_of: dict[str, list[int]] = {}
     for row, e in enumerate(entries):
         rows_of.setdefault(e["sha1"], []).append(row)
@@ -261,7 +325,7 @@ def _write_version(out: Path, model, identity: dict, src: Source, entries: list[
             for k in ARRAYS:
                 src_array = previous.array(k)
                 for s in range(0, len(pairs), 4096):
-                    arrays[k][new_rows[s:s + 4096]] = src_array[old_rows[s:s + 4096]]
+                    arrays[k][new_rows[s : s + 4096]] = src_array[old_rows[s : s + 4096]]
         remaining = {h for h in rows_of if h not in reusable}
     else:
         remaining = set(rows_of)
@@ -276,7 +340,7 @@ def _write_version(out: Path, model, identity: dict, src: Source, entries: list[
             shard_rows = np.array([position[h] for h in wanted for _ in rows_of[h]])
             for k in ARRAYS:
                 arrays[k][new_rows] = data[k][shard_rows]
-    for k, a in arrays.items():
+    for a in arrays.values():
         a.flush()
         del a
     arrays.clear()
@@ -284,8 +348,9 @@ def _write_version(out: Path, model, identity: dict, src: Source, entries: list[
     from ..search import VectorIndex
 
     features = np.load(out / "features.npy", mmap_mode="r")
-    vector_index = VectorIndex.build(features, "approximate" if index_kind == "approx" else index_kind, seed=0,
-                                     progress=progress and n >= 100_000)
+    vector_index = VectorIndex.build(
+        features, "approximate" if index_kind == "approx" else index_kind, seed=0, progress=progress and n >= 100_000
+    )
     vector_index.save(out / INDEX_FILE)
     del features
     write_json_atomic(out / "identity.json", identity)
@@ -298,8 +363,11 @@ def _write_version(out: Path, model, identity: dict, src: Source, entries: list[
     manifest = {
         "format": FORMAT_VERSION,
         "name": gallery_dir.name,
-        "source": {"spec": src.spec, "root": str(src.root), "root_from_gallery": os.path.relpath(src.root,
-                                                                                                  gallery_dir)},
+        "source": {
+            "spec": src.spec,
+            "root": str(src.root),
+            "root_from_gallery": os.path.relpath(src.root, gallery_dir),
+        },
         "count": n,
         "entries": entries,
         "skipped": [{"path": p, "reason": msg} for p, msg in failures],

@@ -1,5 +1,6 @@
 """What a gallery is built from and with: its definition file `galleries/<name>.json` (source and model), and the model
 a gallery knows (`gallery_model_spec`: from the definition beside it, else what its manifest records)."""
+
 from __future__ import annotations
 
 import json
@@ -24,8 +25,10 @@ def read_definition(path: str | os.PathLike) -> dict:
     except (OSError, ValueError) as e:
         raise UserError(f"Cannot read gallery definition {path}: {e}") from None
     if not isinstance(definition, dict) or "source" not in definition or set(definition) - DEFINITION_KEYS:
-        raise UserError(f"Gallery definition {path} must be a JSON object with 'source' and only the keys "
-                        f"{', '.join(sorted(DEFINITION_KEYS))}")
+        raise UserError(
+            f"Gallery definition {path} must be a JSON object with 'source' and only the keys "
+            f"{', '.join(sorted(DEFINITION_KEYS))}"
+        )
     base = path.resolve().parent
     source = str(definition["source"])
     if source.startswith("benchmark:"):
@@ -93,8 +96,13 @@ def _identity_spec(identity: dict) -> ModelSpec:
         weights, seed = None, int(weights.split(":", 1)[1] or 0)
     elif isinstance(weights, str) and weights.startswith("sha256:"):
         weights = _not_recorded("a local weights file", weights, "--weights FILE.safetensors")
-    return ModelSpec(backbone=identity.get("backbone"), pretrained=pretrained, weights=weights,
-                     preprocess=identity.get("preprocess", "targetpad"), seed=seed)
+    return ModelSpec(
+        backbone=identity.get("backbone"),
+        pretrained=pretrained,
+        weights=weights,
+        preprocess=identity.get("preprocess", "targetpad"),
+        seed=seed,
+    )
 
 
 def _not_recorded(what: str, digest: str, flag: str) -> NotRecorded:

@@ -1,4 +1,5 @@
 """A gallery's model identity: what its vectors and tokens depend on, and the check that a model matches it."""
+
 from __future__ import annotations
 
 import hashlib
@@ -48,9 +49,11 @@ def check_compatible(gallery_identity_: dict, model_identity: dict, name: str) -
     """Refuse a model whose identity differs from the gallery's, naming both sides."""
     differs = identity_differences(gallery_identity_, model_identity)
     if differs:
-        raise UserError(f"Gallery '{name}' was built with {describe_identity(gallery_identity_)}, but the loaded "
-                        f"model has {describe_identity(model_identity)} (differs in: {', '.join(differs)}). Load the "
-                        f"matching model or rebuild the gallery with this one (fti4cir index ... --name {name}).")
+        raise UserError(
+            f"Gallery '{name}' was built with {describe_identity(gallery_identity_)}, but the loaded "
+            f"model has {describe_identity(model_identity)} (differs in: {', '.join(differs)}). Load the "
+            f"matching model or rebuild the gallery with this one (fti4cir index ... --name {name})."
+        )
 
 
 def identity_key(identity: dict) -> str:

@@ -8,6 +8,7 @@ named by its images' hashes, then merges the shards into the gallery exactly as 
 already staged are not sent again, so a rerun after a failure (of the driver or of workers) resumes; a retried task
 rewrites the same shard.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -58,8 +59,9 @@ class IndexWorker:
         scratch = tempfile.mkdtemp(prefix="fti4cir-shard-")
         try:
             store = FeatureStore.for_model(scratch, self.model, with_patches=True)
-            result = extract_features(self.model, paths, store, batch_size=self.batch_size, num_workers=0,
-                                      progress=False)
+            result = extract_features(
+                self.model, paths, store, batch_size=self.batch_size, num_workers=0, progress=False
+            )
             ok = result.rows >= 0
             arrays = shard_arrays(self.model, store.get(result.rows[ok]), self.batch_size) if ok.any() else None
             hashes = [h if good else None for h, good in zip(result.hashes, ok)]
@@ -81,8 +83,9 @@ class RayCompute:
     gpus_per_worker: float = 0.0
     batch_size: int = 32
 
-    def compute(self, identity: dict, todo: list[tuple[Path, str]], staging: Path, *, shard_size: int,
-                bar) -> list[tuple[str, str]]:
+    def compute(
+        self, identity: dict, todo: list[tuple[Path, str]], staging: Path, *, shard_size: int, bar
+    ) -> list[tuple[str, str]]:
         """Stage the gallery rows of `todo` [(path, content hash)] as shards in `staging`; returns the failures."""
         import ray
         from ray.util import ActorPool
@@ -95,20 +98,29 @@ class RayCompute:
             actors = self._start_actors(ray)
             for worker_identity in ray.get([a.identity.remote() for a in actors]):
                 if identity_differences(worker_identity, identity):
-                    raise UserError(f"A Ray worker built another model ({describe_identity(worker_identity)}) than "
-                                    f"this process ({describe_identity(identity)}): the model flags and weight files "
-                                    f"must resolve to the same files on every node")
-            chunks = [todo[i:i + shard_size] for i in range(0, len(todo), shard_size)]
+                    raise UserError(
+                        f"A Ray worker built another model ({describe_identity(worker_identity)}) than "
+                        f"this process ({describe_identity(identity)}): the model flags and weight files "
+                        f"must resolve to the same files on every node"
+                    )
+            chunks = [todo[i : i + shard_size] for i in range(0, len(todo), shard_size)]
             failures: list[tuple[str, str]] = []
             pool = ActorPool(actors)
             # map (not map_unordered): results come back in chunk order, so each pairs with its chunk
-            for chunk, (hashes, arrays, failed) in zip(chunks, pool.map(
-                    lambda actor, chunk: actor.process.remote([str(p) for p, _ in chunk]), chunks)):
+            for chunk, (hashes, arrays, failed) in zip(
+                chunks, pool.map(lambda actor, chunk: actor.process.remote([str(p) for p, _ in chunk]), chunks)
+            ):
                 if arrays is not None:
                     write_shard(staging, [h for h in hashes if h is not None], arrays)
                 failures += failed
-                failures += [(str(p), f"{p}: its content on the Ray worker differs from this machine's (not the "
-                              "same file system?)") for (p, expected), h in zip(chunk, hashes) if h and h != expected]
+                failures += [
+                    (
+                        str(p),
+                        f"{p}: its content on the Ray worker differs from this machine's (not the same file system?)",
+                    )
+                    for (p, expected), h in zip(chunk, hashes)
+                    if h and h != expected
+                ]
                 bar.update(len(chunk))
             return failures
         finally:
@@ -125,9 +137,12 @@ class RayCompute:
             if self.gpus_per_worker:
                 count = min(count, int(resources.get("GPU", 0) // self.gpus_per_worker))
         if count < 1:
-            raise UserError(f"The Ray cluster has no room for a worker with {self.cpus_per_worker} CPU(s) and "
-                            f"{self.gpus_per_worker} GPU(s): {ray.cluster_resources()}")
-        actor = ray.remote(IndexWorker).options(num_cpus=self.cpus_per_worker, num_gpus=self.gpus_per_worker,
-                                                max_restarts=2, max_task_retries=2)
+            raise UserError(
+                f"The Ray cluster has no room for a worker with {self.cpus_per_worker} CPU(s) and "
+                f"{self.gpus_per_worker} GPU(s): {ray.cluster_resources()}"
+            )
+        actor = ray.remote(IndexWorker).options(
+            num_cpus=self.cpus_per_worker, num_gpus=self.gpus_per_worker, max_restarts=2, max_task_retries=2
+        )
         threads = max(1, int(self.cpus_per_worker))
         return [actor.remote(self.model_spec, self.batch_size, threads) for _ in range(count)]

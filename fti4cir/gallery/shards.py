@@ -1,6 +1,7 @@
 """Per-image gallery rows (visual features -> pseudo tokens + explanation data) and the staged shards a build writes
 them to: each shard is written atomically and named by its images' content hashes, so a resumed or retried build
 rewrites the same file."""
+
 from __future__ import annotations
 
 import hashlib
@@ -19,8 +20,15 @@ if TYPE_CHECKING:
 def row_shapes(model) -> dict[str, tuple[int, ...]]:
     """Shape of one row of each per-row array (`ARRAYS`) for this model."""
     c, (gh, gw) = model.inversion.config, model.backbone.grid_size
-    return {"features": (c.embed_dim,), "subject": (c.token_dim,), "attributes": (c.topk, c.token_dim),
-            "num_kept": (), "relevance": (c.num_k,), "indices": (c.topk,), "attention": (c.num_k, gh * gw)}
+    return {
+        "features": (c.embed_dim,),
+        "subject": (c.token_dim,),
+        "attributes": (c.topk, c.token_dim),
+        "num_kept": (),
+        "relevance": (c.num_k,),
+        "indices": (c.topk,),
+        "attention": (c.num_k, gh * gw),
+    }
 
 
 def explain_meta(model) -> dict:
@@ -40,13 +48,21 @@ def shard_arrays(model, visual: VisualFeatures, batch_size: int = 64) -> dict[st
     parts: dict[str, list[np.ndarray]] = {k: [] for k in ARRAYS}
     with torch.inference_mode():
         for start in range(0, visual.global_features.shape[0], batch_size):
-            chunk = VisualFeatures(visual.global_features[start:start + batch_size].to(model.device),
-                                   visual.patch_tokens[start:start + batch_size].to(model.device))
+            chunk = VisualFeatures(
+                visual.global_features[start : start + batch_size].to(model.device),
+                visual.patch_tokens[start : start + batch_size].to(model.device),
+            )
             tokens = model.invert(chunk, return_attention=True)
             sel = tokens.selection
-            rows = {"features": F.normalize(tokens.image_features.float(), dim=-1), "subject": tokens.subject,
-                    "attributes": tokens.attributes, "num_kept": tokens.num_kept, "relevance": sel.relevance,
-                    "indices": sel.indices, "attention": patch_attention(sel.attention, sel.relevance.shape[1])}
+            rows = {
+                "features": F.normalize(tokens.image_features.float(), dim=-1),
+                "subject": tokens.subject,
+                "attributes": tokens.attributes,
+                "num_kept": tokens.num_kept,
+                "relevance": sel.relevance,
+                "indices": sel.indices,
+                "attention": patch_attention(sel.attention, sel.relevance.shape[1]),
+            }
             for k, v in rows.items():
                 parts[k].append(v.detach().cpu().numpy().astype(ARRAYS[k]))
     return {k: np.concatenate(v) for k, v in parts.items()}

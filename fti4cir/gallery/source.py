@@ -1,5 +1,6 @@
 """What a gallery is built from: an image folder, or a set of named image files under a root (a benchmark split,
 resolved by the caller: the gallery library does not read benchmarks, `fti4cir index` does)."""
+
 from __future__ import annotations
 
 import os

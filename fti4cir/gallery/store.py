@@ -19,6 +19,7 @@
 A reader follows CURRENT, so it sees the old or the new gallery, never a mix (a build replaces CURRENT atomically
 after the new version is complete and fsynced); every file is checked against the manifest's sizes and checksums.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -49,8 +50,15 @@ INDEX_FILE = "index.faiss"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 VERSION_NAME = re.compile(r"v-(\d{6,})")  # a version folder; group 1: its number
 # per-row arrays: name -> dtype (shapes come from the model, see `fti4cir.gallery.shards.row_shapes`)
-ARRAYS = {"features": np.float32, "subject": np.float32, "attributes": np.float32, "num_kept": np.int16,
-          "relevance": np.float32, "indices": np.int16, "attention": np.float16}
+ARRAYS = {
+    "features": np.float32,
+    "subject": np.float32,
+    "attributes": np.float32,
+    "num_kept": np.int16,
+    "relevance": np.float32,
+    "indices": np.int16,
+    "attention": np.float16,
+}
 
 
 # ---- names --------------------------------------------------------------------------------------------------------
@@ -61,8 +69,10 @@ def is_valid_name(name) -> bool:
 def validate_name(name: str) -> str:
     """Gallery names are exposed by the app: letters, digits, '.', '_', '-'; no separators, no '..', no leading dot."""
     if not is_valid_name(name):
-        raise UserError(f"Invalid gallery name {quote(name)}: use 1-100 letters, digits, '.', '_' or '-' (not starting "
-                        f"with '.', no '..', no path separators)")
+        raise UserError(
+            f"Invalid gallery name {quote(name)}: use 1-100 letters, digits, '.', '_' or '-' (not starting "
+            f"with '.', no '..', no path separators)"
+        )
     return name
 
 
@@ -72,7 +82,6 @@ def list_galleries(galleries_dir: str | os.PathLike = "galleries") -> list[str]:
     if not root.is_dir():
         return []
     return sorted(d.name for d in root.iterdir() if is_valid_name(d.name) and (d / CURRENT).is_file())
-
 
 
 # ---- load ---------------------------------------------------------------------------------------------------------
@@ -102,8 +111,14 @@ class Gallery:
 
     # -- opening --
     @classmethod
-    def load(cls, path_or_name: str | os.PathLike, model=None, galleries_dir: str | os.PathLike = "galleries", *,
-             verify: bool = True) -> "Gallery":
+    def load(
+        cls,
+        path_or_name: str | os.PathLike,
+        model=None,
+        galleries_dir: str | os.PathLike = "galleries",
+        *,
+        verify: bool = True,
+    ) -> Gallery:
         """Open a gallery by name (under `galleries_dir`) or by its folder. With `model`, refuse a gallery built with
         another backbone, preprocessing or weights. verify: check every file against the manifest's checksums."""
         directory = _gallery_dir(path_or_name, galleries_dir)
@@ -114,8 +129,10 @@ class Gallery:
                 break
             except (_Republished, FileNotFoundError):
                 if _read_current(directory) == (version, manifest_sha):
-                    raise UserError(f"Gallery {directory} is incomplete: files of {version} are missing; rebuild it "
-                                    f"with fti4cir index") from None
+                    raise UserError(
+                        f"Gallery {directory} is incomplete: files of {version} are missing; rebuild it "
+                        f"with fti4cir index"
+                    ) from None
         else:
             raise UserError(f"Gallery {directory} keeps changing while being read; try again")
         if model is not None:
@@ -123,7 +140,7 @@ class Gallery:
         return gallery
 
     @classmethod
-    def _open(cls, directory: Path, version: str, manifest_sha: str, verify: bool) -> "Gallery":
+    def _open(cls, directory: Path, version: str, manifest_sha: str, verify: bool) -> Gallery:
         folder = directory / version
         if not folder.is_dir():
             raise _Republished()
@@ -143,8 +160,10 @@ class Gallery:
         if not isinstance(files, dict):
             raise UserError(_corrupt(directory, "manifest.json", "it is not a gallery manifest"))
         if manifest.get("format") != FORMAT_VERSION:
-            raise UserError(f"Gallery {directory} has format {manifest.get('format')}; this version of fti4cir "
-                            f"reads format {FORMAT_VERSION}: rebuild it with fti4cir index")
+            raise UserError(
+                f"Gallery {directory} has format {manifest.get('format')}; this version of fti4cir "
+                f"reads format {FORMAT_VERSION}: rebuild it with fti4cir index"
+            )
         for e in manifest["entries"]:  # rows name files inside the source folder, nothing else
             rel = Path(e.get("path", e["name"]))
             if rel.is_absolute() or ".." in rel.parts:
@@ -152,8 +171,11 @@ class Gallery:
         for file, meta in files.items():
             path = folder / file
             if path.stat().st_size != meta["bytes"]:
-                raise UserError(_corrupt(directory, file, f"its size is {path.stat().st_size} bytes, the manifest "
-                                                           f"says {meta['bytes']}"))
+                raise UserError(
+                    _corrupt(
+                        directory, file, f"its size is {path.stat().st_size} bytes, the manifest says {meta['bytes']}"
+                    )
+                )
             if verify and file_digest(path) != meta["sha256"]:
                 raise UserError(_corrupt(directory, file, "its sha256 does not match the manifest"))
         arrays = {}
@@ -164,8 +186,13 @@ class Gallery:
             except ValueError as e:
                 raise UserError(_corrupt(directory, f"{k}.npy", str(e))) from None
             if list(arrays[k].shape) != meta["shape"] or arrays[k].dtype.name != meta["dtype"]:
-                raise UserError(_corrupt(directory, f"{k}.npy", f"shape {list(arrays[k].shape)} / "
-                                                                f"{arrays[k].dtype.name} differs from the manifest"))
+                raise UserError(
+                    _corrupt(
+                        directory,
+                        f"{k}.npy",
+                        f"shape {list(arrays[k].shape)} / {arrays[k].dtype.name} differs from the manifest",
+                    )
+                )
         from ..search import VectorIndex
 
         try:
@@ -175,8 +202,13 @@ class Gallery:
                 raise _Republished() from None
             raise UserError(_corrupt(directory, manifest["index"]["file"], str(e))) from None
         if index.ntotal != manifest["count"]:
-            raise UserError(_corrupt(directory, manifest["index"]["file"],
-                                     f"it holds {index.ntotal} vectors for {manifest['count']} images"))
+            raise UserError(
+                _corrupt(
+                    directory,
+                    manifest["index"]["file"],
+                    f"it holds {index.ntotal} vectors for {manifest['count']} images",
+                )
+            )
         return cls(directory, version, manifest, arrays, index)
 
     def _resolve_root(self, source: dict) -> Path:
@@ -227,10 +259,15 @@ class Gallery:
         gh, gw = meta["grid"]
         r = int(self._arrays["num_kept"][i])
         indices = np.array(self._arrays["indices"][i], dtype=np.int64)
-        return {"relevance": np.array(self._arrays["relevance"][i], dtype=np.float32),
-                "num_kept": r, "kept": indices[:r], "indices": indices,
-                "attention": np.array(self._arrays["attention"][i], dtype=np.float32),  # [num_k, gh * gw]
-                "epsilon": float(meta["epsilon"]), "grid": (gh, gw)}
+        return {
+            "relevance": np.array(self._arrays["relevance"][i], dtype=np.float32),
+            "num_kept": r,
+            "kept": indices[:r],
+            "indices": indices,
+            "attention": np.array(self._arrays["attention"][i], dtype=np.float32),  # [num_k, gh * gw]
+            "epsilon": float(meta["epsilon"]),
+            "grid": (gh, gw),
+        }
 
     def search(self, query: torch.Tensor, k: int, exclude=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k rows by inner product for L2-normalised queries [B, E], best first.
@@ -255,6 +292,7 @@ def _manifest_problem(manifest: dict) -> str | None:
     """What is wrong with the structure of a (format 1) manifest, or None: every field the loader reads has its
     type, the files are exactly the version's own (plain names: no path is taken from the manifest) and the row
     counts agree. The manifest is checksummed, but a gallery folder may come from anywhere."""
+
     def plain(value) -> bool:
         return isinstance(value, str) and 0 < len(value) <= 4096 and "\0" not in value
 
@@ -268,36 +306,50 @@ def _manifest_problem(manifest: dict) -> str | None:
     if not (isinstance(source, dict) and plain(source.get("root")) and plain(source.get("root_from_gallery"))):
         return "its source is not a folder"
     grid = explain.get("grid") if isinstance(explain, dict) else None
-    if not (isinstance(index, dict) and index.get("file") == INDEX_FILE and isinstance(grid, list) and len(grid) == 2
-            and all(isinstance(g, int) and 0 < g <= 4096 for g in grid)
-            and isinstance(explain.get("epsilon"), (int, float)) and math.isfinite(explain["epsilon"])):
+    if not (
+        isinstance(index, dict)
+        and index.get("file") == INDEX_FILE
+        and isinstance(grid, list)
+        and len(grid) == 2
+        and all(isinstance(g, int) and 0 < g <= 4096 for g in grid)
+        and isinstance(explain.get("epsilon"), (int, float))
+        and math.isfinite(explain["epsilon"])
+    ):
         return "its index or explanation settings are malformed"
     if not isinstance(entries, list) or len(entries) != count:
         return f"it lists {len(entries) if isinstance(entries, list) else 'no'} rows for a count of {count}"
     for e in entries:
-        if not (isinstance(e, dict) and plain(e.get("name")) and plain(e.get("sha1"))
-                and ("path" not in e or plain(e["path"]))):
+        if not (
+            isinstance(e, dict)
+            and plain(e.get("name"))
+            and plain(e.get("sha1"))
+            and ("path" not in e or plain(e["path"]))
+        ):
             return "a row is not a name, path and sha1"
     if not isinstance(files, dict) or set(files) != _MANIFEST_FILES:
         return "its files are not the version's own"
     for file, meta in files.items():
         if not (isinstance(meta, dict) and isinstance(meta.get("bytes"), int) and plain(meta.get("sha256"))):
             return f"{file} has no size or checksum"
-        if file.endswith(".npy") and not (isinstance(meta.get("shape"), list) and meta["shape"][:1] == [count]
-                                          and isinstance(meta.get("dtype"), str)):
+        if file.endswith(".npy") and not (
+            isinstance(meta.get("shape"), list) and meta["shape"][:1] == [count] and isinstance(meta.get("dtype"), str)
+        ):
             return f"{file} has no shape of {count} rows"
     return None
 
 
 def _corrupt(directory: Path, file: str, why: str) -> str:
-    return (f"Gallery {directory} is corrupted: {file} failed verification ({why}). Rebuild it with "
-            f"fti4cir index (the rebuild recomputes what it cannot trust)")
+    return (
+        f"Gallery {directory} is corrupted: {file} failed verification ({why}). Rebuild it with "
+        f"fti4cir index (the rebuild recomputes what it cannot trust)"
+    )
 
 
 def _gallery_dir(path_or_name: str | os.PathLike, galleries_dir: str | os.PathLike) -> Path:
     """A name (validated) under galleries_dir, or a path to a gallery folder (trusted callers: the CLI)."""
-    if isinstance(path_or_name, os.PathLike) or (isinstance(path_or_name, str) and not is_valid_name(path_or_name)
-                                                 and (Path(path_or_name) / CURRENT).is_file()):
+    if isinstance(path_or_name, os.PathLike) or (
+        isinstance(path_or_name, str) and not is_valid_name(path_or_name) and (Path(path_or_name) / CURRENT).is_file()
+    ):
         directory = Path(path_or_name)
     else:
         directory = Path(galleries_dir) / validate_name(path_or_name)
@@ -314,5 +366,3 @@ def _read_current(directory: Path) -> tuple[str, str]:
     if not VERSION_NAME.fullmatch(version):
         raise UserError(_corrupt(directory, CURRENT, f"{version!r} is not a version name"))
     return version, manifest_sha
-
-

@@ -5,6 +5,7 @@ adapters to the text tower; `m2c_compose` is its query path (methods "m2c" and "
 registry by `methods`). This package holds the method only: the model (`model`, `methods`) and the official
 checkpoints' converter (`convert`). See docs/m2c.md.
 """
+
 from .methods import (  # importing declares the M2C query methods
     available_methods,
     m2c_model_of,
@@ -24,6 +25,19 @@ from .model import (
     save_m2c_weights,
 )
 
-__all__ = ["MAPPING_PROMPT", "PROMPTS", "M2CConfig", "M2CModel", "M2CNetwork",
-           "available_methods", "fashioniq_text", "is_m2c_weights", "load_m2c_weights",
-           "m2c_compose", "m2c_model_of", "m2c_query", "read_m2c_config", "save_m2c_weights"]
+__all__ = [
+    "MAPPING_PROMPT",
+    "PROMPTS",
+    "M2CConfig",
+    "M2CModel",
+    "M2CNetwork",
+    "available_methods",
+    "fashioniq_text",
+    "is_m2c_weights",
+    "load_m2c_weights",
+    "m2c_compose",
+    "m2c_model_of",
+    "m2c_query",
+    "read_m2c_config",
+    "save_m2c_weights",
+]

@@ -9,6 +9,7 @@ imported or run (the same policy as `fti4cir.convert` for the FTI4CIR release, w
 module classes). Reading needs memory for the whole file (CLIP's tensors included: ~1 GB for ViT-L/14 in fp16).
 The 188 tensors of a stage-II checkpoint (176 + 12) map one to one onto ours, shapes unchanged.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,10 +34,14 @@ _OURS_TO_OFFICIAL = [
     (r"^mapper\.out\.", lambda m: "fc_out."),
     (r"^patch_proj\.", lambda m: "fc_out_hidden."),
     (r"^vsi\.(\d+)\.conv\.", lambda m: f"adapters.{m[1]}.conv."),
-    (r"^vsi\.(\d+)\.(query_in|patch_in|position_in|out)\.([03])\.",
-     lambda m: f"adapters.{m[1]}.{_MLP[m[2]]}.layers.{int(m[3]) // 3}.0."),
-    (r"^vsi\.(\d+)\.layers\.(\d+)\.(attention|ffn\.0|ffn\.3|norm)\.",
-     lambda m: f"adapters.{m[1]}.ca.layers.{m[2]}.{_CROSS[m[3]]}."),
+    (
+        r"^vsi\.(\d+)\.(query_in|patch_in|position_in|out)\.([03])\.",
+        lambda m: f"adapters.{m[1]}.{_MLP[m[2]]}.layers.{int(m[3]) // 3}.0.",
+    ),
+    (
+        r"^vsi\.(\d+)\.layers\.(\d+)\.(attention|ffn\.0|ffn\.3|norm)\.",
+        lambda m: f"adapters.{m[1]}.ca.layers.{m[2]}.{_CROSS[m[3]]}.",
+    ),
     (r"^adapters\.(\d+)\.down$", lambda m: f"lora_layers.{m[1]}.A"),
     (r"^adapters\.(\d+)\.up$", lambda m: f"lora_layers.{m[1]}.B"),
 ]
@@ -47,15 +52,22 @@ def official_name(ours: str) -> str:
     for pattern, replace in _OURS_TO_OFFICIAL:
         m = re.match(pattern, ours)
         if m:
-            return replace(m) + ours[m.end():]
+            return replace(m) + ours[m.end() :]
     raise KeyError(f"no official name for {ours}")
 
 
 TENSOR_REBUILDERS = ("_rebuild_tensor_v2", "_rebuild_parameter", "_rebuild_parameter_with_state")
 STORAGE_DTYPES = {
-    "FloatStorage": torch.float32, "HalfStorage": torch.float16, "BFloat16Storage": torch.bfloat16,
-    "DoubleStorage": torch.float64, "LongStorage": torch.int64, "IntStorage": torch.int32,
-    "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8, "BoolStorage": torch.bool,
+    "FloatStorage": torch.float32,
+    "HalfStorage": torch.float16,
+    "BFloat16Storage": torch.bfloat16,
+    "DoubleStorage": torch.float64,
+    "LongStorage": torch.int64,
+    "IntStorage": torch.int32,
+    "ShortStorage": torch.int16,
+    "CharStorage": torch.int8,
+    "ByteStorage": torch.uint8,
+    "BoolStorage": torch.bool,
 }
 
 
@@ -87,8 +99,9 @@ class CheckpointUnpickler(pickle.Unpickler):
         if key not in self.storages:
             data = bytearray(self.archive.read(f"{self.prefix}{key}"))
             if len(data) != numel * dtype.itemsize:
-                raise pickle.UnpicklingError(f"storage {key} has {len(data)} bytes, its tensor needs "
-                                             f"{numel * dtype.itemsize}")
+                raise pickle.UnpicklingError(
+                    f"storage {key} has {len(data)} bytes, its tensor needs {numel * dtype.itemsize}"
+                )
             untyped = torch.UntypedStorage.from_buffer(data, dtype=torch.uint8) if data else torch.UntypedStorage(0)
             self.storages[key] = torch.storage.TypedStorage(wrap_storage=untyped, dtype=dtype, _internal=True)
         return self.storages[key]
@@ -100,8 +113,10 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     if not path.is_file():
         raise UserError(f"Official M2C checkpoint not found: {path}")
     if not zipfile.is_zipfile(path):
-        raise UserError(f"{path.name} is not a torch zip checkpoint (corrupted, truncated, or the legacy format; "
-                        f"re-save it with torch >= 1.6)")
+        raise UserError(
+            f"{path.name} is not a torch zip checkpoint (corrupted, truncated, or the legacy format; "
+            f"re-save it with torch >= 1.6)"
+        )
     try:
         with zipfile.ZipFile(path) as zf:
             pkl = next((n for n in zf.namelist() if n.endswith("data.pkl") and n.count("/") == 1), None)
@@ -120,7 +135,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
 def _strip_module(state) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError("an official state dict must map names to tensors")
-    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    return {k[len("module.") :] if k.startswith("module.") else k: v for k, v in state.items()}
 
 
 def _backbone_dims(backbone: str) -> tuple[int, int, int, tuple[int, int]]:
@@ -138,8 +153,9 @@ def _backbone_dims(backbone: str) -> tuple[int, int, int, tuple[int, int]]:
     return config["embed_dim"], text["width"], text["layers"], (size[0] // patch, size[1] // patch)
 
 
-def official_network(checkpoint: dict, backbone: str = "ViT-L-14", pretrained: str = "openai",
-                     source: str = "checkpoint") -> M2CNetwork:
+def official_network(
+    checkpoint: dict, backbone: str = "ViT-L-14", pretrained: str = "openai", source: str = "checkpoint"
+) -> M2CNetwork:
     """Our M2CNetwork holding the tensors of an official checkpoint dict (`read_checkpoint`)."""
     args = checkpoint.get("args")
     if args is not None and not isinstance(args, argparse.Namespace):
@@ -149,42 +165,59 @@ def official_network(checkpoint: dict, backbone: str = "ViT-L-14", pretrained: s
     embed_dim, width, depth, grid = _backbone_dims(backbone)
     try:
         first = img2text["layers.layers.0.0.weight"]
-        vsi_dim = img2text["adapters.0.hid_1.layers.0.0.weight"].shape[0] if "adapters.0.hid_1.layers.0.0.weight" \
-            in img2text else 128
+        vsi_dim = (
+            img2text["adapters.0.hid_1.layers.0.0.weight"].shape[0]
+            if "adapters.0.hid_1.layers.0.0.weight" in img2text
+            else 128
+        )
         config = M2CConfig(
-            embed_dim=first.shape[1], token_dim=img2text["fc_out.weight"].shape[0], text_layers=depth, grid=grid,
-            middle_dim=first.shape[0], vsi_dim=vsi_dim,
+            embed_dim=first.shape[1],
+            token_dim=img2text["fc_out.weight"].shape[0],
+            text_layers=depth,
+            grid=grid,
+            middle_dim=first.shape[0],
+            vsi_dim=vsi_dim,
             vsi_layers=tuple(getattr(args, "va_layers", DEFAULT_VSI_LAYERS)),
             adapter_layers=tuple(getattr(args, "ca_layers", DEFAULT_ADAPTER_LAYERS)) if lora else (),
             adapter_rank=lora["lora_layers.0.A"].shape[1] if lora else 128,
-            backbone=backbone, pretrained=str(pretrained),
-            extra={"converted_from": "official M2C checkpoint (LiJiaBei-7/TSCIR)",
-                   "epoch": checkpoint.get("epoch") if isinstance(checkpoint.get("epoch"), int) else None})
+            backbone=backbone,
+            pretrained=str(pretrained),
+            extra={
+                "converted_from": "official M2C checkpoint (LiJiaBei-7/TSCIR)",
+                "epoch": checkpoint.get("epoch") if isinstance(checkpoint.get("epoch"), int) else None,
+            },
+        )
     except KeyError as e:
         raise UserError(f"{source}: official M2C structure not recognised (missing {e})") from e
     if (config.embed_dim, config.token_dim) != (embed_dim, width):
-        raise UserError(f"{source} was trained for embed dim {config.embed_dim} / text width {config.token_dim}, "
-                        f"not for {backbone} ({embed_dim} / {width}); pass the matching --backbone")
+        raise UserError(
+            f"{source} was trained for embed dim {config.embed_dim} / text width {config.token_dim}, "
+            f"not for {backbone} ({embed_dim} / {width}); pass the matching --backbone"
+        )
     net = M2CNetwork(config)
     official = {**img2text, **lora}
     expected = {official_name(k): k for k in net.state_dict()}
     missing = sorted(set(expected) - set(official))
     unexpected = sorted(set(official) - set(expected))
     if missing or unexpected:
-        raise UserError(f"{source}: tensors do not match the official M2C layout for {len(config.vsi_layers)} VSI "
-                        f"and {len(config.adapter_layers)} adapter layers (missing {missing[:4]}, unexpected "
-                        f"{unexpected[:4]})")
+        raise UserError(
+            f"{source}: tensors do not match the official M2C layout for {len(config.vsi_layers)} VSI "
+            f"and {len(config.adapter_layers)} adapter layers (missing {missing[:4]}, unexpected "
+            f"{unexpected[:4]})"
+        )
     state = net.state_dict()
     for name, ours in expected.items():
         if official[name].shape != state[ours].shape:
-            raise UserError(f"{source}: {name} has shape {tuple(official[name].shape)}, expected "
-                            f"{tuple(state[ours].shape)}")
+            raise UserError(
+                f"{source}: {name} has shape {tuple(official[name].shape)}, expected {tuple(state[ours].shape)}"
+            )
     net.load_state_dict({ours: official[name].to(state[ours].dtype) for name, ours in expected.items()})
     return net.eval()
 
 
-def convert_official_m2c(src: str | os.PathLike, dst: str | os.PathLike, backbone: str = "ViT-L-14",
-                         pretrained: str = "openai") -> Path:
+def convert_official_m2c(
+    src: str | os.PathLike, dst: str | os.PathLike, backbone: str = "ViT-L-14", pretrained: str = "openai"
+) -> Path:
     """Official M2C checkpoint (.pt) -> our .safetensors + .json; returns the weights path."""
     if not str(dst).endswith(".safetensors"):
         raise UserError(f"the output must be a .safetensors file, got {dst}")

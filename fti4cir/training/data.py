@@ -6,6 +6,7 @@ With the hash, a pair whose features are already cached needs no file access at 
 matches its pair's hash is left out (its caption describes another picture). The visual tower runs only for images
 not yet in the feature cache, once each (`fti4cir.features`); training itself never runs it.
 """
+
 from __future__ import annotations
 
 import json
@@ -55,15 +56,19 @@ class TrainingBatch:
     attributes: list[str]
     targets: torch.Tensor | None  # frozen caption features [B, E], when precomputed
 
-    def _map(self, fn) -> "TrainingBatch":
+    def _map(self, fn) -> TrainingBatch:
         apply = lambda t: None if t is None else fn(t)  # noqa: E731
-        return TrainingBatch(VisualFeatures(apply(self.visual.global_features), apply(self.visual.patch_tokens)),
-                             self.subjects, self.attributes, apply(self.targets))
+        return TrainingBatch(
+            VisualFeatures(apply(self.visual.global_features), apply(self.visual.patch_tokens)),
+            self.subjects,
+            self.attributes,
+            apply(self.targets),
+        )
 
-    def to(self, device, non_blocking: bool = False) -> "TrainingBatch":
+    def to(self, device, non_blocking: bool = False) -> TrainingBatch:
         return self._map(lambda t: t.to(device, non_blocking=non_blocking))
 
-    def pin_memory(self) -> "TrainingBatch":  # called by DataLoader(pin_memory=True)
+    def pin_memory(self) -> TrainingBatch:  # called by DataLoader(pin_memory=True)
         return self._map(torch.Tensor.pin_memory)
 
 
@@ -86,23 +91,34 @@ class TrainingData:
     def batch(self, positions) -> TrainingBatch:
         positions = np.asarray(positions, dtype=np.int64)
         targets = None if self.targets is None else self.targets[torch.from_numpy(positions)]
-        return TrainingBatch(self.store.get(self.rows[positions]), [self.subjects[i] for i in positions],
-                             [self.attributes[i] for i in positions], targets)
+        return TrainingBatch(
+            self.store.get(self.rows[positions]),
+            [self.subjects[i] for i in positions],
+            [self.attributes[i] for i in positions],
+            targets,
+        )
 
     def compute_targets(self, backbone, batch_size: int = 256, progress: bool = True) -> None:
         """Encode every pair's "a photo of {subject} with {attribute}" once (the text tower is frozen)."""
         chunks = []
-        for start in tqdm(range(0, len(self), batch_size), desc="caption features", unit="batch",
-                          disable=not progress):
+        for start in tqdm(range(0, len(self), batch_size), desc="caption features", unit="batch", disable=not progress):
             end = start + batch_size
-            chunks.append(caption_features(backbone, self.subjects[start:end], self.attributes[start:end]).float()
-                          .cpu())
+            chunks.append(
+                caption_features(backbone, self.subjects[start:end], self.attributes[start:end]).float().cpu()
+            )
         self.targets = torch.cat(chunks)
 
 
-def prepare_training_data(model, images_dir: str | os.PathLike | None, pairs_path: str | os.PathLike,
-                          store: FeatureStore, *, batch_size: int = 32, num_workers: int | None = None,
-                          progress: bool = True) -> TrainingData:
+def prepare_training_data(
+    model,
+    images_dir: str | os.PathLike | None,
+    pairs_path: str | os.PathLike,
+    store: FeatureStore,
+    *,
+    batch_size: int = 32,
+    num_workers: int | None = None,
+    progress: bool = True,
+) -> TrainingData:
     """Resolve every pair to a feature row, extracting (one visual pass each) the features not cached yet.
     images_dir may be None when every pair has a sha1 whose features are cached."""
     records = read_pairs(pairs_path)
@@ -119,8 +135,14 @@ def prepare_training_data(model, images_dir: str | os.PathLike | None, pairs_pat
         present = [p.is_file() for p in paths]
         dropped["missing_file"] = present.count(False)
         todo = [i for i, ok in zip(todo, present) if ok]
-        result = extract_features(model, [p for p, ok in zip(paths, present) if ok], store,
-                                  batch_size=batch_size, num_workers=num_workers, progress=progress)
+        result = extract_features(
+            model,
+            [p for p, ok in zip(paths, present) if ok],
+            store,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            progress=progress,
+        )
         failures = result.failures
         for i, row, digest in zip(todo, result.rows, result.hashes):
             if row < 0:
@@ -130,9 +152,15 @@ def prepare_training_data(model, images_dir: str | os.PathLike | None, pairs_pat
             else:
                 rows[i] = row
     keep = [i for i, row in enumerate(rows) if row >= 0]
-    return TrainingData(store, rows[keep], [records[i]["subject"] for i in keep],
-                        [records[i]["attribute"] for i in keep], [records[i]["image"] for i in keep],
-                        {k: v for k, v in dropped.items() if v}, failures)
+    return TrainingData(
+        store,
+        rows[keep],
+        [records[i]["subject"] for i in keep],
+        [records[i]["attribute"] for i in keep],
+        [records[i]["image"] for i in keep],
+        {k: v for k, v in dropped.items() if v},
+        failures,
+    )
 
 
 def epoch_batches(num_pairs: int, batch_size: int, seed: int, epoch: int) -> np.ndarray:

@@ -13,6 +13,7 @@ The caller gives the batches of an epoch from a given step on (a pure function o
 sees the same ones) and the optimisation step; `optimisation_step` is the common part of one (zero_grad, forward
 under autocast, backward (scaled by a GradScaler for fp16), an optional gradient reduction, the optimizer step).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -51,9 +52,15 @@ def autocast(device: torch.device | str, precision: str | None):
     return torch.autocast(torch.device(device).type, dtype=PRECISIONS[precision])
 
 
-def optimisation_step(optimizer: torch.optim.Optimizer, loss: Callable[[], Any], *, device=None,
-                      precision: str | None = None, scaler: torch.amp.GradScaler | None = None,
-                      reduce_gradients: Callable[[], None] | None = None):
+def optimisation_step(
+    optimizer: torch.optim.Optimizer,
+    loss: Callable[[], Any],
+    *,
+    device=None,
+    precision: str | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    reduce_gradients: Callable[[], None] | None = None,
+):
     """One step: zero_grad, `loss()` (loss terms with a `.total`, or None: nothing to learn from, no step) under
     autocast, backward (through `scaler` when given: fp16), `reduce_gradients()` (e.g. summed over processes), the
     optimizer step. Returns the loss terms (None when there were none)."""
@@ -133,8 +140,13 @@ class Loop:
         if self.run_dir is None or not self.writes:
             return
         name, optimizer_state = write_state_tensors(self.run_dir, state.global_step, self.net, self.optimizer)
-        record = {"format": 1, **self.record, "tensors": name, **dataclasses.asdict(state),
-                  "optimizer": optimizer_state}
+        record = {
+            "format": 1,
+            **self.record,
+            "tensors": name,
+            **dataclasses.asdict(state),
+            "optimizer": optimizer_state,
+        }
         if self.scaler is not None:
             record["scaler"] = self.scaler.state_dict()
         record["rng"] = rng_state()
@@ -145,8 +157,14 @@ class Loop:
         """Train from `state` to the last epoch (nothing when the run is complete); returns the final state."""
         for epoch in range(state.epoch, self.epochs):
             started = time.perf_counter()
-            bar = tqdm(total=self.steps_per_epoch, initial=state.step_in_epoch, desc=self.describe(epoch),
-                       unit=self.unit, leave=self.leave, disable=not self.progress)
+            bar = tqdm(
+                total=self.steps_per_epoch,
+                initial=state.step_in_epoch,
+                desc=self.describe(epoch),
+                unit=self.unit,
+                leave=self.leave,
+                disable=not self.progress,
+            )
             for batch in self.batches(epoch, state.step_in_epoch):
                 if self.lr is not None:
                     lr = self.lr(epoch, state.global_step)
@@ -162,8 +180,11 @@ class Loop:
                 if self.postfix is not None:
                     bar.set_postfix(self.postfix(state), refresh=False)
                 bar.update()
-                if self.checkpoint_steps and state.global_step % self.checkpoint_steps == 0 \
-                        and state.step_in_epoch < self.steps_per_epoch:
+                if (
+                    self.checkpoint_steps
+                    and state.global_step % self.checkpoint_steps == 0
+                    and state.step_in_epoch < self.steps_per_epoch
+                ):
                     self.save(state)
             bar.close()
             state.history.append(self.epoch_record(epoch, state, time.perf_counter() - started))

@@ -16,6 +16,7 @@ target becomes "a photo of {attribute} with {subject}" and each pseudo token is 
 the caption (a swap; the dataset of that commit also yields `caption`/`category` keys while `train.py` reads
 `subject`/`attribute`). We follow the consistent version.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -78,14 +79,20 @@ def caption_features(backbone, subjects: list[str], attributes: list[str]) -> to
 
 
 def pseudo_sentence_features(backbone, tokens: PseudoTokens) -> torch.Tensor:
-    """"a photo of * with * ... *" with the subject token and the kept attribute tokens (the whole-wise sentence)."""
+    """ "a photo of * with * ... *" with the subject token and the kept attribute tokens (the whole-wise sentence)."""
     pseudo = torch.cat([tokens.subject.unsqueeze(1), tokens.attributes], dim=1)
     return encode_with_pseudo_tokens(backbone, prompts.PSEUDO_SENTENCE, pseudo, tokens.num_kept)
 
 
-def triwise_regularisation(backbone, tokens: PseudoTokens, subjects: list[str], attributes: list[str], *,
-                           whole_features: torch.Tensor | None = None,
-                           target_features: torch.Tensor | None = None) -> torch.Tensor:
+def triwise_regularisation(
+    backbone,
+    tokens: PseudoTokens,
+    subjects: list[str],
+    attributes: list[str],
+    *,
+    whole_features: torch.Tensor | None = None,
+    target_features: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Sum of (1 - cos) of the subject-wise, attribute-wise and whole-wise sentences against the caption target.
 
     whole_features: the pseudo sentence's features when already computed (the contrastive term uses them too).
@@ -94,16 +101,27 @@ def triwise_regularisation(backbone, tokens: PseudoTokens, subjects: list[str], 
         target_features = caption_features(backbone, subjects, attributes)
     if whole_features is None:
         whole_features = pseudo_sentence_features(backbone, tokens)
-    subject_wise = encode_with_pseudo_tokens(backbone, prompts.SUBJECT_WISE, tokens.subject.unsqueeze(1), None,
-                                             [{"attribute": a} for a in attributes])
-    attribute_wise = encode_with_pseudo_tokens(backbone, prompts.ATTRIBUTE_WISE, tokens.attributes, tokens.num_kept,
-                                               [{"subject": s} for s in subjects])
-    return (cosine_distance(subject_wise, target_features) + cosine_distance(attribute_wise, target_features)
-            + cosine_distance(whole_features, target_features))
+    subject_wise = encode_with_pseudo_tokens(
+        backbone, prompts.SUBJECT_WISE, tokens.subject.unsqueeze(1), None, [{"attribute": a} for a in attributes]
+    )
+    attribute_wise = encode_with_pseudo_tokens(
+        backbone, prompts.ATTRIBUTE_WISE, tokens.attributes, tokens.num_kept, [{"subject": s} for s in subjects]
+    )
+    return (
+        cosine_distance(subject_wise, target_features)
+        + cosine_distance(attribute_wise, target_features)
+        + cosine_distance(whole_features, target_features)
+    )
 
 
-def fti4cir_loss(model, visual_features: VisualFeatures, subjects: list[str], attributes: list[str], *,
-                 target_features: torch.Tensor | None = None) -> LossTerms:
+def fti4cir_loss(
+    model,
+    visual_features: VisualFeatures,
+    subjects: list[str],
+    attributes: list[str],
+    *,
+    target_features: torch.Tensor | None = None,
+) -> LossTerms:
     """The official total: contrastive + orthogonal + reg_weight x regularisation (weights from the network's config).
 
     visual_features: cached global features and patch tokens of the batch's images.
@@ -113,7 +131,8 @@ def fti4cir_loss(model, visual_features: VisualFeatures, subjects: list[str], at
     whole = pseudo_sentence_features(model.backbone, tokens)
     contrastive = nt_xent(tokens.image_features, whole, config.temperature)
     orthogonal = orthogonality_loss(tokens.selection.features)
-    regularisation = triwise_regularisation(model.backbone, tokens, subjects, attributes, whole_features=whole,
-                                            target_features=target_features)
+    regularisation = triwise_regularisation(
+        model.backbone, tokens, subjects, attributes, whole_features=whole, target_features=target_features
+    )
     total = contrastive + orthogonal + config.reg_weight * regularisation
     return LossTerms(total, contrastive, orthogonal, regularisation)

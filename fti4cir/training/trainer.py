@@ -14,6 +14,7 @@ epoch end and, with --checkpoint-steps N, every N steps. Both files are written 
 at any moment leaves the previous checkpoint intact; --resume then continues exactly where that checkpoint stood.
 `log.jsonl` holds one line per finished epoch and `fti4cir.safetensors` (+ `.json`) the final weights.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -74,8 +75,14 @@ class TrainConfig:
     def model_spec(self, device=None) -> ModelSpec:
         """The model a run trains: the backbone and the initial inversion network (random from `seed`, or
         `weights`)."""
-        return ModelSpec(backbone=self.backbone, pretrained=self.pretrained, weights=self.weights,
-                         preprocess=self.preprocess, device=None if device is None else str(device), seed=self.seed)
+        return ModelSpec(
+            backbone=self.backbone,
+            pretrained=self.pretrained,
+            weights=self.weights,
+            preprocess=self.preprocess,
+            device=None if device is None else str(device),
+            seed=self.seed,
+        )
 
 
 def lr_for_epoch(config: TrainConfig, epoch: int) -> float:
@@ -91,8 +98,10 @@ def write_log(run_dir: Path, history: list[dict]) -> None:
 def check_resumable(config: TrainConfig, record: dict) -> None:
     different = changed_settings(record["config"], config.to_dict(), TrainConfig.RESUMABLE)
     if different:
-        raise UserError(f"Cannot resume {config.out}: settings differ from its checkpoint ({'; '.join(different)}). "
-                        f"Resume with the checkpoint's settings or train into another --out")
+        raise UserError(
+            f"Cannot resume {config.out}: settings differ from its checkpoint ({'; '.join(different)}). "
+            f"Resume with the checkpoint's settings or train into another --out"
+        )
 
 
 def make_optimizer(net, config: TrainConfig) -> torch.optim.AdamW:
@@ -106,9 +115,13 @@ def make_optimizer(net, config: TrainConfig) -> torch.optim.AdamW:
 def train_step(model, optimizer, scaler, batch: TrainingBatch, amp: bool) -> LossTerms:
     """One optimisation step of the inversion network on a batch of cached features (fp16 autocast + `scaler` with
     amp)."""
-    return optimisation_step(optimizer, lambda: fti4cir_loss(model, batch.visual, batch.subjects, batch.attributes,
-                                                             target_features=batch.targets),
-                             device=model.device, precision="fp16" if amp else None, scaler=scaler)
+    return optimisation_step(
+        optimizer,
+        lambda: fti4cir_loss(model, batch.visual, batch.subjects, batch.attributes, target_features=batch.targets),
+        device=model.device,
+        precision="fp16" if amp else None,
+        scaler=scaler,
+    )
 
 
 # ---- the run ----------------------------------------------------------------------------------------------------
@@ -122,8 +135,15 @@ class TrainResult:
 
 def _epoch_record(epoch: int, state: LoopState, steps: int, lr: float, seconds: float) -> dict:
     means = {k: state.sums[k] / steps for k in TERMS}
-    return {"epoch": epoch + 1, "global_step": state.global_step, "lr": lr, "loss": means["total"],
-            **{k: means[k] for k in TERMS[1:]}, "steps": steps, "seconds": round(seconds, 3)}
+    return {
+        "epoch": epoch + 1,
+        "global_step": state.global_step,
+        "lr": lr,
+        "loss": means["total"],
+        **{k: means[k] for k in TERMS[1:]},
+        "steps": steps,
+        "seconds": round(seconds, 3),
+    }
 
 
 def _prepare(config: TrainConfig, record: dict | None, device, num_workers, progress: bool):
@@ -133,19 +153,24 @@ def _prepare(config: TrainConfig, record: dict | None, device, num_workers, prog
     if record is not None and record["pairs_sha256"] != pairs_digest:
         raise UserError(f"{config.pairs} changed since the checkpoint in {config.out} was written; cannot resume")
     store = FeatureStore.for_model(config.cache_dir, model, with_patches=True)
-    data = prepare_training_data(model, config.images, config.pairs, store, num_workers=num_workers,
-                                 progress=progress)
+    data = prepare_training_data(model, config.images, config.pairs, store, num_workers=num_workers, progress=progress)
     for _, message in data.failures[:10]:
         log.warning("skipped %s", message)
     if len(data) < config.batch_size:
-        raise UserError(f"{len(data)} usable pairs are fewer than one batch of {config.batch_size}; lower "
-                        f"--batch-size")
+        raise UserError(f"{len(data)} usable pairs are fewer than one batch of {config.batch_size}; lower --batch-size")
     data.compute_targets(model.backbone, progress=progress)
     return model, data, pairs_digest
 
 
-def train(config: TrainConfig, *, resume: bool = False, device: str | torch.device | None = None,
-          num_workers: int | None = None, deterministic: bool = False, progress: bool = True) -> TrainResult:
+def train(
+    config: TrainConfig,
+    *,
+    resume: bool = False,
+    device: str | torch.device | None = None,
+    num_workers: int | None = None,
+    deterministic: bool = False,
+    progress: bool = True,
+) -> TrainResult:
     """Train (or, with resume, continue) the run in `config.out`; returns the final weights' path and the log.
 
     num_workers: processes decoding images for feature extraction and reading cached features (default: automatic
@@ -154,8 +179,9 @@ def train(config: TrainConfig, *, resume: bool = False, device: str | torch.devi
     run_dir = Path(config.out)
     record = read_checkpoint(run_dir)
     if record is not None and not resume:
-        raise UserError(f"{run_dir} already holds a training run; pass --resume to continue it, or choose another "
-                        f"--out")
+        raise UserError(
+            f"{run_dir} already holds a training run; pass --resume to continue it, or choose another --out"
+        )
     if record is not None:
         check_resumable(config, record)
     if config.batch_size < 2:
@@ -176,45 +202,73 @@ def train(config: TrainConfig, *, resume: bool = False, device: str | torch.devi
 
     def batches(epoch: int, start: int) -> DataLoader:
         order = epoch_batches(len(data), config.batch_size, config.seed, epoch)[start:]
-        return DataLoader(BatchDataset(data, order), batch_size=None, num_workers=readers, pin_memory=amp,
-                          generator=torch.Generator())  # its own generator: the global RNG stays untouched
+        return DataLoader(
+            BatchDataset(data, order), batch_size=None, num_workers=readers, pin_memory=amp, generator=torch.Generator()
+        )  # its own generator: the global RNG stays untouched
 
     def step(epoch: int, index: int, batch: TrainingBatch) -> dict[str, float]:
         terms = train_step(model, optimizer, scaler, batch.to(device, non_blocking=amp), amp).detached()
         if not math.isfinite(terms["total"]):
-            raise UserError(f"The loss became {terms['total']} at step {epoch * steps_per_epoch + index + 1}; the "
-                            f"last checkpoint is intact: resume with a lower --lr in a new --out")
+            raise UserError(
+                f"The loss became {terms['total']} at step {epoch * steps_per_epoch + index + 1}; the "
+                f"last checkpoint is intact: resume with a lower --lr in a new --out"
+            )
         return terms
 
-    loop = Loop(net, optimizer, config.epochs, steps_per_epoch, batches, step,
-                epoch_record=lambda epoch, state, seconds: _epoch_record(epoch, state, steps_per_epoch,
-                                                                         lr_for_epoch(config, epoch), seconds),
-                lr=lambda epoch, _: lr_for_epoch(config, epoch), run_dir=run_dir,
-                record={"config": config.to_dict(), "pairs_sha256": pairs_digest}, scaler=scaler,
-                checkpoint_steps=config.checkpoint_steps,
-                on_epoch_end=lambda epoch, state: write_log(run_dir, state.history), progress=progress,
-                describe=lambda epoch: f"epoch {epoch + 1}/{config.epochs}", postfix=_running_means)
+    loop = Loop(
+        net,
+        optimizer,
+        config.epochs,
+        steps_per_epoch,
+        batches,
+        step,
+        epoch_record=lambda epoch, state, seconds: _epoch_record(
+            epoch, state, steps_per_epoch, lr_for_epoch(config, epoch), seconds
+        ),
+        lr=lambda epoch, _: lr_for_epoch(config, epoch),
+        run_dir=run_dir,
+        record={"config": config.to_dict(), "pairs_sha256": pairs_digest},
+        scaler=scaler,
+        checkpoint_steps=config.checkpoint_steps,
+        on_epoch_end=lambda epoch, state: write_log(run_dir, state.history),
+        progress=progress,
+        describe=lambda epoch: f"epoch {epoch + 1}/{config.epochs}",
+        postfix=_running_means,
+    )
     state = loop.start(config.seed, record)
     if record is not None:
         write_log(run_dir, state.history)  # the log of the checkpoint (a kill before a commit leaves it ahead)
     dropped = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in data.dropped.items()) or "none"
-    log.info(f"training on {len(data)} pairs (dropped: {dropped}), {steps_per_epoch} steps of {config.batch_size} "
-             f"per epoch, {device}{' with AMP' if amp else ''}" + (f"; resuming at epoch {state.epoch + 1} step "
-                                                                   f"{state.step_in_epoch}" if record else ""))
+    log.info(
+        f"training on {len(data)} pairs (dropped: {dropped}), {steps_per_epoch} steps of {config.batch_size} "
+        f"per epoch, {device}{' with AMP' if amp else ''}"
+        + (f"; resuming at epoch {state.epoch + 1} step {state.step_in_epoch}" if record else "")
+    )
     net.train()  # dropout on; the backbone stays in eval mode
     state = loop.run(state)
 
     net.eval()
-    net.config.extra = {**net.config.extra, "training": {"epochs": state.epoch, "steps": state.global_step,
-                                                         "pairs": len(data), "pairs_sha256": pairs_digest,
-                                                         "seed": config.seed}}
+    net.config.extra = {
+        **net.config.extra,
+        "training": {
+            "epochs": state.epoch,
+            "steps": state.global_step,
+            "pairs": len(data),
+            "pairs_sha256": pairs_digest,
+            "seed": config.seed,
+        },
+    }
     return TrainResult(save_weights(net, run_dir / FINAL_WEIGHTS), state.history, len(data), data.dropped)
 
 
 def _running_means(state: LoopState) -> dict[str, str]:
     n = max(state.step_in_epoch, 1)
-    return {"loss": f"{state.sums['total'] / n:.4f}", "nce": f"{state.sums['contrastive'] / n:.3f}",
-            "ortho": f"{state.sums['orthogonal'] / n:.4f}", "reg": f"{state.sums['regularisation'] / n:.3f}"}
+    return {
+        "loss": f"{state.sums['total'] / n:.4f}",
+        "nce": f"{state.sums['contrastive'] / n:.3f}",
+        "ortho": f"{state.sums['orthogonal'] / n:.4f}",
+        "reg": f"{state.sums['regularisation'] / n:.3f}",
+    }
 
 
 def config_from_args(values: dict, defaults: dict, record: dict | None) -> TrainConfig:

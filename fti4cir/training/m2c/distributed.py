@@ -8,6 +8,7 @@ gradient of the global-batch loss. The official code averages them (DDP), i.e. i
 by the number of processes (`average=True`, with --as-released); AdamW is almost insensitive to that scale (only
 through eps).
 """
+
 from __future__ import annotations
 
 import os
@@ -74,7 +75,7 @@ def sum_gradients(params: Iterable[torch.nn.Parameter], world: World, average: b
         flat /= world.size
     offset = 0
     for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
         offset += g.numel()
 
 

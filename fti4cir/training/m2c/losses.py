@@ -3,6 +3,7 @@
 Stage I : info_nce(query, image view B) + ref_weight * info_nce(query, image view A) + kl_weight * KL
 Stage II: hard_negative_info_nce(query, target) + map_weight * info_nce(reference, mapping sentence) + kl_weight * KL
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -18,8 +19,9 @@ def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tens
     return (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
 
 
-def soft_alignment_kl(captions: torch.Tensor, queries: torch.Tensor, images: torch.Tensor,
-                      temperature: float) -> torch.Tensor:
+def soft_alignment_kl(
+    captions: torch.Tensor, queries: torch.Tensor, images: torch.Tensor, temperature: float
+) -> torch.Tensor:
     """Soft text alignment KL(Q || P), batch mean: for each image's caption c_i, P_i = softmax_j(c_i . query_j / t)
     and Q_i = softmax_j(c_i . image_j / t) (the official `F.kl_div(log P, Q)`, in log space for stability)."""
     log_p = F.log_softmax(captions @ queries.t() / temperature, dim=-1)
@@ -27,8 +29,9 @@ def soft_alignment_kl(captions: torch.Tensor, queries: torch.Tensor, images: tor
     return F.kl_div(log_p, log_q, reduction="batchmean", log_target=True)
 
 
-def mixed_hard_negatives(queries: torch.Tensor, targets: torch.Tensor, topk: int,
-                         as_released: bool = False) -> torch.Tensor:
+def mixed_hard_negatives(
+    queries: torch.Tensor, targets: torch.Tensor, topk: int, as_released: bool = False
+) -> torch.Tensor:
     """Cosines [B, k] between each query and its k mixed hard negatives.
 
     The k non-target images with the highest query logits are each mixed with the query's target:
@@ -50,8 +53,9 @@ def mixed_hard_negatives(queries: torch.Tensor, targets: torch.Tensor, topk: int
     return (mixed * queries.unsqueeze(1)).sum(dim=-1)
 
 
-def hard_negative_info_nce(queries: torch.Tensor, targets: torch.Tensor, temperature: float,
-                           topk: int = 10, as_released: bool = False) -> torch.Tensor:
+def hard_negative_info_nce(
+    queries: torch.Tensor, targets: torch.Tensor, temperature: float, topk: int = 10, as_released: bool = False
+) -> torch.Tensor:
     """Stage II composing loss: symmetric InfoNCE between queries and target images; the query->target direction
     also sees the mixed hard negatives. Their logits are scaled by 1/t like all others; as_released: the released
     code's negatives (the positive itself, see `mixed_hard_negatives`) appended unscaled (cosines in [-1, 1] beside
@@ -76,20 +80,41 @@ class LossTerms:
         return {k: float(v.detach()) for k, v in vars(self).items()}
 
 
-def stage1_loss(query: torch.Tensor, view_a: torch.Tensor, view_b: torch.Tensor, captions: torch.Tensor | None, *,
-                temperature: float = 0.07, ref_weight: float = 1.0, kl_weight: float = 0.2) -> LossTerms:
+def stage1_loss(
+    query: torch.Tensor,
+    view_a: torch.Tensor,
+    view_b: torch.Tensor,
+    captions: torch.Tensor | None,
+    *,
+    temperature: float = 0.07,
+    ref_weight: float = 1.0,
+    kl_weight: float = 0.2,
+) -> LossTerms:
     """query: "a photo of *" features of view A; view_a / view_b: image features of the two augmented views;
     captions: text features of the images' captions (None: no KL term)."""
     contrastive = info_nce(query, view_b, temperature)
     anchor = info_nce(query, view_a, temperature)
-    kl = soft_alignment_kl(captions, query, view_b, temperature) if captions is not None and kl_weight else \
-        query.new_zeros(())
+    kl = (
+        soft_alignment_kl(captions, query, view_b, temperature)
+        if captions is not None and kl_weight
+        else query.new_zeros(())
+    )
     return LossTerms(contrastive + ref_weight * anchor + kl_weight * kl, contrastive, anchor, kl)
 
 
-def stage2_loss(query: torch.Tensor, mapping: torch.Tensor, reference: torch.Tensor, target: torch.Tensor,
-                captions: torch.Tensor | None, *, temperature: float = 0.01, topk: int = 10, map_weight: float = 1.0,
-                kl_weight: float = 0.2, as_released: bool = False) -> LossTerms:
+def stage2_loss(
+    query: torch.Tensor,
+    mapping: torch.Tensor,
+    reference: torch.Tensor,
+    target: torch.Tensor,
+    captions: torch.Tensor | None,
+    *,
+    temperature: float = 0.01,
+    topk: int = 10,
+    map_weight: float = 1.0,
+    kl_weight: float = 0.2,
+    as_released: bool = False,
+) -> LossTerms:
     """query: composed features ("a photo of * that {text}", adapters on); mapping: "a photo of *" features (adapters
     on); reference / target: image features; captions: reference caption features (None: no KL term).
 
@@ -98,6 +123,9 @@ def stage2_loss(query: torch.Tensor, mapping: torch.Tensor, reference: torch.Ten
     `hard_negative_info_nce`)."""
     contrastive = hard_negative_info_nce(query, target, temperature, topk, as_released)
     anchor = info_nce(reference, mapping, temperature)
-    kl = soft_alignment_kl(captions, mapping, target, temperature) if captions is not None and kl_weight else \
-        query.new_zeros(())
+    kl = (
+        soft_alignment_kl(captions, mapping, target, temperature)
+        if captions is not None and kl_weight
+        else query.new_zeros(())
+    )
     return LossTerms(contrastive + map_weight * anchor + kl_weight * kl, contrastive, anchor, kl)

@@ -8,6 +8,7 @@ sentences, the caption features) and follows the official arithmetic step by ste
 process the gathers are the identity. `fixed=True` applies the two intended corrections (gather the negatives, not
 the positive; scale their logits by 1/t), the form our default training uses.
 """
+
 from __future__ import annotations
 
 import torch
@@ -30,8 +31,16 @@ def _kl(llm, text, image, logit_scale):
     return F.kl_div(torch.log(p), q, reduction="batchmean")
 
 
-def official_stage1_loss(image_features, ref_image_features, text_features, llm_features, *, temperature=0.07,
-                         loss_consistency=0.2, loss_ref_txt=1.0) -> torch.Tensor:
+def official_stage1_loss(
+    image_features,
+    ref_image_features,
+    text_features,
+    llm_features,
+    *,
+    temperature=0.07,
+    loss_consistency=0.2,
+    loss_ref_txt=1.0,
+) -> torch.Tensor:
     """image_features: view B (`images`); ref_image_features: view A (`images_strong`, the one Phi and VSI saw);
     text_features: "a photo of *"; llm_features: the captions."""
     image, ref_image = _unit(image_features), _unit(ref_image_features)
@@ -46,8 +55,18 @@ def official_stage1_loss(image_features, ref_image_features, text_features, llm_
     return (loss_img_val + loss_txt_val) / 2 + kl_loss * loss_consistency + loss_ref * loss_ref_txt
 
 
-def official_stage2_loss(tgt_image_features, ref_image_features, text_features, text_features_map, ref_llm_features,
-                         *, temperature=0.01, topk=10, loss_consistency=0.2, fixed=False) -> torch.Tensor:
+def official_stage2_loss(
+    tgt_image_features,
+    ref_image_features,
+    text_features,
+    text_features_map,
+    ref_llm_features,
+    *,
+    temperature=0.01,
+    topk=10,
+    loss_consistency=0.2,
+    fixed=False,
+) -> torch.Tensor:
     """tgt / ref_image_features: CLIP features of the target / reference images; text_features: the composed
     query "a photo of * that {text}"; text_features_map: "a photo of *"; ref_llm_features: reference captions."""
     image, ref_image = _unit(tgt_image_features), _unit(ref_image_features)

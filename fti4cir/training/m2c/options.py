@@ -1,4 +1,5 @@
 """The settings of an M2C training run and their official defaults (light: no torch, for the command line)."""
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -53,10 +54,12 @@ class TrainOptions:
     def resolved(self, stage: int, backbone: str) -> tuple[int, float, tuple[float, float], float]:
         """(warmup steps, temperature, betas, eps) of a stage."""
         beta1, beta2, eps = official_adam(backbone)
-        return (OFFICIAL_WARMUP[stage] if self.warmup is None else self.warmup,
-                OFFICIAL_TEMPERATURE[stage] if self.temperature is None else self.temperature,
-                (beta1 if self.beta1 is None else self.beta1, beta2 if self.beta2 is None else self.beta2),
-                eps if self.eps is None else self.eps)
+        return (
+            OFFICIAL_WARMUP[stage] if self.warmup is None else self.warmup,
+            OFFICIAL_TEMPERATURE[stage] if self.temperature is None else self.temperature,
+            (beta1 if self.beta1 is None else self.beta1, beta2 if self.beta2 is None else self.beta2),
+            eps if self.eps is None else self.eps,
+        )
 
     def to_dict(self) -> dict:
         return asdict(self)

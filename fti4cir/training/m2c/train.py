@@ -14,6 +14,7 @@ gathered into one pool of negatives (`distributed`). The loop is the project's o
 checkpoints (weights, optimizer, RNG states) go to `<out>.run/` at every epoch end (and every `checkpoint_steps`);
 `resume` continues bit for bit, also after a kill -9.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -69,9 +70,15 @@ def make_optimizer(module: torch.nn.Module, prefix: str, options: TrainOptions, 
     for name, p in module.named_parameters():
         if p.requires_grad:
             groups[official_decay(official_name(prefix + name))].append(p)
-    return torch.optim.AdamW([{"params": groups[False], "weight_decay": 0.0},
-                              {"params": groups[True], "weight_decay": options.weight_decay}],
-                             lr=options.lr, betas=betas, eps=eps)
+    return torch.optim.AdamW(
+        [
+            {"params": groups[False], "weight_decay": 0.0},
+            {"params": groups[True], "weight_decay": options.weight_decay},
+        ],
+        lr=options.lr,
+        betas=betas,
+        eps=eps,
+    )
 
 
 def _autocast(model: M2CModel, options: TrainOptions):
@@ -81,8 +88,12 @@ def _autocast(model: M2CModel, options: TrainOptions):
 
 def _encode_texts(model: M2CModel, texts: list[str], batch_size: int = 256) -> torch.Tensor:
     with torch.no_grad():
-        return torch.cat([F.normalize(model.backbone.encode_text(texts[i:i + batch_size]).float(), dim=-1)
-                          for i in range(0, len(texts), batch_size)])
+        return torch.cat(
+            [
+                F.normalize(model.backbone.encode_text(texts[i : i + batch_size]).float(), dim=-1)
+                for i in range(0, len(texts), batch_size)
+            ]
+        )
 
 
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
@@ -101,7 +112,8 @@ def _digest(items) -> str:
 def _view_choice(options: TrainOptions, epoch: int, step: int, role: str, count: int) -> np.ndarray:
     """Which cached view of each image a step uses (a function of seed, epoch, step and role)."""
     return np.random.default_rng([options.seed, epoch, step, derived_seed(role) % 2**32]).integers(
-        options.views, size=count)
+        options.views, size=count
+    )
 
 
 # ---- the loop of both stages --------------------------------------------------------------------------------------
@@ -117,8 +129,19 @@ class Run:
         return None if self.out is None else self.out.with_suffix(RUN_SUFFIX)
 
 
-def _loop(stage: int, model: M2CModel, module: torch.nn.Module, prefix: str, options: TrainOptions, n: int,
-          data_digest: str, step_loss, run: Run, world: World, progress: bool) -> list[dict]:
+def _loop(
+    stage: int,
+    model: M2CModel,
+    module: torch.nn.Module,
+    prefix: str,
+    options: TrainOptions,
+    n: int,
+    data_digest: str,
+    step_loss,
+    run: Run,
+    world: World,
+    progress: bool,
+) -> list[dict]:
     """Train `module` (the trainable part of model.net; `prefix` its name there) for options.epochs over `n`
     examples with `fti4cir.training.loop`. step_loss(epoch, step, rows) -> LossTerms | None (None: no usable pair in
     the batch) computes this process's part of a global batch. Checkpoints (weights, optimizer, RNG, loss sums) at
@@ -129,14 +152,17 @@ def _loop(stage: int, model: M2CModel, module: torch.nn.Module, prefix: str, opt
     optimizer = make_optimizer(module, prefix, options, betas, eps)
     global_batch = options.batch_size * world.size
     if world.size > 1 and n < global_batch:
-        raise UserError(f"{n} examples are fewer than one global batch of {global_batch} ({world.size} processes x "
-                        f"--batch-size {options.batch_size})")
+        raise UserError(
+            f"{n} examples are fewer than one global batch of {global_batch} ({world.size} processes x "
+            f"--batch-size {options.batch_size})"
+        )
     steps = len(epoch_batches(n, global_batch, options.seed, 0))
     total = steps * options.epochs
     record = read_checkpoint(run.dir) if run.dir is not None else None
     if record is not None and not run.resume:
-        raise UserError(f"{run.dir} holds a training run of {run.out}: pass --resume to continue it, or choose "
-                        f"another --out")
+        raise UserError(
+            f"{run.dir} holds a training run of {run.out}: pass --resume to continue it, or choose another --out"
+        )
     if record is not None:
         _check_resumable(record, stage, options, data_digest, run)
     params = [p for p in module.parameters() if p.requires_grad]
@@ -148,8 +174,11 @@ def _loop(stage: int, model: M2CModel, module: torch.nn.Module, prefix: str, opt
             yield np.array_split(order[step], world.size)[world.rank] if world.size > 1 else order[step]
 
     def step(epoch: int, index: int, rows: np.ndarray) -> dict[str, float] | None:
-        terms = optimisation_step(optimizer, lambda: step_loss(epoch, index, rows),
-                                  reduce_gradients=lambda: sum_gradients(params, world, average=options.as_released))
+        terms = optimisation_step(
+            optimizer,
+            lambda: step_loss(epoch, index, rows),
+            reduce_gradients=lambda: sum_gradients(params, world, average=options.as_released),
+        )
         return None if terms is None else terms.detached()
 
     def epoch_record(epoch: int, state, seconds: float) -> dict:
@@ -158,17 +187,32 @@ def _loop(stage: int, model: M2CModel, module: torch.nn.Module, prefix: str, opt
     def epoch_end(epoch: int, state) -> None:
         if world.is_main:
             last = state.history[-1]
-            log.info(f"stage {stage} epoch {epoch}: loss {last.get('total', float('nan')):.4f} ({steps} steps, "
-                     f"{last['seconds']:.1f} s)")
+            log.info(
+                f"stage {stage} epoch {epoch}: loss {last.get('total', float('nan')):.4f} ({steps} steps, "
+                f"{last['seconds']:.1f} s)"
+            )
             if run.out is not None:
                 save_m2c_weights(net, run.out)  # before the checkpoint's commit: a resumed run never lacks them
 
-    loop = Loop(net, optimizer, options.epochs, steps, batches, step, epoch_record,
-                lr=lambda epoch, global_step: official_lr(global_step, options.lr, warmup, total), run_dir=run.dir,
-                record={"stage": stage, "options": options.to_dict(), "data_sha256": data_digest},
-                checkpoint_steps=options.checkpoint_steps, writes=world.is_main, on_epoch_end=epoch_end,
-                progress=progress and world.is_main, describe=lambda epoch: f"m2c stage {stage} epoch {epoch}",
-                unit="it", leave=False)
+    loop = Loop(
+        net,
+        optimizer,
+        options.epochs,
+        steps,
+        batches,
+        step,
+        epoch_record,
+        lr=lambda epoch, global_step: official_lr(global_step, options.lr, warmup, total),
+        run_dir=run.dir,
+        record={"stage": stage, "options": options.to_dict(), "data_sha256": data_digest},
+        checkpoint_steps=options.checkpoint_steps,
+        writes=world.is_main,
+        on_epoch_end=epoch_end,
+        progress=progress and world.is_main,
+        describe=lambda epoch: f"m2c stage {stage} epoch {epoch}",
+        unit="it",
+        leave=False,
+    )
     return loop.run(loop.start(options.seed, record)).history
 
 
@@ -205,8 +249,10 @@ def stage1_data(images_dir: str | Path, captions_file: str | Path | None = None)
         return [p for p, _ in pairs], [c for _, c in pairs]
     labelled = [(p, p.relative_to(root).parts) for p in paths]
     if any(len(parts) < 2 for _, parts in labelled):
-        raise UserError(f"{root} has images outside class subfolders: pass --captions (a captions JSONL from "
-                        f"`fti4cir caption`) for unlabelled folders")
+        raise UserError(
+            f"{root} has images outside class subfolders: pass --captions (a captions JSONL from "
+            f"`fti4cir caption`) for unlabelled folders"
+        )
     return paths, [CLASS_CAPTION.replace("{label}", class_label(parts[0])) for _, parts in labelled]
 
 
@@ -215,8 +261,11 @@ class _OnlineViews:
 
     def __init__(self, model: M2CModel, paths: list[Path], options: TrainOptions, world: World):
         self.model, self.paths, self.world = model, paths, world
-        self.workers = options.num_workers if options.num_workers is not None else \
-            default_num_workers(len(paths), options.batch_size)
+        self.workers = (
+            options.num_workers
+            if options.num_workers is not None
+            else default_num_workers(len(paths), options.batch_size)
+        )
         self.loader, self.reported, self.epoch = None, set(), None
 
     def pairs(self, epoch: int, step: int, local_batches, first, second) -> tuple | None:
@@ -228,8 +277,10 @@ class _OnlineViews:
             jobs = []
             for rows in local_batches(epoch)[step:]:
                 b = len(rows)
-                jobs.append([(j, *first(int(r), epoch)) for j, r in enumerate(rows)] +
-                            [(b + j, *second(int(r), epoch)) for j, r in enumerate(rows)])
+                jobs.append(
+                    [(j, *first(int(r), epoch)) for j, r in enumerate(rows)]
+                    + [(b + j, *second(int(r), epoch)) for j, r in enumerate(rows)]
+                )
             self.loader = iter(view_loader(self.paths, self.model.backbone.image_size, jobs, self.workers))
         keys, images, failed = next(self.loader)
         for _, message in failed:
@@ -248,14 +299,25 @@ class _OnlineViews:
 
 def _local_batches(n: int, options: TrainOptions, world: World):
     def batches(epoch: int) -> list[np.ndarray]:
-        return [np.array_split(b, world.size)[world.rank] if world.size > 1 else b
-                for b in epoch_batches(n, options.batch_size * world.size, options.seed, epoch)]
+        return [
+            np.array_split(b, world.size)[world.rank] if world.size > 1 else b
+            for b in epoch_batches(n, options.batch_size * world.size, options.seed, epoch)
+        ]
+
     return batches
 
 
-def train_stage1(model: M2CModel, paths: Sequence[Path], captions: Sequence[str] | None,
-                 options: TrainOptions | None = None, *, out: str | Path | None = None, resume: bool = False,
-                 cache_dir: str | Path = "cache/features", progress: bool = True) -> list[dict]:
+def train_stage1(
+    model: M2CModel,
+    paths: Sequence[Path],
+    captions: Sequence[str] | None,
+    options: TrainOptions | None = None,
+    *,
+    out: str | Path | None = None,
+    resume: bool = False,
+    cache_dir: str | Path = "cache/features",
+    progress: bool = True,
+) -> list[dict]:
     """Train Phi, the patch projection and VSI; returns per-epoch mean loss terms. Writes `out` after every epoch
     and checkpoints into `out.run/` (resume=True continues there). captions: one per path (the KL term), or None.
 
@@ -272,10 +334,22 @@ def train_stage1(model: M2CModel, paths: Sequence[Path], captions: Sequence[str]
     caches, images = None, np.arange(len(paths))  # images: the training examples' indices into paths
     if online is None:
         with main_first(world):  # views: A with patch tokens, B global only; none: one centre crop for both
-            caches = [cached_views(model, paths, cache_dir, spec, options.views, options.seed, with_patches=patches,
-                                   num_workers=options.num_workers, progress=progress and world.is_main)
-                      for spec, patches in (((VIEW_A, True), (VIEW_B, False)) if options.augment == "views" else
-                                            ((None, True),))]
+            caches = [
+                cached_views(
+                    model,
+                    paths,
+                    cache_dir,
+                    spec,
+                    options.views,
+                    options.seed,
+                    with_patches=patches,
+                    num_workers=options.num_workers,
+                    progress=progress and world.is_main,
+                )
+                for spec, patches in (
+                    ((VIEW_A, True), (VIEW_B, False)) if options.augment == "views" else ((None, True),)
+                )
+            ]
         caches = caches * (2 // len(caches))  # [A, B], or the centre crop twice
         images = np.flatnonzero(caches[0].readable() & caches[1].readable())
         if len(images) < len(paths):
@@ -288,14 +362,21 @@ def train_stage1(model: M2CModel, paths: Sequence[Path], captions: Sequence[str]
         """(view A features, view B global features, indices into paths of the usable images) of this process's
         rows."""
         if online is not None:
-            views = online.pairs(epoch, step, local_batches,
-                                 lambda r, e: (r, VIEW_A, derived_seed(options.seed, e, "A", r)),
-                                 lambda r, e: (r, VIEW_B, derived_seed(options.seed, e, "B", r)))
+            views = online.pairs(
+                epoch,
+                step,
+                local_batches,
+                lambda r, e: (r, VIEW_A, derived_seed(options.seed, e, "A", r)),
+                lambda r, e: (r, VIEW_B, derived_seed(options.seed, e, "B", r)),
+            )
             if views is None:
                 return None
             with torch.no_grad():
-                return (model.backbone.encode_visual(views[0].to(model.device)),
-                        model.backbone.encode_image(views[1].to(model.device)), rows[views[2]])
+                return (
+                    model.backbone.encode_visual(views[0].to(model.device)),
+                    model.backbone.encode_image(views[1].to(model.device)),
+                    rows[views[2]],
+                )
         if options.augment == "views":
             va, vb = (_view_choice(options, epoch, step, role, len(rows)) for role in ("A", "B"))
         else:
@@ -311,25 +392,40 @@ def train_stage1(model: M2CModel, paths: Sequence[Path], captions: Sequence[str]
         with _autocast(model, options):
             image_a, patches = model.visual_inputs(visual_a)
             query = model.encode(MAPPING_PROMPT, None, image_a, patches, use_adapters=False)
-            caps = caption_features[torch.from_numpy(index)].to(model.device) if caption_features is not None \
-                else None
-            gathered = [gather_rows(x, world) if x is not None else None for x in
-                        (F.normalize(query.float(), dim=-1), F.normalize(image_a.float(), dim=-1),
-                         F.normalize(image_b.float(), dim=-1), caps)]
-            return stage1_loss(*gathered, temperature=temperature, ref_weight=options.ref_weight,
-                               kl_weight=options.kl_weight)
+            caps = caption_features[torch.from_numpy(index)].to(model.device) if caption_features is not None else None
+            gathered = [
+                gather_rows(x, world) if x is not None else None
+                for x in (
+                    F.normalize(query.float(), dim=-1),
+                    F.normalize(image_a.float(), dim=-1),
+                    F.normalize(image_b.float(), dim=-1),
+                    caps,
+                )
+            ]
+            return stage1_loss(
+                *gathered, temperature=temperature, ref_weight=options.ref_weight, kl_weight=options.kl_weight
+            )
 
     digest = _digest([[str(p) for p in paths], list(captions) if captions is not None else None])
-    history = _loop(1, model, net, "", options, len(images), digest, step_loss, Run(_path(out), resume), world,
-                    progress)
+    history = _loop(
+        1, model, net, "", options, len(images), digest, step_loss, Run(_path(out), resume), world, progress
+    )
     net.eval()
     return history
 
 
 # ---- stage II -----------------------------------------------------------------------------------------------------
-def train_stage2(model: M2CModel, triplets: Sequence[Triplet], options: TrainOptions | None = None, *,
-                 prompt: str = TRAIN_PROMPT, out: str | Path | None = None, resume: bool = False,
-                 cache_dir: str | Path = "cache/features", progress: bool = True) -> list[dict]:
+def train_stage2(
+    model: M2CModel,
+    triplets: Sequence[Triplet],
+    options: TrainOptions | None = None,
+    *,
+    prompt: str = TRAIN_PROMPT,
+    out: str | Path | None = None,
+    resume: bool = False,
+    cache_dir: str | Path = "cache/features",
+    progress: bool = True,
+) -> list[dict]:
     """Train the composing adapters (they must exist: `model.net.add_adapters()`); everything else gets no
     gradient but stays in train mode, as the official stage II (dropout active; VSI BatchNorm on batch statistics,
     its running statistics updated and saved). Reference and target images are cropped 0.9-1 (official
@@ -348,9 +444,17 @@ def train_stage2(model: M2CModel, triplets: Sequence[Triplet], options: TrainOpt
         online = _OnlineViews(model, images, options, world)
     else:
         with main_first(world):
-            cache = cached_views(model, images, cache_dir, VIEW_B if options.augment == "views" else None,
-                                 options.views, options.seed, with_patches=True, num_workers=options.num_workers,
-                                 progress=progress and world.is_main)
+            cache = cached_views(
+                model,
+                images,
+                cache_dir,
+                VIEW_B if options.augment == "views" else None,
+                options.views,
+                options.seed,
+                with_patches=True,
+                num_workers=options.num_workers,
+                progress=progress and world.is_main,
+            )
         readable = cache.readable()
         usable = [t for t in triplets if readable[position[t.reference]] and readable[position[t.target]]]
         if not usable:
@@ -364,8 +468,9 @@ def train_stage2(model: M2CModel, triplets: Sequence[Triplet], options: TrainOpt
     if options.kl_weight and not with_captions:
         log.warning("some triplets have no reference_caption: training without the KL term")
     caption_features = _encode_texts(model, [t.reference_caption for t in triplets]) if with_captions else None
-    query_ids, query_mask = tokenize_prompts(prompt, [{"text": t.text} for t in triplets], None,
-                                             model.backbone.context_length)
+    query_ids, query_mask = tokenize_prompts(
+        prompt, [{"text": t.text} for t in triplets], None, model.backbone.context_length
+    )
     map_ids, map_mask = tokenize_prompts(MAPPING_PROMPT, [{}], None, model.backbone.context_length)
     temperature = options.resolved(2, model.backbone.name)[1]
     net.requires_grad_(False).train()
@@ -379,16 +484,26 @@ def train_stage2(model: M2CModel, triplets: Sequence[Triplet], options: TrainOpt
                 vr, vt = (_view_choice(options, epoch, step, role, len(rows)) for role in ("ref", "tgt"))
             else:
                 vr = vt = np.zeros(len(rows), dtype=np.int64)
-            return (cache.get(ref_index[rows], vr), cache.get(tgt_index[rows], vt).global_features.to(model.device),
-                    rows)
-        views = online.pairs(epoch, step, local_batches,
-                             lambda r, e: (int(ref_index[r]), VIEW_B, derived_seed(options.seed, e, "ref", r)),
-                             lambda r, e: (int(tgt_index[r]), VIEW_B, derived_seed(options.seed, e, "tgt", r)))
+            return (
+                cache.get(ref_index[rows], vr),
+                cache.get(tgt_index[rows], vt).global_features.to(model.device),
+                rows,
+            )
+        views = online.pairs(
+            epoch,
+            step,
+            local_batches,
+            lambda r, e: (int(ref_index[r]), VIEW_B, derived_seed(options.seed, e, "ref", r)),
+            lambda r, e: (int(tgt_index[r]), VIEW_B, derived_seed(options.seed, e, "tgt", r)),
+        )
         if views is None:
             return None
         with torch.no_grad():
-            return (model.backbone.encode_visual(views[0].to(model.device)),
-                    model.backbone.encode_image(views[1].to(model.device)), rows[views[2]])
+            return (
+                model.backbone.encode_visual(views[0].to(model.device)),
+                model.backbone.encode_image(views[1].to(model.device)),
+                rows[views[2]],
+            )
 
     def step_loss(epoch: int, step: int, rows: np.ndarray):
         seen = visual(epoch, step, rows)
@@ -403,19 +518,42 @@ def train_stage2(model: M2CModel, triplets: Sequence[Triplet], options: TrainOpt
             ids = torch.cat([query_ids[rows], map_ids.expand(b, -1)])
             mask = torch.cat([query_mask[rows], map_mask.expand(b, -1)])
             # both prompts see their own VSI pass over the images (BatchNorm over 2B rows, independent dropout)
-            features = model.encode_tokens(ids, mask, pseudo.repeat(2, 1), patches.repeat(2, 1, 1),
-                                           use_adapters=True)
+            features = model.encode_tokens(ids, mask, pseudo.repeat(2, 1), patches.repeat(2, 1, 1), use_adapters=True)
             features = F.normalize(features.float(), dim=-1)
             caps = caption_features[torch.from_numpy(rows)].to(model.device) if caption_features is not None else None
-            gathered = [gather_rows(x, world) if x is not None else None for x in
-                        (features[:b], features[b:], F.normalize(image.float(), dim=-1),
-                         F.normalize(target.float(), dim=-1), caps)]
-            return stage2_loss(*gathered, temperature=temperature, topk=options.topk, map_weight=options.ref_weight,
-                               kl_weight=options.kl_weight, as_released=options.as_released)
+            gathered = [
+                gather_rows(x, world) if x is not None else None
+                for x in (
+                    features[:b],
+                    features[b:],
+                    F.normalize(image.float(), dim=-1),
+                    F.normalize(target.float(), dim=-1),
+                    caps,
+                )
+            ]
+            return stage2_loss(
+                *gathered,
+                temperature=temperature,
+                topk=options.topk,
+                map_weight=options.ref_weight,
+                kl_weight=options.kl_weight,
+                as_released=options.as_released,
+            )
 
     digest = _digest([[str(t.reference), str(t.target), t.text, t.reference_caption] for t in triplets] + [prompt])
-    history = _loop(2, model, net.adapters, "adapters.", options, len(triplets), digest, step_loss,
-                    Run(_path(out), resume), world, progress)
+    history = _loop(
+        2,
+        model,
+        net.adapters,
+        "adapters.",
+        options,
+        len(triplets),
+        digest,
+        step_loss,
+        Run(_path(out), resume),
+        world,
+        progress,
+    )
     net.eval()
     return history
 
@@ -425,8 +563,9 @@ def _path(out: str | Path | None) -> Path | None:
 
 
 # ---- held-out evaluation ------------------------------------------------------------------------------------------
-def _cache_rows(model: M2CModel, paths: list[Path], store: FeatureStore, num_workers: int | None,
-                progress: bool) -> dict[Path, int]:
+def _cache_rows(
+    model: M2CModel, paths: list[Path], store: FeatureStore, num_workers: int | None, progress: bool
+) -> dict[Path, int]:
     """Feature-store rows of the readable images (one visual pass per new image)."""
     unique = sorted(set(paths))
     result = extract_features(model, unique, store, num_workers=num_workers, progress=progress)
@@ -436,10 +575,19 @@ def _cache_rows(model: M2CModel, paths: list[Path], store: FeatureStore, num_wor
 
 
 @torch.no_grad()
-def triplet_recall(model: M2CModel, triplets: Sequence[Triplet], gallery: Sequence[Path], store: FeatureStore, *,
-                   use_adapters: bool, prompt: str = TRAIN_PROMPT, ks: Sequence[int] = (1, 5, 10),
-                   batch_size: int = 128, num_workers: int | None = None,
-                   progress: bool = False) -> dict[str, float]:
+def triplet_recall(
+    model: M2CModel,
+    triplets: Sequence[Triplet],
+    gallery: Sequence[Path],
+    store: FeatureStore,
+    *,
+    use_adapters: bool,
+    prompt: str = TRAIN_PROMPT,
+    ks: Sequence[int] = (1, 5, 10),
+    batch_size: int = 128,
+    num_workers: int | None = None,
+    progress: bool = False,
+) -> dict[str, float]:
     """Recall@k of triplet queries over a gallery: a hit when any of a triplet's answers (ground truths, else the
     target) is among the top k; the reference itself is never ranked (as in CIRR). Triplets without an answer in the
     gallery are left out."""
@@ -453,9 +601,14 @@ def triplet_recall(model: M2CModel, triplets: Sequence[Triplet], gallery: Sequen
     targets = F.normalize(store.global_features([rows[p] for p in gallery]).to(model.device), dim=-1)
     hits = {k: 0 for k in ks}
     for start in range(0, len(triplets), batch_size):
-        chunk = triplets[start:start + batch_size]
-        query = m2c_compose(model, store.get([rows[t.reference] for t in chunk]), [t.text for t in chunk],
-                            prompt=prompt, use_adapters=use_adapters)
+        chunk = triplets[start : start + batch_size]
+        query = m2c_compose(
+            model,
+            store.get([rows[t.reference] for t in chunk]),
+            [t.text for t in chunk],
+            prompt=prompt,
+            use_adapters=use_adapters,
+        )
         scores = query @ targets.t()
         answers = torch.zeros_like(scores, dtype=torch.bool)
         for r, t in enumerate(chunk):  # bookkeeping of variable-length answer sets, not tensor math

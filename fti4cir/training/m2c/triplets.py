@@ -16,6 +16,7 @@ One JSON object per line (blank lines are ignored):
 reference is an image of class A, the text "as a {class B}", the target an image of class B, the reference caption
 "a photo of a {class A}" (class-name captions, so both stages run offline without a captioner).
 """
+
 from __future__ import annotations
 
 import json
@@ -57,7 +58,10 @@ def _string(record: dict, key: str, where: str, required: bool) -> str | None:
 def parse_triplet(record, base: Path, where: str) -> Triplet:
     if not isinstance(record, dict):
         raise UserError(f"{where}: expected a JSON object")
-    resolve = lambda p: Path(os.path.abspath(base / p))  # normalised: paths are compared
+
+    def resolve(p):
+        return Path(os.path.abspath(base / p))  # normalised: paths are compared
+
     reference = _string(record, "reference", where, True)
     target = _string(record, "target", where, True)
     text = _string(record, "text", where, False) or _string(record, "target_caption", where, False)
@@ -66,8 +70,13 @@ def parse_triplet(record, base: Path, where: str) -> Triplet:
     truths = record.get("ground_truths", [])
     if not isinstance(truths, list) or not all(isinstance(t, str) and t for t in truths):
         raise UserError(f"{where}: 'ground_truths' must be a list of image paths")
-    return Triplet(resolve(reference), text.strip(), resolve(target),
-                   _string(record, "reference_caption", where, False), tuple(resolve(t) for t in truths))
+    return Triplet(
+        resolve(reference),
+        text.strip(),
+        resolve(target),
+        _string(record, "reference_caption", where, False),
+        tuple(resolve(t) for t in truths),
+    )
 
 
 def read_triplets(path: str | os.PathLike) -> list[Triplet]:
@@ -107,9 +116,16 @@ def labelled_images(root: str | os.PathLike) -> dict[str, list[Path]]:
     return dict(sorted(groups.items()))
 
 
-def build_triplets(root: str | os.PathLike, out_dir: str | os.PathLike, *, per_reference: int = 1, seed: int = 0,
-                   template: str = TEXT_TEMPLATE, with_ground_truths: bool = False,
-                   max_per_class: int | None = None) -> list[dict]:
+def build_triplets(
+    root: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    per_reference: int = 1,
+    seed: int = 0,
+    template: str = TEXT_TEMPLATE,
+    with_ground_truths: bool = False,
+    max_per_class: int | None = None,
+) -> list[dict]:
     """Synthetic triplet records (paths relative to `out_dir`): for every image of class A, `per_reference`
     triplets with a random other class B, the text `template` with {label} = B, a random target of class B.
     max_per_class: use a random sample of at most this many images per class (as references and as targets)."""
@@ -121,7 +137,10 @@ def build_triplets(root: str | os.PathLike, out_dir: str | os.PathLike, *, per_r
     rng = random.Random(seed)
     if max_per_class is not None:
         groups = {c: sorted(rng.sample(paths, min(max_per_class, len(paths)))) for c, paths in groups.items()}
-    rel = lambda p: os.path.relpath(p, out_dir)
+
+    def rel(p):
+        return os.path.relpath(p, out_dir)
+
     classes = list(groups)
     records = []
     for a in classes:
@@ -129,9 +148,12 @@ def build_triplets(root: str | os.PathLike, out_dir: str | os.PathLike, *, per_r
         for reference in groups[a]:
             for _ in range(per_reference):
                 b = rng.choice(others)
-                record = {"reference": rel(reference), "text": template.replace("{label}", class_label(b)),
-                          "target": rel(rng.choice(groups[b])),
-                          "reference_caption": CLASS_CAPTION.replace("{label}", class_label(a))}
+                record = {
+                    "reference": rel(reference),
+                    "text": template.replace("{label}", class_label(b)),
+                    "target": rel(rng.choice(groups[b])),
+                    "reference_caption": CLASS_CAPTION.replace("{label}", class_label(a)),
+                }
                 if with_ground_truths:
                     record["ground_truths"] = [rel(p) for p in groups[b]]
                 records.append(record)

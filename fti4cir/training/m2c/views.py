@@ -8,6 +8,7 @@ Three ways to feed a training step (`--augment`):
   gives for that crop: only the number of distinct crops per image is finite;
 - none: the centre crop of the model's preprocessing, cached (no augmentation).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -63,8 +64,7 @@ def crop_box(width: int, height: int, spec: ViewSpec, generator: torch.Generator
     log_ratio = torch.log(torch.tensor(spec.ratio))
     for _ in range(10):
         target_area = area * torch.empty(1).uniform_(spec.scale[0], spec.scale[1], generator=generator).item()
-        aspect = math.exp(torch.empty(1).uniform_(float(log_ratio[0]), float(log_ratio[1]),
-                                                  generator=generator).item())
+        aspect = math.exp(torch.empty(1).uniform_(float(log_ratio[0]), float(log_ratio[1]), generator=generator).item())
         w, h = int(round(math.sqrt(target_area * aspect))), int(round(math.sqrt(target_area / aspect)))
         if 0 < w <= width and 0 < h <= height:
             top = int(torch.randint(0, height - h + 1, size=(1,), generator=generator).item())
@@ -117,8 +117,13 @@ def collate_views(items):
 
 
 def view_loader(paths: list[Path], size: int, batches: list[list[tuple]], num_workers: int) -> DataLoader:
-    return DataLoader(ViewJobs(paths, size), batch_sampler=batches, num_workers=num_workers,
-                      collate_fn=collate_views, generator=torch.Generator())  # the global RNG stays untouched
+    return DataLoader(
+        ViewJobs(paths, size),
+        batch_sampler=batches,
+        num_workers=num_workers,
+        collate_fn=collate_views,
+        generator=torch.Generator(),
+    )  # the global RNG stays untouched
 
 
 class ViewCache:
@@ -146,8 +151,18 @@ class ViewCache:
         return VisualFeatures(torch.cat([p.global_features for p in parts])[inverse], patches)
 
 
-def cached_views(model, paths: list[Path], cache_dir, spec: ViewSpec | None, views: int, seed: int, *,
-                 with_patches: bool, num_workers: int | None = None, progress: bool = True) -> ViewCache:
+def cached_views(
+    model,
+    paths: list[Path],
+    cache_dir,
+    spec: ViewSpec | None,
+    views: int,
+    seed: int,
+    *,
+    with_patches: bool,
+    num_workers: int | None = None,
+    progress: bool = True,
+) -> ViewCache:
     """The features of `views` crops (spec) of every image, computed once into the feature cache (view j of an
     image: seeded by (seed, its content hash, j), so it does not depend on its path or position); spec None: the
     centre crop of the model's own preprocessing (one view)."""
@@ -158,18 +173,25 @@ def cached_views(model, paths: list[Path], cache_dir, spec: ViewSpec | None, vie
     hashes = hash_files(paths)
     stores, rows = [], []
     for view in range(views):
-        store = FeatureStore.for_model(cache_dir, model, with_patches=with_patches,
-                                       extra_identity={"m2c_view": {**spec.to_dict(), "seed": seed, "view": view}})
+        store = FeatureStore.for_model(
+            cache_dir,
+            model,
+            with_patches=with_patches,
+            extra_identity={"m2c_view": {**spec.to_dict(), "seed": seed, "view": view}},
+        )
         found = store.lookup(hashes)
         todo = sorted({h: i for i, (h, r) in enumerate(zip(hashes, found)) if h is not None and r < 0}.values())
         if todo:
             jobs = [(i, i, spec, derived_seed(seed, hashes[i], view)) for i in todo]
-            batches = [jobs[k:k + 32] for k in range(0, len(jobs), 32)]
+            batches = [jobs[k : k + 32] for k in range(0, len(jobs), 32)]
             workers = num_workers if num_workers is not None else default_num_workers(len(jobs), 32)
             with torch.no_grad():
-                for index, images, _ in tqdm(view_loader(paths, model.backbone.image_size, batches, workers),
-                                             desc=f"view {view + 1}/{views} features", disable=not progress,
-                                             leave=False):
+                for index, images, _ in tqdm(
+                    view_loader(paths, model.backbone.image_size, batches, workers),
+                    desc=f"view {view + 1}/{views} features",
+                    disable=not progress,
+                    leave=False,
+                ):
                     if images is not None:
                         features = model.backbone.encode_visual(images.to(model.device))
                         if not with_patches:
