@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from ..convert import STORAGE_DTYPES, TENSOR_REBUILDERS
 from ..errors import UserError
 from .model import DEFAULT_ADAPTER_LAYERS, DEFAULT_VSI_LAYERS, M2CConfig, M2CNetwork, save_m2c_weights
 
@@ -54,21 +55,6 @@ def official_name(ours: str) -> str:
         if m:
             return replace(m) + ours[m.end() :]
     raise KeyError(f"no official name for {ours}")
-
-
-TENSOR_REBUILDERS = ("_rebuild_tensor_v2", "_rebuild_parameter", "_rebuild_parameter_with_state")
-STORAGE_DTYPES = {
-    "FloatStorage": torch.float32,
-    "HalfStorage": torch.float16,
-    "BFloat16Storage": torch.bfloat16,
-    "DoubleStorage": torch.float64,
-    "LongStorage": torch.int64,
-    "IntStorage": torch.int32,
-    "ShortStorage": torch.int16,
-    "CharStorage": torch.int8,
-    "ByteStorage": torch.uint8,
-    "BoolStorage": torch.bool,
-}
 
 
 class CheckpointUnpickler(pickle.Unpickler):
