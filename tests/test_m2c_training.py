@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 from torchvision.transforms import RandomResizedCrop
 
 from conftest import random_m2c, run_subcommand
+from fti4cir.commands import convert as convert_command
 from fti4cir.commands import m2c_train as m2c_train_command
 from fti4cir.errors import UserError
 from fti4cir.features import hash_files
@@ -347,7 +348,7 @@ def test_converted_checkpoint_gives_the_same_queries(tiny_backbone, tmp_path, st
     out = tmp_path / "m2c.safetensors"
     assert (
         run_subcommand(
-            m2c_convert, ["convert-m2c", str(src), str(out), "--backbone", "fti4cir-tiny", "--pretrained", "none"]
+            convert_command, ["convert-m2c", str(src), str(out), "--backbone", "fti4cir-tiny", "--pretrained", "none"]
         )
         == 0
     )
