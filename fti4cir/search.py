@@ -23,6 +23,7 @@ normalised silently, since an unnormalised gallery almost always means the wrong
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import sys
@@ -57,6 +58,8 @@ from tqdm.auto import tqdm  # noqa: E402
 
 from .atomic import atomic_path  # noqa: E402
 from .errors import UserError  # noqa: E402
+
+log = logging.getLogger(__name__)
 
 EXACT_MAX_VECTORS = 100_000  # auto: exact scan below this many vectors, IVF from here on
 NORM_TOLERANCE = 1e-2  # accepts float16/bfloat16 rounding of unit vectors, refuses raw (unnormalised) CLIP features
@@ -261,7 +264,7 @@ class VectorIndex:
             sample = array if sample_size == len(array) else array[np.sort(rng.choice(len(array), sample_size, False))]
             index.cp.seed = seed
             if progress:
-                print(f"training {spec.nlist} IVF cells on {sample_size} vectors", file=sys.stderr)
+                log.info("training %d IVF cells on %d vectors", spec.nlist, sample_size)
             index.train(sample)
         built = cls(index, spec)
         built._add_checked(array, progress)

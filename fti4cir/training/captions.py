@@ -22,6 +22,7 @@ import fcntl
 import hashlib
 import io
 import json
+import logging
 import os
 import sys
 from collections import deque
@@ -36,6 +37,8 @@ from ..imagefiles import list_images
 
 if TYPE_CHECKING:
     import torch
+
+log = logging.getLogger(__name__)
 
 # torch, PIL, the image transform and tqdm are imported where used: `fti4cir caption --help` stays fast
 
@@ -384,7 +387,7 @@ def caption_folder(
         todo = [p for p in paths if p.relative_to(images_dir).as_posix() not in done]
         summary = CaptionSummary(len(paths), len(paths) - len(todo), 0, [], writer.repaired)
         if writer.repaired:
-            print(f"{out}: removed a torn last line left by an interrupted run", file=sys.stderr)
+            log.warning("%s: removed a torn last line left by an interrupted run", out)
         with tqdm(total=len(todo), unit="img", desc="caption", dynamic_ncols=True) as bar:
             for batch in caption_images(todo, model, processor, batch_size=batch_size, **generate_kwargs):
                 writer.append(
