@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from bench import common
+from conftest import shared_data
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,6 +71,8 @@ def test_query_benchmark_rows_on_the_tiny_backbone():
 
 
 def test_quick_run_of_every_benchmark():
+    for folder in ("clothing/test", "imagenet-sample"):  # the indexing benchmark reads the shared photos
+        shared_data("photos", *folder.split("/"))
     results = ROOT / "bench" / "RESULTS.md"
     before = results.read_bytes() if results.exists() else None
     run = subprocess.run(
