@@ -90,7 +90,11 @@ class Settings:
     m2c1_epochs: int = 10
     m2c2_epochs: int = 10
     m2c_batch: int = 128
-    m2c_lr: float = 5e-4
+    m2c_lr: float = 5e-4  # stage I
+    # stage II: the official learning rate; adapters of rank 16 (the official 128 is the full width of this tiny text
+    # tower). Chosen on validation-split queries: with stage I's 5e-4 and rank 128, m2c+compose fell below m2c.
+    m2c2_lr: float = 1e-4
+    m2c2_adapter_rank: int = 16
     m2c_augment: str = "views"  # 4 crops per photo, cached
     m2c_views: int = 4
     triplets_per_type: int = 1000
@@ -324,7 +328,7 @@ class Rebuild:
         options = TrainOptions(
             epochs=s.m2c1_epochs if stage == 1 else s.m2c2_epochs,
             batch_size=s.m2c_batch,
-            lr=s.m2c_lr,
+            lr=s.m2c_lr if stage == 1 else s.m2c2_lr,
             warmup=0,
             augment=s.m2c_augment,
             views=s.m2c_views,
@@ -374,7 +378,7 @@ class Rebuild:
         from ..training.m2c.triplets import read_triplets
 
         model = self.m2c_model(self.path("m2c-stage1.safetensors"))
-        model.net.add_adapters(None, 128)  # the `fti4cir m2c-train` defaults: every other block, rank 128
+        model.net.add_adapters(None, self.settings.m2c2_adapter_rank)  # the official blocks scaled to this depth
         self._m2c(2, model, (read_triplets(self.path("triplets-train.jsonl")),), train_stage2)
 
     def compact(self) -> None:
