@@ -103,9 +103,10 @@ def expect_new_reference(page, text: str) -> None:
     search ran): K results."""
     from playwright.sync_api import expect
 
-    expect(page.locator("#sentence .sentence")).to_contain_text(f"but {text}")
-    expect(page.locator("#timing")).to_contain_text("(visual pass + inversion)")
-    expect(page.locator("#results img")).to_have_count(K)
+    # an upload, a visual pass and a search: on a loaded 2-core machine this can take longer than expect's 5 s
+    expect(page.locator("#sentence .sentence")).to_contain_text(f"but {text}", timeout=TIMEOUT_MS)
+    expect(page.locator("#timing")).to_contain_text("(visual pass + inversion)", timeout=TIMEOUT_MS)
+    expect(page.locator("#results img")).to_have_count(K, timeout=TIMEOUT_MS)
 
 
 def test_search_explain_switch_and_pick_in_a_browser(app_url, tmp_path):
