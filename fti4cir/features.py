@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .atomic import atomic_path, write_json_atomic
+from .digests import file_digest
 from .errors import UserError
-from .hub import file_digest
 
 if TYPE_CHECKING:
     import torch

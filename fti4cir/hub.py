@@ -117,7 +117,3 @@ def cache_dir() -> Path:
     import huggingface_hub.constants as hf_constants
 
     return Path(hf_constants.HF_HUB_CACHE)
-
-
-# Transitional: the digests moved to fti4cir.digests; these names go once gallery and features import from there.
-from .digests import file_digest, parameter_digest  # noqa: E402,F401 - at the end: the Hub code above needs none of it

@@ -8,26 +8,13 @@ from pathlib import Path
 
 from . import hub
 from .convert import read_official
-from .digests import file_digest, parameter_digest
 from .errors import UserError
 from .inputs import quote
 from .inversion import InversionConfig, InversionNetwork
 from .weightfiles import build_network, config_path, read_config, save_weights
 
-# This module's API: load_weights and its pair save_weights (with config_path). Transitional re-exports: the digests
-# (home: fti4cir.digests) and build_network/read_config (home: fti4cir.weightfiles) stay importable from here until
-# m2c.model, training.trainer, evaluation.run and demo.captions import them from their homes.
-__all__ = [
-    "OFFICIAL_SUFFIXES",
-    "build_network",
-    "config_path",
-    "file_digest",
-    "load_safetensors_weights",
-    "load_weights",
-    "parameter_digest",
-    "read_config",
-    "save_weights",
-]
+# This module's API: load_weights and its pair save_weights (with config_path; their home is fti4cir.weightfiles).
+__all__ = ["OFFICIAL_SUFFIXES", "config_path", "load_safetensors_weights", "load_weights", "save_weights"]
 
 OFFICIAL_SUFFIXES = (".pth", ".pt", ".bin")
 

@@ -32,8 +32,8 @@ import random
 from pathlib import Path
 
 from ..atomic import write_text_atomic
+from ..digests import file_digest
 from ..errors import UserError
-from ..hub import file_digest
 from .world import COLOURS, PLURAL_WORDS
 
 # {a}: "a " / "" (plural), {is}: "is"/"are", {this}: "this"/"these", {it}: "it"/"they", {w}: garment, {c}: colour,

@@ -44,6 +44,7 @@ from fti4cir import methods as registry
 from fti4cir import prompts
 from fti4cir.backbone import VisualFeatures
 from fti4cir.compose import METHODS, compose_query
+from fti4cir.digests import parameter_digest
 from fti4cir.errors import UserError
 from fti4cir.evaluation import metrics, submission
 from fti4cir.evaluation.datasets import (
@@ -57,7 +58,6 @@ from fti4cir.features import FeatureStore, FileHashes, TokenCache, extract_featu
 from fti4cir.inversion import PseudoTokens
 from fti4cir.m2c import M2CConfig, M2CModel
 from fti4cir.tokens import ATTRS_FIELD, template_fields
-from fti4cir.weights import parameter_digest
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ identity, shards. Nothing here imports the command line or `fti4cir.evaluation`.
 
 from __future__ import annotations
 
-from ..hub import parameter_digest
+from ..digests import parameter_digest
 from .build import INDEX_KINDS, SHOWN_FAILURES, BuildReport, build_gallery
 from .definition import (
     DEFINITION_KEYS,

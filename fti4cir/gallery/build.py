@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..atomic import write_json_atomic, write_text_atomic
+from ..digests import file_digest
 from ..errors import UserError
-from ..hub import file_digest
 from .identity import check_compatible, gallery_identity, identity_key
 from .shards import explain_meta, row_shapes, shard_arrays, staged_hashes, write_shard
 from .source import Source, SourceImage, folder_source

@@ -7,8 +7,8 @@ import json
 import os
 from pathlib import Path
 
+from ..digests import file_digest, parameter_digest
 from ..errors import UserError
-from ..hub import file_digest, parameter_digest
 
 
 def gallery_identity(model, weights: str | None = None) -> dict:

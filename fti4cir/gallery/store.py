@@ -32,8 +32,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..digests import file_digest
 from ..errors import UserError
-from ..hub import file_digest
 from ..inputs import quote
 from .identity import check_compatible, gallery_identity
 

@@ -33,7 +33,7 @@ from ..errors import UserError
 from ..model import BackboneModel
 from ..queries import Composed, any_variant, average_text_variants, split_text_variants
 from ..tokens import tokenize_prompts
-from ..weights import build_network, read_config, save_weights
+from ..weightfiles import build_network, read_config, save_weights
 
 FORMAT_VERSION = 1
 METHOD = "m2c"

@@ -30,11 +30,12 @@ from torch.utils.data import DataLoader
 
 from ..atomic import write_text_atomic
 from ..backbone import DEFAULT_MODEL, DEFAULT_PRETRAINED, default_device
+from ..digests import file_digest
 from ..errors import UserError
 from ..factory import create_model
 from ..features import FeatureStore
 from ..spec import ModelSpec
-from ..weights import file_digest, save_weights
+from ..weights import save_weights
 from .checkpoint import changed_settings
 from .data import BatchDataset, TrainingBatch, epoch_batches, prepare_training_data
 from .loop import Loop, LoopState, optimisation_step, read_checkpoint
