@@ -225,6 +225,11 @@ def test_reference_by_drop_paste_and_webcam_at_phone_width(app_url, tmp_path):
             page.fill("#text textarea", "is from the webcam")
             page.click("#reference [aria-label='Capture from camera']")  # the webcam
             page.get_by_text("Click to Access Webcam").click()
+            # a capture before the stream delivers frames is ignored: wait for a playing video first
+            page.wait_for_function(
+                "() => { const v = document.querySelector('#reference video');"
+                " return v !== null && v.readyState >= 2 && v.videoWidth > 0; }"
+            )
             page.click("#reference button[aria-label='capture photo']")
             expect_new_reference(page, "is from the webcam")
             assert_fits(page, PHONE["width"])
