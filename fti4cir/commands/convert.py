@@ -3,22 +3,13 @@ written as our safetensors + JSON."""
 
 from __future__ import annotations
 
-import argparse
-
 CONVERT_HELP = "convert an official FTI4CIR release .pth to safetensors + JSON (safely)"
 CONVERT_M2C_HELP = "convert an official M2C checkpoint (.pt) to our safetensors"
-CONVERT_M2C_DESCRIPTION = """\
-`fti4cir convert-m2c`: an official M2C checkpoint (LiJiaBei-7/TSCIR, src/main.py) read safely, renamed onto ours.
-
-The official checkpoint is a `torch.save` of a dict: `epoch`, `name`, `args` (the argparse Namespace of the run),
-`state_dict` (the frozen CLIP, not needed: the backbone comes from open_clip), `state_dict_img2text` (Phi, the patch
-projection and the VSI modules, as `IM2TEXT`), `state_dict_lora` (stage II: the composing adapters, as `LoRA`) and
-`optimizer`; keys carry DistributedDataParallel's `module.` prefix. It is unpickled by a restricted unpickler that
-rebuilds tensors, plain containers and the Namespace only: every other global is refused before anything of it is
-imported or run (the same policy as `fti4cir.convert` for the FTI4CIR release, with the Namespace allowed and no
-module classes). Reading needs memory for the whole file (CLIP's tensors included: ~1 GB for ViT-L/14 in fp16).
-The 188 tensors of a stage-II checkpoint (176 + 12) map one to one onto ours, shapes unchanged.
-"""
+CONVERT_M2C_DESCRIPTION = (
+    "An official M2C checkpoint (LiJiaBei-7/TSCIR, a torch.save of a dict) read by a restricted unpickler (tensors, "
+    "plain containers and the run's argparse Namespace; every other global is refused before anything is imported "
+    "or run) and renamed onto our safetensors + JSON. The format and the mapping: fti4cir/m2c/convert.py."
+)
 
 
 def add_parser(subparsers) -> None:
@@ -33,7 +24,6 @@ def add_parser(subparsers) -> None:
         "convert-m2c",
         help=CONVERT_M2C_HELP,
         description=CONVERT_M2C_DESCRIPTION,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("src", help="official checkpoint (epoch_N.pt of LiJiaBei-7/TSCIR)")
     p.add_argument("out", help="weights to write (.safetensors + .json)")
