@@ -15,8 +15,9 @@ from benchmark_fixtures import benchmark_root, make_placeholder_images
 from conftest import place_photos, run_subcommand, shared_data
 from fti4cir.commands import index as index_command
 from fti4cir.compose import compose
+from fti4cir.digests import parameter_digest
 from fti4cir.errors import UserError
-from fti4cir.gallery import CURRENT, Gallery, Source, build_gallery, list_galleries, parameter_digest, validate_name
+from fti4cir.gallery import CURRENT, Gallery, Source, build_gallery, list_galleries, validate_name
 from fti4cir.inputs import load_image
 from fti4cir.model import CIRModel
 

@@ -18,7 +18,6 @@ identity, shards. Nothing here imports the command line or `fti4cir.evaluation`.
 
 from __future__ import annotations
 
-from ..digests import parameter_digest
 from .build import INDEX_KINDS, SHOWN_FAILURES, BuildReport, build_gallery
 from .definition import (
     DEFINITION_KEYS,
@@ -67,7 +66,6 @@ __all__ = [
     "list_galleries",
     "named_source",
     "not_recorded",
-    "parameter_digest",
     "read_definition",
     "row_shapes",
     "shard_arrays",
