@@ -36,9 +36,12 @@ WORK_SIDE = 96
 BORDER = 0.06  # border width as a fraction of the shorter side
 MIN_BORDER_SHARE = 0.2
 MIN_DELTA_E = 14.0
-WB_MAX_CHROMA = 12.0  # a border more colourful than this is a coloured background, not a colour cast
-MIN_CONFIDENCE = 0.45
-MIN_GARMENT_FRACTION = 0.04
+WB_MAX_CHROMA = 12.0  # a border more colourful than this is a coloured background, not a colour cast ...
+WB_WARM_MAX_CHROMA = 22.0  # ... unless it is light and warm up to this chroma (then corrected by a part)
+WB_WARM_MIN_L = 50.0
+WB_WARM_STRENGTH = 0.5
+MIN_CONFIDENCE = 0.6
+MIN_GARMENT_FRACTION = 0.25
 
 ACHROMATIC = ("black", "white", "grey")
 BLACK_BELOW = 25.0  # achromatic lightness limits: black below, white from
@@ -47,6 +50,8 @@ BLUE_LIMIT = 5.0  # chroma from which a mid-light cyan-blue pixel is blue (light
 VIOLET_FROM = 272.0  # hues from here to 308 are the blue-violet cast cameras give grey fabric ...
 VIOLET_LIMIT = 9.0  # ... so there a mid-light pixel needs this much chroma to be blue
 NAVY_TO = 325.0  # dark pixels (L < 32) with hues 290..NAVY_TO are navy (blue), not purple
+MAGENTA_FROM = 330.0  # strong hues from here to 345 are raspberry / fuchsia (red or pink), not purple ...
+MAGENTA_CHROMA = 25.0  # ... from this chroma
 PINK_BELOW_HUE = 18.0  # light (L >= 40) reds with hues below this are deep pink, not red
 
 
@@ -99,13 +104,13 @@ def name_pixels(lab: np.ndarray) -> np.ndarray:
         default=5.5,
     )
     achromatic = C < limit
-    red_zone = (h < 48) | (h >= 345)
+    red_zone = (h < 48) | (h >= 345) | ((h >= MAGENTA_FROM) & (C >= MAGENTA_CHROMA))
     navy = (L < 32) & (h >= 290) & (h < NAVY_TO)
     rules = [
         (achromatic & (L < BLACK_BELOW), "black"),
         (achromatic & (L >= WHITE_FROM), "white"),
         (achromatic, "grey"),
-        (red_zone & (h >= 30) & (L < 45) & (C < 35), "brown"),
+        ((((h >= 30) & (h < 48)) | (h >= 345)) & (L < 45) & (C < 35), "brown"),
         (red_zone & (h < PINK_BELOW_HUE) & (L >= 40), "pink"),
         (red_zone & ((L < 40) | ((C >= 50) & (L < 60))), "red"),
         (red_zone, "pink"),
@@ -156,9 +161,17 @@ def _white_balance(rgb: np.ndarray, border: np.ndarray) -> np.ndarray:
     """Scale channels so a nearly neutral border becomes neutral (left alone when the border is clearly coloured)."""
     mean = np.median(rgb[border], axis=0)
     lab = srgb_to_lab(mean)
-    if np.hypot(lab[1], lab[2]) > WB_MAX_CHROMA or lab[0] < 25:
+    chroma, hue = np.hypot(lab[1], lab[2]), np.degrees(np.arctan2(lab[2], lab[1])) % 360
+    strength = 1.0
+    if chroma > WB_MAX_CHROMA:
+        # a light, softly warm border: a white sheet or wall under warm indoor light, or a cream one: corrected by a
+        # part (WB_WARM_STRENGTH), so that greys under warm light are not named brown
+        if not (lab[0] >= WB_WARM_MIN_L and 40 <= hue < 105 and chroma <= WB_WARM_MAX_CHROMA):
+            return rgb
+        strength = WB_WARM_STRENGTH
+    if lab[0] < 25:
         return rgb
-    gain = mean.mean() / np.maximum(mean, 1.0)
+    gain = (mean.mean() / np.maximum(mean, 1.0)) ** strength
     return np.clip(rgb * gain, 0, 255)
 
 
@@ -167,11 +180,14 @@ def garment_mask(lab: np.ndarray, border: np.ndarray) -> np.ndarray:
     edge = lab[border]
     centres, assign = _kmeans(edge, 3)
     share = np.bincount(assign, minlength=len(centres)) / len(edge)
-    background = centres[share >= MIN_BORDER_SHARE]
-    if len(background) == 0:
-        background = centres[[share.argmax()]]
+    keep = share >= MIN_BORDER_SHARE
+    if not keep.any():
+        keep = share == share.max()
+    background = centres[keep]
     dist = np.sqrt(((lab[..., None, :] - background) ** 2).sum(-1)).min(-1)
-    spread = np.quantile(dist[border], 0.9)
+    # the border's own spread, on the border pixels of the background clusters only: those of a garment or an object
+    # touching the edge would inflate it until the garment itself no longer stands out
+    spread = np.quantile(dist[border][keep[assign]], 0.9)
     return dist > max(MIN_DELTA_E, spread)
 
 

@@ -23,7 +23,7 @@ from .photos import SPLITS, source_photos
 from .world import CLASS_WORDS, COLOURS, class_word
 
 LABELLER = "fti4cir.demo.colours.garment_colour"
-LABELS_VERSION = 3
+LABELS_VERSION = 4
 
 
 def label_photos(root: str | os.PathLike, *, progress: bool = True) -> dict:
