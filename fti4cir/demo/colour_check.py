@@ -4,6 +4,7 @@ change would do to labels.json.
     python -m fti4cir.demo.colour_check                 # the labeller in the code vs the person, per set
     python -m fti4cir.demo.colour_check --stored        # the same for the answers stored in labels.json
     python -m fti4cir.demo.colour_check --changes       # + how many labels.json labels the code would change
+    python -m fti4cir.demo.colour_check --write         # after `fti4cir demo-labels`: the csv's labeller columns
 
 The csv has one row per photo: `path` (relative to the photo folder), `set` (check, dev: the 120 photos the rules
 were tuned on; fresh: 80 photos drawn at random later and read before the labeller's answer was looked at, never
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 from collections import Counter
 from pathlib import Path
@@ -46,6 +48,23 @@ def live_answers(rows: list[dict], photos: str | Path) -> dict[str, tuple[str, b
 
 def stored_answers(labels: dict) -> dict[str, tuple[str, bool]]:
     return {p["path"]: (p["colour_guess"], p["colour"] is not None) for p in labels["photos"]}
+
+
+def write_stored(path: str | Path, rows: list[dict], labels: dict) -> None:
+    """Rewrite the labeller columns of the check csv from `labels` (the person's columns are left as they are)."""
+    from ..atomic import write_text_atomic
+
+    stored = {p["path"]: p for p in labels["photos"]}
+    fields = list(rows[0])
+    for r in rows:
+        p = stored[r["path"]]
+        r.update(labeller=p["colour_guess"], agree=str(int(p["colour_guess"] == r["human"])),
+                 labeller_confidence=str(p["confidence"]), labelled=str(int(p["colour"] is not None)))
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomic(path, out.getvalue())
 
 
 def agreement(rows: list[dict], answers: dict[str, tuple[str, bool]]) -> dict:
@@ -118,12 +137,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--photos", default=str(DEFAULT_PHOTOS), help="photo folder (default %(default)s)")
     parser.add_argument("--check", default=None, help="check csv (default PHOTOS/colour_check.csv)")
     parser.add_argument("--stored", action="store_true", help="also measure the answers stored in labels.json")
+    parser.add_argument("--write", action="store_true",
+                        help="rewrite the csv's labeller, agree, labeller_confidence and labelled columns from "
+                             "labels.json (after `fti4cir demo-labels`; the readings are kept)")
     parser.add_argument("--changes", action="store_true",
                         help="relabel every photo in memory and count the labels.json labels that would change")
     args = parser.parse_args(argv)
     photos = Path(args.photos)
-    rows = read_check(args.check or photos / "colour_check.csv")
+    check = Path(args.check or photos / "colour_check.csv")
+    rows = read_check(check)
     labels = json.loads((photos / "labels.json").read_text(encoding="utf-8"))
+    if args.write:
+        write_stored(check, rows, labels)
+        print(f"wrote the labels.json answers into {check}")
     if args.stored:
         version = labels.get("generator", {}).get("version")
         print(report(rows, stored_answers(labels), f"labels.json (labeller version {version})"), "\n")
@@ -132,10 +158,11 @@ def main(argv: list[str] | None = None) -> int:
     print(report(rows, live_answers(rows, photos), f"labeller in the code (version {LABELS_VERSION})"))
     if args.changes:
         c = label_changes(labels, photos)
-        print(f"\n## labels.json if relabelled with the code\n\n{c['photos']} photos: colour (null included) would "
+        n = c["photos"]
+        print(f"\n## labels.json if relabelled with the code\n\n{n} photos: colour (null included) would "
               f"change for {c['colour_changed']}, of which {c['word_changed']} from one word to another; the guess "
               f"changes for {c['guess_changed']}; null {c['null_before']} -> {c['null_after']} (coverage "
-              f"{_pct(c['photos'] - c['null_before'], c['photos'])} -> {_pct(c['photos'] - c['null_after'], c['photos'])})")
+              f"{_pct(n - c['null_before'], n)} -> {_pct(n - c['null_after'], n)})")
         top = ", ".join(f"{a or 'null'}->{b or 'null'} {n}" for (a, b), n in c["moves"].most_common(20))
         print(f"most frequent changes: {top}")
     return 0
