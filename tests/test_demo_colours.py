@@ -1,6 +1,8 @@
 """The garment colour labeller: synthetic garments of every colour on plain backgrounds, and the committed human
 check of real photos (data/clothing/colour_check.csv) against the committed labels and against the labeller in the
-code."""
+code; a second person's reading of part of them (data/clothing/colour_check_second_reading.csv) measures how often
+two persons agree."""
+
 from __future__ import annotations
 
 import csv
@@ -11,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fti4cir.demo.colour_check import agreement, live_answers
+from fti4cir.demo.colour_check import agreement, live_answers, persons_agreement, read_second, stored_answers
 from fti4cir.demo.colours import MIN_CONFIDENCE, MIN_GARMENT_FRACTION, garment_colour, srgb_to_lab
 from fti4cir.demo.labels import LABELS_VERSION
 from fti4cir.demo.world import COLOURS
@@ -32,8 +34,9 @@ GARMENTS = {
     "brown": (115, 70, 40),
 }
 # measured on the committed check (see data/clothing/README.md); the tests fail if a labeller change lowers them.
-# The labels stored in labels.json, on the 120 photos of the first check (sets check + dev):
-AGREEMENT_ALL, AGREEMENT_LABELLED = 0.76, 0.82
+# The labels stored in labels.json (labeller version 4), on the 120 photos of the first check (sets check + dev):
+# 92/120 over all, 68/77 over the labelled ones.
+AGREEMENT_ALL, AGREEMENT_LABELLED = 0.76, 0.88
 # the labeller in the code (version 4), per set: (all, labelled, coverage). check + dev + tune were used to set its
 # rules; fresh was read before and never used for that (its numbers are the honest estimate for unseen photos).
 LIVE_AGREEMENT = {("check", "dev"): (0.76, 0.88, 0.64), ("tune",): (0.60, 0.73, 0.57), ("fresh",): (0.60, 0.73, 0.65)}
@@ -146,11 +149,47 @@ def test_the_labeller_in_the_code_agrees_with_the_person_reading_on_every_set():
 def test_the_labels_rerun_the_labeller_on_a_few_committed_photos():
     stored = json.loads((DATA / "labels.json").read_text())
     if stored["generator"]["version"] != LABELS_VERSION:
-        pytest.skip(f"labels.json was written by labeller version {stored['generator']['version']}, the code is "
-                    f"version {LABELS_VERSION}: `fti4cir demo-labels` (and the demo rebuild after it) is pending")
+        pytest.skip(
+            f"labels.json was written by labeller version {stored['generator']['version']}, the code is "
+            f"version {LABELS_VERSION}: `fti4cir demo-labels` (and the demo rebuild after it) is pending"
+        )
     for record in stored["photos"][::400]:
         with Image.open(DATA / record["path"]) as image:
             label = garment_colour(image)
         assert label.colour == record["colour_guess"]
         assert record["colour"] == (label.colour if label.reliable else None)
         assert label.reliable == (label.confidence >= MIN_CONFIDENCE and label.garment_fraction >= MIN_GARMENT_FRACTION)
+
+
+def test_a_second_person_read_at_least_60_of_the_check_photos_blind():
+    rows = _check_rows()
+    order = [r["path"] for r in rows]
+    with open(DATA / "colour_check_second_reading.csv", newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        second = list(reader)
+    assert reader.fieldnames == ["path", "human", "ambiguous", "notes"]
+    paths = [r["path"] for r in second]
+    read = set(paths)
+    assert len(paths) >= 60 and len(read) == len(paths)
+    assert paths == [p for p in order if p in read]  # the csv's order
+    assert {r["human"] for r in second} <= set(COLOURS)
+    assert all(r["ambiguous"] in ("0", "1") for r in second)
+
+
+def test_two_persons_agree_as_stated_and_the_labels_agree_with_them_where_they_agree():
+    rows = _check_rows()
+    second = read_second(DATA / "colour_check_second_reading.csv")
+    labels = json.loads((DATA / "labels.json").read_text())
+    answers = stored_answers(labels)
+    s = persons_agreement(rows, second, answers)
+    assert s["n"] == len(second)
+    direct = np.mean([r["human"] == second[r["path"]]["human"] for r in rows if r["path"] in second])
+    assert s["agree"] / s["n"] == pytest.approx(direct)
+    # measured 130/152 (check 63/72, fresh 67/80); neither reading ambiguous 75/76
+    assert s["agree"] / s["n"] >= 0.83, (s["agree"], s["n"])
+    for sets in (("check",), ("fresh",)):
+        t = persons_agreement([r for r in rows if r["set"] in sets], second, answers)
+        assert t["n"] >= 60 and t["agree"] / t["n"] >= 0.80, (sets, t["agree"], t["n"])
+    assert s["clear_agree"] / s["clear"] >= 0.95, (s["clear_agree"], s["clear"])
+    # labels.json (version 4), on the labelled photos where the two persons agree: measured 74/87
+    assert s["both"] >= 60 and s["both_agree"] / s["both"] >= 0.85, (s["both_agree"], s["both"])

@@ -1,37 +1,49 @@
-"""Agreement of the colour labeller with a person's reading (data/clothing/colour_check.csv), and what a labeller
-change would do to labels.json.
-
-    python -m fti4cir.demo.colour_check                 # the labeller in the code vs the person, per set
-    python -m fti4cir.demo.colour_check --stored        # the same for the answers stored in labels.json
-    python -m fti4cir.demo.colour_check --changes       # + how many labels.json labels the code would change
-    python -m fti4cir.demo.colour_check --write         # after `fti4cir demo-labels`: the csv's labeller columns
+"""Agreement of the colour labeller with a person's reading (data/clothing/colour_check.csv), of two persons with
+each other (data/clothing/colour_check_second_reading.csv), and what a labeller change would do to labels.json. The
+command line is `python -m fti4cir.commands.colour_check`.
 
 The csv has one row per photo: `path` (relative to the photo folder), `set` (check, dev: the 120 photos the rules
-were tuned on; fresh: 80 photos drawn at random later and read before the labeller's answer was looked at, never
-used for tuning), `labeller` / `labeller_confidence` / `labelled` / `agree` (labels.json's answer when the row was
-written), `human` (the person's reading), `ambiguous` (1 when a person would hesitate) and `notes`.
+were tuned on; tune: 80 more photos used to set version 4's rules; fresh: 80 photos drawn at random later and read
+before the labeller's answer was looked at, never used for tuning), `labeller` / `labeller_confidence` / `labelled`
+/ `agree` (labels.json's answer when the row was written), `human` (the person's reading), `ambiguous` (1 when a
+person would hesitate) and `notes`.
 Agreement is measured over all photos of a set, over the ones the labeller labels (not null) and the same without
 the ambiguous ones; coverage is the labelled share.
+
+The second reading (`path`, `human`, `ambiguous`, `notes`) is another person's reading of the check and fresh
+photos, blind to the labels and to the first reading: how often two persons agree is the ceiling to hold the
+labeller to.
 """
+
 from __future__ import annotations
 
-import argparse
 import csv
 import io
-import json
 from collections import Counter
 from pathlib import Path
 
 from PIL import Image
 
 DEFAULT_PHOTOS = Path(__file__).resolve().parents[2] / "data" / "clothing"
-SETS = {"old (check + dev)": ("check", "dev"), "tune": ("tune",), "fresh (held out)": ("fresh",),
-        "all": ("check", "dev", "tune", "fresh")}
+CHECK = "colour_check.csv"
+SECOND_READING = "colour_check_second_reading.csv"
+SETS = {
+    "old (check + dev)": ("check", "dev"),
+    "tune": ("tune",),
+    "fresh (held out)": ("fresh",),
+    "all": ("check", "dev", "tune", "fresh"),
+}
+PERSON_SETS = {"check": ("check",), "fresh": ("fresh",), "both": ("check", "fresh")}
 
 
 def read_check(path: str | Path) -> list[dict]:
     with open(path, newline="", encoding="utf-8") as handle:
         return list(csv.DictReader(handle))
+
+
+def read_second(path: str | Path) -> dict[str, dict]:
+    """path -> row (`human`, `ambiguous`, `notes`) of the second reading."""
+    return {r["path"]: r for r in read_check(path)}
 
 
 def live_answers(rows: list[dict], photos: str | Path) -> dict[str, tuple[str, bool]]:
@@ -47,6 +59,7 @@ def live_answers(rows: list[dict], photos: str | Path) -> dict[str, tuple[str, b
 
 
 def stored_answers(labels: dict) -> dict[str, tuple[str, bool]]:
+    """path -> (colour guess, labelled: `colour` not null) of the answers stored in labels.json."""
     return {p["path"]: (p["colour_guess"], p["colour"] is not None) for p in labels["photos"]}
 
 
@@ -58,13 +71,21 @@ def write_stored(path: str | Path, rows: list[dict], labels: dict) -> None:
     fields = list(rows[0])
     for r in rows:
         p = stored[r["path"]]
-        r.update(labeller=p["colour_guess"], agree=str(int(p["colour_guess"] == r["human"])),
-                 labeller_confidence=str(p["confidence"]), labelled=str(int(p["colour"] is not None)))
+        r.update(
+            labeller=p["colour_guess"],
+            agree=str(int(p["colour_guess"] == r["human"])),
+            labeller_confidence=str(p["confidence"]),
+            labelled=str(int(p["colour"] is not None)),
+        )
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=fields, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     write_text_atomic(path, out.getvalue())
+
+
+def _zeros(keys: str) -> dict[str, int]:
+    return dict.fromkeys(keys.split(), 0)
 
 
 def agreement(rows: list[dict], answers: dict[str, tuple[str, bool]]) -> dict:
@@ -84,7 +105,38 @@ def agreement(rows: list[dict], answers: dict[str, tuple[str, bool]]) -> dict:
                 out["clear_agree"] += hit
         if not hit:
             pairs[(r["human"], guess, reliable)] += 1
-    return {**out, "pairs": pairs}
+    return {**_zeros("n agree labelled labelled_agree clear clear_agree"), **out, "pairs": pairs}
+
+
+def persons_agreement(rows: list[dict], second: dict[str, dict], answers: dict[str, tuple[str, bool]]) -> dict:
+    """Two persons and the labeller, over the rows of `rows` that `second` also reads. Counts: n, agree (the two
+    readings name the same colour), clear (neither reading marked ambiguous), clear_agree; on the photos the labeller
+    labels (`answers`' reliable): labelled, first / second (the labeller names the first / second reading's colour),
+    both (the two readings agree), both_agree (the labeller names that colour too); pairs: (first, second) -> n for
+    the readings' disagreements."""
+    out = Counter()
+    pairs = Counter()
+    for r in rows:
+        other = second.get(r["path"])
+        if other is None:
+            continue
+        same = r["human"] == other["human"]
+        out["n"] += 1
+        out["agree"] += same
+        if r["ambiguous"] != "1" and other["ambiguous"] != "1":
+            out["clear"] += 1
+            out["clear_agree"] += same
+        if not same:
+            pairs[(r["human"], other["human"])] += 1
+        guess, reliable = answers[r["path"]]
+        if reliable:
+            out["labelled"] += 1
+            out["first"] += guess == r["human"]
+            out["second"] += guess == other["human"]
+            if same:
+                out["both"] += 1
+                out["both_agree"] += guess == r["human"]
+    return {**_zeros("n agree clear clear_agree labelled first second both both_agree"), **out, "pairs": pairs}
 
 
 def _pct(a: int, b: int) -> str:
@@ -92,19 +144,58 @@ def _pct(a: int, b: int) -> str:
 
 
 def report(rows: list[dict], answers: dict[str, tuple[str, bool]], title: str) -> str:
-    lines = [f"## {title}", "", "| photos | all | labelled (not null) | labelled, unambiguous | coverage |",
-             "|---|---:|---:|---:|---:|"]
+    lines = [
+        f"## {title}",
+        "",
+        "| photos | all | labelled (not null) | labelled, unambiguous | coverage |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for name, sets in SETS.items():
         s = agreement([r for r in rows if r["set"] in sets], answers)
-        lines.append(f"| {name} | {_pct(s['agree'], s['n'])} | {_pct(s['labelled_agree'], s['labelled'])} | "
-                     f"{_pct(s['clear_agree'], s['clear'])} | {_pct(s['labelled'], s['n'])} |")
+        lines.append(
+            f"| {name} | {_pct(s['agree'], s['n'])} | {_pct(s['labelled_agree'], s['labelled'])} | "
+            f"{_pct(s['clear_agree'], s['clear'])} | {_pct(s['labelled'], s['n'])} |"
+        )
     for name, sets in SETS.items():
         if name == "all":
             continue
         pairs = agreement([r for r in rows if r["set"] in sets], answers)["pairs"]
-        text = ", ".join(f"{h}->{g}{'' if rel else ' (null)'} {n}"
-                         for (h, g, rel), n in sorted(pairs.items(), key=lambda kv: (-kv[1], kv[0])))
+        text = ", ".join(
+            f"{h}->{g}{'' if rel else ' (null)'} {n}"
+            for (h, g, rel), n in sorted(pairs.items(), key=lambda kv: (-kv[1], kv[0]))
+        )
         lines.append(f"\n{name} disagreements (person -> labeller): {text or 'none'}")
+    return "\n".join(lines)
+
+
+def persons_report(
+    rows: list[dict], second: dict[str, dict], answers: dict[str, tuple[str, bool]], labeller: str
+) -> str:
+    """The "Two persons" section: the two readings' agreement per set, and the labeller (`labeller` names it) against
+    each reading and where they agree."""
+    lines = [
+        "## Two persons",
+        "",
+        f"First reading: {CHECK}'s `human`; second reading: {SECOND_READING} (another person, blind to the labels "
+        f"and to the first reading). Labeller: {labeller}, on the photos it labels (not null).",
+        "",
+        "| photos | persons agree | neither reading ambiguous | labelled | labeller = first | labeller = second "
+        "| labeller, where the persons agree |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, sets in PERSON_SETS.items():
+        s = persons_agreement([r for r in rows if r["set"] in sets], second, answers)
+        lines.append(
+            f"| {name} ({s['n']}) | {_pct(s['agree'], s['n'])} | {_pct(s['clear_agree'], s['clear'])} | "
+            f"{_pct(s['labelled'], s['n'])} | {_pct(s['first'], s['labelled'])} | "
+            f"{_pct(s['second'], s['labelled'])} | {_pct(s['both_agree'], s['both'])} |"
+        )
+    for name, sets in PERSON_SETS.items():
+        if name == "both":
+            continue
+        pairs = persons_agreement([r for r in rows if r["set"] in sets], second, answers)["pairs"]
+        text = ", ".join(f"{a}->{b} {n}" for (a, b), n in sorted(pairs.items(), key=lambda kv: (-kv[1], kv[0])))
+        lines.append(f"\n{name} disagreements (first -> second reading): {text or 'none'}")
     return "\n".join(lines)
 
 
@@ -129,44 +220,19 @@ def label_changes(labels: dict, photos: str | Path, *, progress: bool = True) ->
             moves[(p["colour"], new)] += 1
             if p["colour"] is not None and new is not None:
                 out["word_changed"] += 1
-    return {**out, "moves": moves}
+    keys = "photos null_before null_after guess_changed colour_changed word_changed"
+    return {**_zeros(keys), **out, "moves": moves}
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--photos", default=str(DEFAULT_PHOTOS), help="photo folder (default %(default)s)")
-    parser.add_argument("--check", default=None, help="check csv (default PHOTOS/colour_check.csv)")
-    parser.add_argument("--stored", action="store_true", help="also measure the answers stored in labels.json")
-    parser.add_argument("--write", action="store_true",
-                        help="rewrite the csv's labeller, agree, labeller_confidence and labelled columns from "
-                             "labels.json (after `fti4cir demo-labels`; the readings are kept)")
-    parser.add_argument("--changes", action="store_true",
-                        help="relabel every photo in memory and count the labels.json labels that would change")
-    args = parser.parse_args(argv)
-    photos = Path(args.photos)
-    check = Path(args.check or photos / "colour_check.csv")
-    rows = read_check(check)
-    labels = json.loads((photos / "labels.json").read_text(encoding="utf-8"))
-    if args.write:
-        write_stored(check, rows, labels)
-        print(f"wrote the labels.json answers into {check}")
-    if args.stored:
-        version = labels.get("generator", {}).get("version")
-        print(report(rows, stored_answers(labels), f"labels.json (labeller version {version})"), "\n")
-    from .labels import LABELS_VERSION
-
-    print(report(rows, live_answers(rows, photos), f"labeller in the code (version {LABELS_VERSION})"))
-    if args.changes:
-        c = label_changes(labels, photos)
-        n = c["photos"]
-        print(f"\n## labels.json if relabelled with the code\n\n{n} photos: colour (null included) would "
-              f"change for {c['colour_changed']}, of which {c['word_changed']} from one word to another; the guess "
-              f"changes for {c['guess_changed']}; null {c['null_before']} -> {c['null_after']} (coverage "
-              f"{_pct(n - c['null_before'], n)} -> {_pct(n - c['null_after'], n)})")
-        top = ", ".join(f"{a or 'null'}->{b or 'null'} {n}" for (a, b), n in c["moves"].most_common(20))
-        print(f"most frequent changes: {top}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+def changes_report(changes: dict) -> str:
+    """The `label_changes` counts as text."""
+    c = changes
+    n = c["photos"]
+    top = ", ".join(f"{a or 'null'}->{b or 'null'} {k}" for (a, b), k in c["moves"].most_common(20))
+    return (
+        f"## labels.json if relabelled with the code\n\n{n} photos: colour (null included) would "
+        f"change for {c['colour_changed']}, of which {c['word_changed']} from one word to another; the guess "
+        f"changes for {c['guess_changed']}; null {c['null_before']} -> {c['null_after']} (coverage "
+        f"{_pct(n - c['null_before'], n)} -> {_pct(n - c['null_after'], n)})\n"
+        f"most frequent changes: {top or 'none'}"
+    )

@@ -19,7 +19,7 @@ share of the picture as `garment_fraction`; `reliable` says whether both are hig
 
 The rules and limits were set by looking at photos (see data/clothing/colour_check.csv and its README for the
 measured agreement with a person's reading: sets check, dev and tune were used to set them, set fresh never was;
-`python -m fti4cir.demo.colour_check` measures them). `reliable` is strict (version 4: vote >= 60%, garment >= 25%
+`python -m fti4cir.commands.colour_check` measures them). `reliable` is strict (version 4: vote >= 60%, garment >= 25%
 of the picture): about 63% of the demo photos get a label, which agrees with a person for about 73% of fresh
 photos. The hard cases are the boundaries of the basic colour terms themselves: navy vs black, charcoal vs grey vs
 black, beige/khaki (no basic term; here brown when it has some chroma), light denim vs white, and colour casts of
