@@ -234,6 +234,14 @@ def test_training_from_cached_features_learns(straight_run):
     assert [p.name for p in straight_run.glob("checkpoint-*")] == ["checkpoint-000000006.safetensors"]
 
 
+def test_reg_weight_sets_the_regularisation_term_and_is_recorded(no_visual_tower, tmp_path):
+    run = tmp_path / "run"
+    assert train_cli(no_visual_tower, "--out", str(run), "--epochs", "1", "--reg-weight", "3.0") == 0
+    (record,) = [json.loads(line) for line in (run / trainer.LOG).read_text().splitlines()]
+    assert record["loss"] == pytest.approx(record["contrastive"] + record["orthogonal"] + 3.0 * record["regularisation"])
+    assert json.loads((run / "fti4cir.json").read_text())["reg_weight"] == 3.0
+
+
 def test_resume_after_one_epoch_is_bit_for_bit(straight_run, no_visual_tower, tmp_path):
     run = tmp_path / "run"
     assert train_cli(no_visual_tower, "--out", str(run), "--epochs", "1") == 0

@@ -33,6 +33,12 @@ def add_parser(subparsers) -> None:
         "--lr-decay", type=float, default=0.1, help="learning-rate factor at the decay epoch (default %(default)s)"
     )
     p.add_argument(
+        "--reg-weight",
+        type=float,
+        default=None,
+        help="weight of the tri-wise semantic regularisation (default: the network's, officially 1.4)",
+    )
+    p.add_argument(
         "--checkpoint-steps", type=non_negative_int, default=0, help="also checkpoint every N steps inside an epoch"
     )
     p.add_argument(

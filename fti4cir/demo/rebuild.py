@@ -87,6 +87,7 @@ class Settings:
     fti4cir_epochs: int = 30
     fti4cir_batch: int = 128
     fti4cir_lr: float = 5e-4
+    fti4cir_reg_weight: float | None = None  # None: the official 1.4
     m2c1_epochs: int = 10
     m2c2_epochs: int = 10
     m2c_batch: int = 128
@@ -315,6 +316,7 @@ class Rebuild:
             batch_size=s.fti4cir_batch,
             lr=s.fti4cir_lr,
             lr_decay_epoch=max(s.fti4cir_epochs * 3 // 4, 1),
+            reg_weight=s.fti4cir_reg_weight,
             seed=self.seed,
         )
         result = train(config, resume=(run / "checkpoint.json").exists(), device=self.device, progress=self.progress)
