@@ -36,14 +36,15 @@ GENERIC_ERROR = (
 )
 NO_REFERENCE = "Upload a reference image or click a gallery image first."
 SUBJECT_SWITCH = "subject"
-# One-click examples on the embedded demo gallery (gallery image name, modification text); chosen among queries the
-# demo model answers well and kept honest by tests/test_demo_model.py, which checks their top results.
+# One-click examples on the embedded demo gallery (gallery image name, modification text): two colour, two class and
+# two colour-and-class changes, chosen among the clothing-cir queries the demo model answers well (the benchmark table
+# measures the rest) and kept honest by tests/test_demo_model.py, which checks their top results.
 EXAMPLES: list[tuple[str, str]] = [
     ("shoes/f5ed50b6-79b3-4d9d-84a9-8010f5e1c581.jpg", "in black"),
-    ("shorts/97620b7f-54ba-445a-9817-b39c8684f890.jpg", "make them blue"),
+    ("shorts/ee64e502-6a14-44e0-abc9-1692299b00f6.jpg", "are blue"),
     ("shoes/9b61a6bd-1456-459e-a5f9-00c4c1989b94.jpg", "is a jacket of the same colour"),
-    ("skirt/0558b2c5-be00-49de-b27f-8c88114ac36f.jpg", "are shoes of the same colour"),
-    ("t-shirt/56c195bd-7685-4666-9a45-05a755758335.jpg", "a sweater in grey instead"),
+    ("pants/fefa13bc-8c4a-4613-ae84-56d379d46984.jpg", "are shorts of the same colour"),
+    ("longsleeve/d898c146-ef98-42ef-ad34-062d0a089673.jpg", "a black jacket instead of a red sweater"),
     ("longsleeve/d5bd0641-fa5e-4757-ae93-000a0439fd38.jpg", "are black shoes instead"),
 ]
 FILE_ROUTE = "/gradio_api/file="  # the server's route for files below its allowed paths (the gallery's images)

@@ -10,6 +10,7 @@ import pytest
 
 from fti4cir.cli import main
 from fti4cir.demo.rebuild import STAGES
+from fti4cir.demo.world import COLOURS
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,6 +37,24 @@ def test_every_stage_ran_and_wrote_its_output(quick_run):
     assert words["photos"] == 60 and 0 <= words["subject_is_class"] <= 1
     pairs = (quick_run / "pairs-train.jsonl").read_text().splitlines()
     assert pairs and all(json.loads(p)["subject"] for p in pairs)
+
+
+def test_training_stages_read_the_training_labels_and_measurements_labels_json(quick_run):
+    """Captions, the CLIP and the triplets come from data/clothing/labels-v3.json (Settings.training_labels), for
+    the run's photos only; zero-shot and the benchmark from the subset's labels.json."""
+    from fti4cir.demo.benchmark import labels_digest
+    from fti4cir.demo.labels import read_labels
+
+    training = read_labels(quick_run / "training-labels.json")
+    measured = read_labels(quick_run / "photos" / "labels.json")
+    assert training["generator"]["version"] == 3 and measured["generator"]["version"] == 4
+    assert [p["path"] for p in training["photos"]] == [p["path"] for p in measured["photos"]]
+    assert json.loads((quick_run / "clip" / "clip.json").read_text())["labels_sha1"] == labels_digest(training)
+    colours = {p["path"].split("/", 1)[1]: p["colour"] for p in training["photos"] if p["split"] == "train"}
+    for line in (quick_run / "captions-train.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        named = {c for c in COLOURS if c in record["caption"].replace(",", " ").split()}
+        assert named <= {colours[record["image"]]}, record  # a caption names no colour but its training label's
 
 
 def test_a_rerun_skips_every_finished_stage(quick_run, capsys):

@@ -61,6 +61,7 @@ WEIGHTS = "clip.safetensors"
 @dataclass
 class ClipTrainConfig:
     photos: str = "data/clothing"  # <split>/<class>/*.jpg with labels.json
+    labels: str | None = None  # the labels the captions come from (None: PHOTOS/labels.json)
     out: str = "runs/demo/clip"
     model: str = DEMO_MODEL
     epochs: int = 60
@@ -68,7 +69,7 @@ class ClipTrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.05
     warmup_epochs: float = 2.0
-    min_scale: float = 0.35  # random resized crop: smallest share of the image area
+    min_scale: float = 0.35  # random resized crop: smallest share of the image area (see weights/README.md: 0.6)
     load_size: int = 80  # photos are decoded once at this size; crops are resized to the model's input size
     colourless: float = 0.25  # share of captions naming only the garment
     corrected: float = 0.25  # share of captions that correct a wrong description ("... but it is a red dress")
@@ -300,7 +301,7 @@ def train_clip(
         if record["epoch"] >= config.epochs and final.exists():
             return final
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    labels = read_labels(Path(config.photos) / "labels.json")
+    labels = read_labels(config.labels or Path(config.photos) / "labels.json")
     seed_everything(config.seed)
     model = create_clip(config.model).to(device)
     size = model.visual.image_size[0] if isinstance(model.visual.image_size, tuple) else model.visual.image_size
