@@ -238,7 +238,9 @@ def test_reg_weight_sets_the_regularisation_term_and_is_recorded(no_visual_tower
     run = tmp_path / "run"
     assert train_cli(no_visual_tower, "--out", str(run), "--epochs", "1", "--reg-weight", "3.0") == 0
     (record,) = [json.loads(line) for line in (run / trainer.LOG).read_text().splitlines()]
-    assert record["loss"] == pytest.approx(record["contrastive"] + record["orthogonal"] + 3.0 * record["regularisation"])
+    assert record["loss"] == pytest.approx(
+        record["contrastive"] + record["orthogonal"] + 3.0 * record["regularisation"]
+    )
     assert json.loads((run / "fti4cir.json").read_text())["reg_weight"] == 3.0
 
 
