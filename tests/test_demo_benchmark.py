@@ -198,6 +198,26 @@ def test_evaluate_runs_every_method_on_clothing_cir(tmp_path, tiny_backbone):
     assert "| m2c+compose | colour | 9 |" in markdown
 
 
+def test_a_validation_benchmark_for_choosing_settings(tmp_path):
+    """`demo-benchmark --split validation` asks about the validation photos only; the loader reads it as that split
+    and refuses it as the test split."""
+    from conftest import run_subcommand
+
+    out = tmp_path / "val" / "queries.json"
+    argv = ["demo-benchmark", "--out", str(out), "--per-type", "4", "--split", "validation"]
+    assert run_subcommand(commands, [*argv, "--photos", str(REPO / "data" / "clothing")]) == 0
+    benchmark = load_benchmark("clothing-cir", out.parent, "validation")
+    assert len(benchmark.queries) == 12 and len(benchmark.images) == 341
+    assert all(path.parent.parent.name == "validation" for path in benchmark.images.values())
+    with pytest.raises(UserError, match="validation"):
+        load_benchmark("clothing-cir", out.parent, "test")
+    with pytest.raises(UserError, match="validation"):  # fashioniq has no such split
+        run_subcommand(
+            evaluate_command,
+            ["evaluate", "--dataset", "fashioniq", "--root", str(tmp_path), "--split", "validation"],
+        )
+
+
 def test_evaluate_refuses_a_split_clothing_cir_does_not_have(tmp_path):
     from conftest import run_subcommand
 

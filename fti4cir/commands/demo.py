@@ -63,6 +63,12 @@ def add_parser(subparsers) -> None:
         help="queries per type: colour, class, both (default %(default)s)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the queries' choice and phrasing (default %(default)s)")
+    p.add_argument(
+        "--split",
+        default="test",
+        choices=["test", "validation"],
+        help="photos of the queries and gallery (default %(default)s; validation: for choosing settings)",
+    )
     p.add_argument("--photos", default=DEFAULT_PHOTOS, help="photo folder (default %(default)s)")
     p.add_argument("--labels", default=None, help="labels file (default PHOTOS/labels.json)")
     p.set_defaults(func=run_benchmark)
@@ -148,7 +154,7 @@ def run_benchmark(args) -> int:
     from ..demo.labels import read_labels
 
     labels = read_labels(args.labels or Path(args.photos) / "labels.json")
-    benchmark = generate(labels, seed=args.seed, per_type=args.per_type)
+    benchmark = generate(labels, seed=args.seed, per_type=args.per_type, split=args.split)
     write_benchmark(benchmark, args.out, args.photos)
     queries = benchmark["queries"]
     types = Counter(q["type"] for q in queries)

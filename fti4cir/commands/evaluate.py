@@ -203,7 +203,10 @@ def add_parser(subparsers) -> None:
         help="clothing-cir: --root data/clothing-cir (the demo photos' benchmark)",
     )
     p.add_argument(
-        "--split", default=None, choices=["val", "test"], help="default: val (clothing-cir: test, its only split)"
+        "--split",
+        default=None,
+        choices=["val", "test", "validation"],
+        help="default: val (clothing-cir: test; its validation split is for choosing settings)",
     )
     p.add_argument(
         "--methods",

@@ -40,11 +40,11 @@ FASHIONIQ_CATEGORIES = ("dress", "shirt", "toptee")
 FASHIONIQ_SPLITS = ("train", "val", "test")
 CIRR_SPLITS = ("train", "val", "test1")
 CIRCO_SPLITS = ("val", "test")
-CLOTHING_CIR_SPLITS = ("test",)
+CLOTHING_CIR_SPLITS = ("test", "validation")  # validation: for choosing settings (`demo-benchmark --split`)
 CLOTHING_CIR_FILE = "queries.json"
 BENCHMARK_NAMES = ("fashioniq", "cirr", "circo", "clothing-cir")
 # The split `fti4cir evaluate` scores each benchmark on (the others' ground truth is on the servers).
-EVALUATE_SPLITS = {"fashioniq": ("val",), "cirr": ("val",), "circo": ("val",), "clothing-cir": ("test",)}
+EVALUATE_SPLITS = {"fashioniq": ("val",), "cirr": ("val",), "circo": ("val",), "clothing-cir": CLOTHING_CIR_SPLITS}
 
 _MISSING_EXAMPLES = 5  # how many missing files an error message lists
 

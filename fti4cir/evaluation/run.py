@@ -67,8 +67,8 @@ REFERENCE_POLICY = {
     "fashioniq": "the reference image stays in the gallery (official FashionIQ code)",
     "cirr": "the reference image is removed from the ranking (official CIRR protocol)",
     "circo": "the reference image stays in the ranking (official CIRCO/FTI4CIR validation code)",
-    "clothing-cir": "the reference image is removed from the ranking; a query's ground truths are every other test "
-    "photo of the target class and colour",
+    "clothing-cir": "the reference image is removed from the ranking; a query's ground truths are every other "
+    "photo of the split with the target class and colour",
 }
 
 
