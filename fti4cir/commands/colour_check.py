@@ -46,17 +46,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    import json
     from pathlib import Path
 
     from ..demo import colour_check as cc
-    from ..demo.labels import LABELS_VERSION
+    from ..demo.labels import LABELS_VERSION, read_labels
 
     photos = Path(args.photos) if args.photos else cc.DEFAULT_PHOTOS
     check = Path(args.check or photos / cc.CHECK)
     second = Path(args.second or photos / cc.SECOND_READING)
     rows = cc.read_check(check)
-    labels = json.loads((photos / "labels.json").read_text(encoding="utf-8"))
+    labels = read_labels(photos / "labels.json")
     version = labels.get("generator", {}).get("version")
     if args.write:
         cc.write_stored(check, rows, labels)

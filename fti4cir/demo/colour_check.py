@@ -150,16 +150,16 @@ def report(rows: list[dict], answers: dict[str, tuple[str, bool]], title: str) -
         "| photos | all | labelled (not null) | labelled, unambiguous | coverage |",
         "|---|---:|---:|---:|---:|",
     ]
-    for name, sets in SETS.items():
-        s = agreement([r for r in rows if r["set"] in sets], answers)
+    stats = {name: agreement([r for r in rows if r["set"] in sets], answers) for name, sets in SETS.items()}
+    for name, s in stats.items():
         lines.append(
             f"| {name} | {_pct(s['agree'], s['n'])} | {_pct(s['labelled_agree'], s['labelled'])} | "
             f"{_pct(s['clear_agree'], s['clear'])} | {_pct(s['labelled'], s['n'])} |"
         )
-    for name, sets in SETS.items():
+    for name, s in stats.items():
         if name == "all":
             continue
-        pairs = agreement([r for r in rows if r["set"] in sets], answers)["pairs"]
+        pairs = s["pairs"]
         text = ", ".join(
             f"{h}->{g}{'' if rel else ' (null)'} {n}"
             for (h, g, rel), n in sorted(pairs.items(), key=lambda kv: (-kv[1], kv[0]))
@@ -183,17 +183,20 @@ def persons_report(
         "| labeller, where the persons agree |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for name, sets in PERSON_SETS.items():
-        s = persons_agreement([r for r in rows if r["set"] in sets], second, answers)
+    stats = {
+        name: persons_agreement([r for r in rows if r["set"] in sets], second, answers)
+        for name, sets in PERSON_SETS.items()
+    }
+    for name, s in stats.items():
         lines.append(
             f"| {name} ({s['n']}) | {_pct(s['agree'], s['n'])} | {_pct(s['clear_agree'], s['clear'])} | "
             f"{_pct(s['labelled'], s['n'])} | {_pct(s['first'], s['labelled'])} | "
             f"{_pct(s['second'], s['labelled'])} | {_pct(s['both_agree'], s['both'])} |"
         )
-    for name, sets in PERSON_SETS.items():
+    for name, s in stats.items():
         if name == "both":
             continue
-        pairs = persons_agreement([r for r in rows if r["set"] in sets], second, answers)["pairs"]
+        pairs = s["pairs"]
         text = ", ".join(f"{a}->{b} {n}" for (a, b), n in sorted(pairs.items(), key=lambda kv: (-kv[1], kv[0])))
         lines.append(f"\n{name} disagreements (first -> second reading): {text or 'none'}")
     return "\n".join(lines)
