@@ -66,6 +66,24 @@ def test_a_rerun_skips_every_finished_stage(quick_run, capsys):
     assert before == after
 
 
+def test_a_retrained_network_reruns_the_stages_made_from_it(quick_run, capsys):
+    """A newer FTI4CIR network (retrained after its folder was deleted) makes the fp16 copies, the gallery and the
+    benchmark stale; the other stages stay done."""
+    import os
+
+    trained = quick_run / "fti4cir" / "fti4cir.safetensors"
+    later = max(p.stat().st_mtime_ns for p in quick_run.rglob("*")) + 1  # newer than every output, not in the future
+    os.utime(trained, ns=(later, later))
+    assert main(["demo-rebuild", "--quick", "--out", str(quick_run), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    rerun = {stage for stage in STAGES if f"[{stage}] running" in out}
+    assert rerun == {"compact", "gallery", "benchmark"}, out
+    assert (quick_run / "clothing-fti4cir.safetensors").stat().st_mtime_ns > later
+    assert main(["demo-rebuild", "--quick", "--out", str(quick_run), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert all(f"[{stage}] done" in out for stage in STAGES), out
+
+
 def test_install_refuses_quick_runs_and_unknown_stages(capsys):
     assert main(["demo-rebuild", "--quick", "--install"]) == 2
     assert main(["demo-rebuild", "--only", "clip,nonsense"]) == 2

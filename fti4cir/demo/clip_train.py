@@ -13,7 +13,8 @@ Recipe (chosen by measuring several on the validation split; see `weights/README
 - label-aware targets: a caption is a positive of every photo in the batch it describes truly (same garment, and
   the same colour when it names one), not only of its own photo, since many photos share a caption;
 - AdamW (betas 0.9 / 0.98, eps 1e-6 as CLIP), linear warm-up then cosine decay, bf16 autocast where the CPU has
-  it (or on CUDA).
+  it (or on CUDA); on the CPU, attention's math kernel and freed heap handed back every epoch (speed and memory:
+  `_attention_backend`, `release_freed_memory`).
 
 Deterministic from the seed; the run directory holds a checkpoint after every epoch (`checkpoint.json` + tensors,
 written atomically) and `resume` continues bit for bit. The result is `clip.safetensors` (fp16; rows of the token
@@ -22,6 +23,8 @@ embedding for tokens no caption ever used are zero, since nothing gave them a me
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import dataclasses
 import json
 import math
@@ -69,7 +72,7 @@ class ClipTrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.05
     warmup_epochs: float = 2.0
-    min_scale: float = 0.35  # random resized crop: smallest share of the image area (see weights/README.md: 0.6)
+    min_scale: float = 0.35  # random resized crop: smallest share of the image area (weights/README.md: 0.5, 0.6)
     load_size: int = 80  # photos are decoded once at this size; crops are resized to the model's input size
     colourless: float = 0.25  # share of captions naming only the garment
     corrected: float = 0.25  # share of captions that correct a wrong description ("... but it is a red dress")
@@ -281,6 +284,24 @@ def _lr_factor(step: int, total: int, warmup: int) -> float:
     return min(1.0, (step + 1) / max(warmup, 1)) * 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
 
 
+def release_freed_memory() -> None:
+    """Hand glibc's freed heap pages back to the system. The batches' many differently-sized tensors fragment the
+    heap: without this the process grew by ~0.2 GB per epoch (12 GB after 60), with it it stays at ~1.1 GB."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
+def _attention_backend(device: torch.device):
+    """On the CPU, the math kernel of scaled-dot-product attention: for these short sequences (65 image tokens,
+    ~20 caption tokens) its backward pass is much faster than the CPU flash kernel's (a training step 0.55 s
+    instead of 0.85 s on 2 cores)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(SDPBackend.MATH) if device.type == "cpu" else contextlib.nullcontext()
+
+
 def _check_resumable(config: ClipTrainConfig, record: dict) -> None:
     different = changed_settings(record["config"], config.to_dict(), ClipTrainConfig.RESUMABLE)
     if different:
@@ -334,7 +355,7 @@ def train_clip(
             images = normalise(random_crops(data.images[index], size, config.min_scale)).to(device)
             ids, named = sampler.sample(data.classes[index], data.colours[index])
             targets = label_aware_targets(data.classes[index], data.colours[index], named).to(device)
-            with _autocast(device):
+            with _autocast(device), _attention_backend(device):  # the backward pass follows the forward's kernel
                 image_features = model.encode_image(images).float()
                 text_features = encode_text(model, ids.to(device)).float()
             loss = contrastive_loss(image_features, text_features, model.logit_scale.exp().clamp(max=100), targets)
@@ -346,6 +367,7 @@ def train_clip(
         history.append(
             {"epoch": epoch + 1, "loss": loss_sum / steps_per_epoch, "seconds": round(time.monotonic() - started, 2)}
         )
+        release_freed_memory()
         name, optimizer_state = write_state_tensors(run_dir, epoch + 1, model, optimizer)
         write_json_atomic(
             run_dir / CHECKPOINT,

@@ -1,7 +1,8 @@
 """`fti4cir demo-rebuild`: every learned file of the embedded demo, from the committed photos, in one command.
 
-Stages (each one skipped when its output exists; the training stages resume from their last checkpoint after a
-kill, so rerunning the command continues where it stopped):
+Stages (each one skipped when its output exists, and for those made from earlier outputs (zero-shot, compact,
+gallery, benchmark) is newer than them; the training stages resume from their last checkpoint after a kill, so
+rerunning the command continues where it stopped; to retrain a network, delete its output and work folder):
 
 1. ``clip``      a small CLIP trained from scratch on the train photos (`fti4cir.demo.clip_train`)
 2. ``zero-shot`` its class and colour accuracy on the test photos, with confusion matrices
@@ -87,7 +88,7 @@ class Settings:
     fti4cir_epochs: int = 30
     fti4cir_batch: int = 128
     fti4cir_lr: float = 5e-4
-    fti4cir_reg_weight: float | None = 2.0  # None: the official 1.4 (see weights/README.md)
+    fti4cir_reg_weight: float | None = 2.0  # None: the official 1.4 (chosen on validation: weights/README.md)
     m2c1_epochs: int = 10
     m2c2_epochs: int = 10
     m2c_batch: int = 128
@@ -164,6 +165,21 @@ def half_precision_copy(src: Path, dst: Path) -> None:
         save_file(tensors, str(tmp), metadata=metadata)
 
 
+@dataclass(frozen=True)
+class Stage:
+    output: Path  # written last (atomically): the stage is done when it exists
+    run: Callable[[], None]
+    # files it is made from, for the stages without a resumable work folder: an output older than one of them is
+    # stale (a retrained network makes the fp16 copies, the gallery and the benchmark run again)
+    sources: tuple[Path, ...] = ()
+
+    def done(self) -> bool:
+        if not self.output.exists():
+            return False
+        made = self.output.stat().st_mtime_ns
+        return all(not s.exists() or s.stat().st_mtime_ns <= made for s in self.sources)
+
+
 class Rebuild:
     def __init__(
         self,
@@ -221,32 +237,34 @@ class Rebuild:
         )
 
     # ---- stages ---------------------------------------------------------------------------------------------------
-    def stages(self) -> dict[str, tuple[Path, Callable[[], None]]]:
+    def stages(self) -> dict[str, Stage]:
+        fti4cir, m2c = self.path("fti4cir/fti4cir.safetensors"), self.path("m2c-stage2.safetensors")
         return {
-            "clip": (self.clip_weights, self.train_clip),
-            "zero-shot": (self.path("zero-shot.json"), self.zero_shot),
-            "captions": (self.path("captions-train.jsonl"), self.captions),
-            "pairs": (self.path("pairs-train.jsonl"), self.pairs),
-            "fti4cir": (self.path("fti4cir/fti4cir.safetensors"), self.train_fti4cir),
-            "m2c-1": (self.path("m2c-stage1.done"), self.train_m2c1),
-            "triplets": (self.path("triplets-train.jsonl"), self.triplets),
-            "m2c-2": (self.path("m2c-stage2.done"), self.train_m2c2),
-            "compact": (self.path(M2C_FILE), self.compact),
-            "gallery": (self.path(f"galleries/{GALLERY}/CURRENT"), self.gallery),
-            "benchmark": (self.path("benchmark.json"), self.evaluate),
+            "clip": Stage(self.clip_weights, self.train_clip),
+            "zero-shot": Stage(self.path("zero-shot.json"), self.zero_shot, (self.clip_weights,)),
+            "captions": Stage(self.path("captions-train.jsonl"), self.captions),
+            "pairs": Stage(self.path("pairs-train.jsonl"), self.pairs),
+            "fti4cir": Stage(fti4cir, self.train_fti4cir),
+            "m2c-1": Stage(self.path("m2c-stage1.done"), self.train_m2c1),
+            "triplets": Stage(self.path("triplets-train.jsonl"), self.triplets),
+            "m2c-2": Stage(self.path("m2c-stage2.done"), self.train_m2c2),
+            # written after the FTI4CIR copy: newer than both trained files means both copies are current
+            "compact": Stage(self.path(M2C_FILE), self.compact, (fti4cir, m2c)),
+            "gallery": Stage(self.path("gallery.done"), self.gallery, (self.path(M2C_FILE),)),
+            "benchmark": Stage(self.path("benchmark.json"), self.evaluate, (self.path(M2C_FILE),)),
         }
 
     def run(self, only: list[str] | None = None) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
-        for name, (output, stage) in self.stages().items():
+        for name, stage in self.stages().items():
             if only and name not in only:
                 continue
-            if output.exists():
-                self.say(f"[{name}] done ({output})")
+            if stage.done():
+                self.say(f"[{name}] done ({stage.output})")
                 continue
             self.say(f"[{name}] running")
             started = time.monotonic()
-            stage()
+            stage.run()
             self.times[name] = round(time.monotonic() - started, 1)
             self.say(f"[{name}] finished in {self.times[name]:.0f} s")
             timings = self.path("timings.json")
@@ -417,16 +435,18 @@ class Rebuild:
             half_precision_copy(src, dst)
 
     def gallery(self) -> None:
-        self.index(
+        summary = self.index(
             self.photos / "test",
             GALLERY,
             self.path("galleries"),
             self.model_spec(self.path(FTI4CIR_FILE), seed=COMMAND_SEED),
         )
+        # the stage's own mark: an up-to-date gallery is left untouched, so its files' times say nothing
+        write_text_atomic(self.path("gallery.done"), summary + "\n")
 
     def index(
         self, source: str | os.PathLike, name: str, galleries_dir: str | os.PathLike, spec, index: str = "auto"
-    ) -> None:
+    ) -> str:
         """Build the gallery `galleries_dir/name` of `source` with the model of `spec`, as `fti4cir index`."""
         from ..factory import create_model
         from ..gallery import build_gallery, folder_source, validate_name, weights_label
@@ -446,6 +466,7 @@ class Rebuild:
             progress=False,
         )
         self.say(report.summary())
+        return report.summary()
 
     def evaluate(self) -> None:
         from ..evaluation.report import to_markdown, write_report
@@ -482,7 +503,7 @@ class Rebuild:
 
     # ---- install --------------------------------------------------------------------------------------------------
     def install(self, weights_dir: str | os.PathLike = "weights", galleries_dir: str | os.PathLike = "galleries"):
-        missing = [name for name, (output, _) in self.stages().items() if not output.exists()]
+        missing = [name for name, stage in self.stages().items() if not stage.done()]
         if missing:
             raise UserError(f"cannot install: stages not done yet: {', '.join(missing)}")
         weights_dir, galleries_dir = Path(weights_dir), Path(galleries_dir)
