@@ -23,6 +23,7 @@ def add_parser(subparsers) -> None:
     from ..demo.captions import FORM_SETS
     from ..demo.photos import MAX_SIDE, QUALITY, SPLITS
     from ..demo.rebuild import STAGES
+    from ..evaluation.datasets import CLOTHING_CIR_SPLITS
 
     p = subparsers.add_parser("demo-photos", help=HELP["demo-photos"])
     p.add_argument("source", help="clothing-dataset-small folder with train/validation/test/<class>/*.jpg")
@@ -66,7 +67,7 @@ def add_parser(subparsers) -> None:
     p.add_argument(
         "--split",
         default="test",
-        choices=["test", "validation"],
+        choices=list(CLOTHING_CIR_SPLITS),
         help="photos of the queries and gallery (default %(default)s; validation: for choosing settings)",
     )
     p.add_argument("--photos", default=DEFAULT_PHOTOS, help="photo folder (default %(default)s)")

@@ -205,7 +205,7 @@ def add_parser(subparsers) -> None:
     p.add_argument(
         "--split",
         default=None,
-        choices=["val", "test", "validation"],
+        choices=list(dict.fromkeys(split for splits in EVALUATE_SPLITS.values() for split in splits)),
         help="default: val (clothing-cir: test; its validation split is for choosing settings)",
     )
     p.add_argument(

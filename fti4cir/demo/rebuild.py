@@ -465,8 +465,9 @@ class Rebuild:
             weights=weights_label(spec.weights, spec.seed),
             progress=False,
         )
-        self.say(report.summary())
-        return report.summary()
+        summary = report.summary()
+        self.say(summary)
+        return summary
 
     def evaluate(self) -> None:
         from ..evaluation.report import to_markdown, write_report
