@@ -131,6 +131,7 @@ def test_metrics_remove_the_reference_and_average_over_all_ground_truths():
     assert m["map@5"] == pytest.approx(((1 + 2 / 3) / 2 + 1 / 4) / 2 * 100)
     assert m["recall@1"] == pytest.approx(50) and m["recall@5"] == pytest.approx(100)
     assert m["by_type"]["colour"]["map@5"] == pytest.approx((1 + 2 / 3) / 2 * 100)
+    assert m["per_query"]["map@10"] == pytest.approx([(1 + 2 / 3) / 2 * 100, 25.0])
     assert m["by_type"]["class"] == {
         "queries": 1,
         **{
@@ -196,6 +197,14 @@ def test_evaluate_runs_every_method_on_clothing_cir(tmp_path, tiny_backbone):
     markdown = (out / "results.md").read_text()
     assert "| method | mAP@5 | mAP@10 | mAP@25 | R@1 | R@5 | R@10 |" in markdown
     assert "| m2c+compose | colour | 9 |" in markdown
+    # the goals' comparisons, query by query: fti4cir against every other method, m2c+compose against m2c
+    pairs = [(d["better"], d["other"]) for d in results["differences"]]
+    assert pairs == [("fti4cir", m) for m in methods[1:]] + [("m2c+compose", "m2c")]
+    for d in results["differences"]:
+        per_query = [results["methods"][m]["per_query"]["map@10"] for m in (d["better"], d["other"])]
+        assert d["queries"] == 9 and d["difference"] == pytest.approx(sum(per_query[0]) / 9 - sum(per_query[1]) / 9)
+        assert d["low"] <= d["difference"] <= d["high"]
+    assert "| fti4cir - text-only |" in markdown and "| m2c+compose - m2c |" in markdown
 
 
 def test_a_validation_benchmark_for_choosing_settings(tmp_path):

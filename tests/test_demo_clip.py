@@ -142,4 +142,7 @@ def test_zero_shot_report_counts_every_photo(few_photos):
         == sum(1 for p in labels["photos"] if p["split"] == "test" and p["colour"])
     )
     assert report.class_accuracy == report.class_confusion.trace() / 30
-    assert "Class confusion" in report.markdown()
+    low, high = report.class_interval
+    assert low <= report.class_accuracy <= high and high - low > 0.15  # 30 photos say little
+    assert report.to_dict()["class_interval"] == [low, high]
+    assert "Class confusion" in report.markdown() and f"95% interval {low:.1%}-{high:.1%}" in report.markdown()

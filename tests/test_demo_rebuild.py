@@ -4,6 +4,7 @@ what is done, and the outputs load as a model, a gallery and a benchmark table."
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -55,6 +56,20 @@ def test_training_stages_read_the_training_labels_and_measurements_labels_json(q
         record = json.loads(line)
         named = {c for c in COLOURS if c in record["caption"].replace(",", " ").split()}
         assert named <= {colours[record["image"]]}, record  # a caption names no colour but its training label's
+
+
+def test_the_report_gives_every_measured_number_with_its_interval(quick_run):
+    """The report `--install` writes beside the weights: zero-shot and decoded-word rates with Wilson intervals,
+    and the goals' comparisons with paired-bootstrap intervals."""
+    from fti4cir.demo.rebuild import Rebuild
+
+    report = Rebuild(quick_run, progress=False).report()
+    words = json.loads((quick_run / "benchmark.json").read_text())["decoded_words"]
+    assert f"word for {words['subject_is_class']:.1%} (95% interval " in report
+    assert "class accuracy" in report
+    assert len(re.findall(r"95% interval \d+\.\d%-\d+\.\d%", report)) == 4  # class, colour, two word rates
+    assert "| fti4cir - text-only |" in report and "| m2c+compose - m2c |" in report
+    assert list(json.loads((quick_run / "timings.json").read_text())) == list(STAGES)
 
 
 def test_a_rerun_skips_every_finished_stage(quick_run, capsys):

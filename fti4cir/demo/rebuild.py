@@ -84,6 +84,7 @@ def _clip_config() -> ClipTrainConfig:
 class Settings:
     """Sizes of each stage: the full demo, or --quick."""
 
+    # the CLIP's recipe; its photos, labels, out and seed are the rebuild's own (`Rebuild(seed=...)`, --seed)
     clip: ClipTrainConfig = field(default_factory=_clip_config)
     fti4cir_epochs: int = 30
     fti4cir_batch: int = 128
@@ -551,8 +552,15 @@ class Rebuild:
     def report(self) -> str:
         """The measured numbers of this run, as Markdown: wall time per stage, zero-shot accuracy, the
         benchmark table, decoded-word hit rates."""
+        from ..evaluation.intervals import LEVEL, wilson_interval
+
         timings = json.loads(self.path("timings.json").read_text()) if self.path("timings.json").exists() else {}
         words = json.loads(self.path("benchmark.json").read_text())["decoded_words"]
+
+        def interval(rate: float, photos: int) -> str:
+            low, high = wilson_interval(round(rate * photos), photos)
+            return f" ({LEVEL:.0%} interval {low:.1%}-{high:.1%})"
+
         lines = [
             "# The demo model: measured numbers",
             "",
@@ -578,8 +586,10 @@ class Rebuild:
             "## Decoded words",
             "",
             f"Of {words['photos']} test photos, the subject token's nearest word is the class word for "
-            f"{words['subject_is_class']:.1%}; of the {words['coloured_photos']} with a colour label, the colour "
-            f"word is among the top-3 words of a kept attribute token for {words['colour_in_attribute_top3']:.1%}.",
+            f"{words['subject_is_class']:.1%}{interval(words['subject_is_class'], words['photos'])}; of the "
+            f"{words['coloured_photos']} with a colour label, the colour word is among the top-3 words of a kept "
+            f"attribute token for {words['colour_in_attribute_top3']:.1%}"
+            f"{interval(words['colour_in_attribute_top3'], words['coloured_photos'])}. Intervals: Wilson.",
             "",
         ]
         return "\n".join(lines)

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..evaluation.intervals import LEVEL, wilson_interval
 from .world import COLOURS, PLURAL_WORDS
 
 CLASS_PROMPT = "a photo of a {word}"
@@ -39,11 +40,24 @@ class ZeroShotReport:
     photos: int
     coloured_photos: int
 
+    @property
+    def class_interval(self) -> tuple[float, float]:
+        """95% Wilson interval of the class accuracy over these photos."""
+        return wilson_interval(int(np.trace(self.class_confusion)), self.photos)
+
+    @property
+    def colour_interval(self) -> tuple[float, float] | None:
+        if not self.coloured_photos:
+            return None
+        return wilson_interval(int(np.trace(self.colour_confusion)), self.coloured_photos)
+
     def to_dict(self) -> dict:
         return {
             "split": self.split,
             "class_accuracy": self.class_accuracy,
+            "class_interval": list(self.class_interval),
             "colour_accuracy": self.colour_accuracy,
+            "colour_interval": None if self.colour_interval is None else list(self.colour_interval),
             "photos": self.photos,
             "coloured_photos": self.coloured_photos,
             "words": self.words,
@@ -59,10 +73,15 @@ class ZeroShotReport:
                 f"| {n} | " + " | ".join(str(v) for v in row) + " |\n" for n, row in zip(names, matrix)
             )
 
+        def interval(bounds: tuple[float, float] | None) -> str:
+            return "" if bounds is None else f", {LEVEL:.0%} interval {bounds[0]:.1%}-{bounds[1]:.1%}"
+
         return (
-            f"Zero-shot on the {self.split} split: class accuracy {self.class_accuracy:.1%} ({self.photos} photos, "
-            f"chance {1 / len(self.words):.0%}), colour accuracy {self.colour_accuracy:.1%} "
-            f"({self.coloured_photos} photos with a colour label, chance {1 / len(COLOURS):.0%}).\n\n"
+            f"Zero-shot on the {self.split} split: class accuracy {self.class_accuracy:.1%} ({self.photos} photos"
+            f"{interval(self.class_interval)}; chance {1 / len(self.words):.0%}), colour accuracy "
+            f"{self.colour_accuracy:.1%} ({self.coloured_photos} photos with a colour label"
+            f"{interval(self.colour_interval)}; chance {1 / len(COLOURS):.0%}). Intervals: Wilson, over the "
+            "choice of photos.\n\n"
             f"Class confusion:\n\n{table(self.class_confusion, self.words)}\n"
             f"Colour confusion:\n\n{table(self.colour_confusion, list(COLOURS))}"
         )

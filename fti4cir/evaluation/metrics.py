@@ -43,6 +43,7 @@ CIRR_SUBSET_KS = (1, 2, 3)
 CIRCO_KS = (5, 10, 25, 50)
 CLOTHING_MAP_KS = (5, 10, 25)
 CLOTHING_RECALL_KS = (1, 5, 10)
+CLOTHING_PAIRED_METRIC = "map@10"  # kept per query, so that two methods can be compared query by query
 
 _CHUNK_ELEMENTS = 1 << 22  # similarity entries processed at once (bounds temporaries to tens of MB)
 
@@ -321,7 +322,8 @@ def clothing_cir_metrics(
     kinds: Sequence[str],
 ) -> dict[str, Any]:
     """clothing-cir mAP@5/10/25 and Recall@1/5/10 (percent) with the reference removed from the ranking, overall
-    and under ``by_type`` for each query type (in order of first appearance).
+    and under ``by_type`` for each query type (in order of first appearance); ``per_query`` holds each query's
+    AP@10 (percent, query order) for paired comparisons (`fti4cir.evaluation.intervals`).
 
     Ground truths must be in the gallery, unique per query, and not the reference.
     """
@@ -358,4 +360,5 @@ def clothing_cir_metrics(
         kind: {"queries": int((kinds == kind).sum()), **summary(np.flatnonzero(kinds == kind))}
         for kind in dict.fromkeys(kinds.tolist())
     }
+    result["per_query"] = {CLOTHING_PAIRED_METRIC: (per_query[CLOTHING_PAIRED_METRIC] * 100).tolist()}
     return result

@@ -4,7 +4,9 @@ The results object (written by :mod:`fti4cir.evaluation.run`) holds ``dataset``,
 ("official" or "subset"), ``parts`` (per FashionIQ category, or one entry: query and gallery sizes used / total),
 ``model``, ``prompts``, ``methods`` (method -> metrics, FashionIQ: method -> category/"average" -> metrics),
 ``features`` (visual passes run) and ``seconds``. Metrics are percentages. clothing-cir metrics also hold
-``by_type`` (query type -> its query count and metrics), shown as a second table with one row per method and type.
+``by_type`` (query type -> its query count and metrics), shown as a second table with one row per method and type,
+and ``per_query`` (each query's AP@10); their results add ``differences`` (mAP@10 of fti4cir minus each other
+method, and of m2c+compose minus m2c, with paired-bootstrap intervals), shown as a third table.
 """
 
 from __future__ import annotations
@@ -109,6 +111,22 @@ def to_markdown(results: Mapping[str, Any]) -> str:
         for method, kind, values in by_type:
             cells = " | ".join(f"{_lookup(values, path):.2f}" for _, path in columns)
             lines.append(f"| {method} | {kind} | {values['queries']} | {cells} |")
+    differences = results.get("differences", [])
+    if differences:
+        first = differences[0]
+        lines += [
+            "",
+            f"Differences in {first['metric'].replace('map', 'mAP')}, query by query, with {first['level']:.0%} "
+            f"intervals (paired bootstrap over the {first['queries']} queries, {first['resamples']:,} resamples; "
+            "they cover the choice of queries, not of photos):",
+            "",
+            "| comparison | difference | interval |",
+            "|---|---:|---|",
+        ]
+        lines += [
+            f"| {d['better']} - {d['other']} | {d['difference']:+.2f} | {d['low']:+.2f} to {d['high']:+.2f} |"
+            for d in differences
+        ]
     return "\n".join(lines) + "\n"
 
 

@@ -46,7 +46,7 @@ from fti4cir.backbone import VisualFeatures
 from fti4cir.compose import METHODS, compose_query
 from fti4cir.digests import parameter_digest
 from fti4cir.errors import UserError
-from fti4cir.evaluation import metrics, submission
+from fti4cir.evaluation import intervals, metrics, submission
 from fti4cir.evaluation.datasets import (
     FASHIONIQ_CATEGORIES,
     Benchmark,
@@ -411,6 +411,7 @@ def evaluate(
         results_by_method = {m: metrics.fashioniq_average(per_method[m]) for m in methods}
     else:
         results_by_method = {m: per_method[m][dataset] for m in methods}
+    differences = paired_differences(results_by_method) if dataset == "clothing-cir" else []
     return {
         "dataset": dataset,
         "split": parts[0].benchmark.split,
@@ -424,12 +425,26 @@ def evaluate(
         "prompts": templates,
         "reference_policy": REFERENCE_POLICY[dataset],
         "methods": results_by_method,
+        **({"differences": [d.to_dict() for d in differences]} if differences else {}),
         "features": {
             "visual_passes": sum(c.computed for c in caches) - computed_before,
             "cache": str(cache.gallery.dir.parent),
         },
         "seconds": round(time.perf_counter() - started, 3),
     }
+
+
+def comparison_pairs(methods: Sequence[str]) -> list[tuple[str, str]]:
+    """The comparisons the demo's goals are about: fti4cir against every other method, m2c+compose against m2c."""
+    pairs = [("fti4cir", m) for m in methods if m != "fti4cir"] if "fti4cir" in methods else []
+    return pairs + ([("m2c+compose", "m2c")] if {"m2c", "m2c+compose"} <= set(methods) else [])
+
+
+def paired_differences(results_by_method: dict[str, dict[str, Any]]) -> list[intervals.Difference]:
+    """mAP@10 differences of `comparison_pairs` with paired-bootstrap intervals over the queries (clothing-cir)."""
+    metric = metrics.CLOTHING_PAIRED_METRIC
+    per_query = {m: values["per_query"][metric] for m, values in results_by_method.items()}
+    return intervals.compare(per_query, comparison_pairs(list(results_by_method)), metric)
 
 
 def m2c_methods(methods: Sequence[str]) -> list[str]:
