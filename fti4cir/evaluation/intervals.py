@@ -68,7 +68,13 @@ def paired_bootstrap(
 
 
 def compare(
-    per_query: dict[str, list[float]], pairs: list[tuple[str, str]], metric: str, **bootstrap
+    per_query: dict[str, list[float]],
+    pairs: list[tuple[str, str]],
+    metric: str,
+    *,
+    resamples: int = RESAMPLES,
+    level: float = LEVEL,
+    seed: int = 0,
 ) -> list[Difference]:
     """A `Difference` for each (better, other) pair of methods, from their per-query values of `metric`."""
     out = []
@@ -76,18 +82,6 @@ def compare(
         a, b = per_query[better], per_query[other]
         if len(a) != len(b):
             raise ValueError(f"{better} has {len(a)} queries, {other} {len(b)}: not paired")
-        difference, low, high = paired_bootstrap(a, b, **bootstrap)
-        out.append(
-            Difference(
-                better,
-                other,
-                metric,
-                difference,
-                low,
-                high,
-                len(a),
-                bootstrap.get("resamples", RESAMPLES),
-                bootstrap.get("level", LEVEL),
-            )
-        )
+        difference, low, high = paired_bootstrap(a, b, resamples=resamples, level=level, seed=seed)
+        out.append(Difference(better, other, metric, difference, low, high, len(a), resamples, level))
     return out
