@@ -54,6 +54,18 @@ COPY_JS = """async (b64) => {
 }"""
 
 
+@pytest.fixture(autouse=True)
+def patient_assertions():
+    """Every `expect` here waits as long as the page does: its own default is 5 s, whatever
+    `page.set_default_timeout` says, and on a loaded 2-core machine an upload, a visual pass and a search can take
+    longer (all three tests failed that way in a clean-clone run beside two training jobs)."""
+    from playwright.sync_api import expect
+
+    expect.set_options(timeout=TIMEOUT_MS)
+    yield
+    expect.set_options(timeout=5_000)
+
+
 @pytest.fixture
 def app_url(tmp_path):
     if not CHROMIUM.exists():
@@ -103,10 +115,9 @@ def expect_new_reference(page, text: str) -> None:
     search ran): K results."""
     from playwright.sync_api import expect
 
-    # an upload, a visual pass and a search: on a loaded 2-core machine this can take longer than expect's 5 s
-    expect(page.locator("#sentence .sentence")).to_contain_text(f"but {text}", timeout=TIMEOUT_MS)
-    expect(page.locator("#timing")).to_contain_text("(visual pass + inversion)", timeout=TIMEOUT_MS)
-    expect(page.locator("#results img")).to_have_count(K, timeout=TIMEOUT_MS)
+    expect(page.locator("#sentence .sentence")).to_contain_text(f"but {text}")
+    expect(page.locator("#timing")).to_contain_text("(visual pass + inversion)")
+    expect(page.locator("#results img")).to_have_count(K)
 
 
 def test_search_explain_switch_and_pick_in_a_browser(app_url, tmp_path):
