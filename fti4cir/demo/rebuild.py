@@ -552,14 +552,13 @@ class Rebuild:
     def report(self) -> str:
         """The measured numbers of this run, as Markdown: wall time per stage, zero-shot accuracy, the
         benchmark table, decoded-word hit rates."""
-        from ..evaluation.intervals import LEVEL, wilson_interval
+        from ..evaluation.intervals import describe, wilson_interval
 
         timings = json.loads(self.path("timings.json").read_text()) if self.path("timings.json").exists() else {}
         words = json.loads(self.path("benchmark.json").read_text())["decoded_words"]
 
         def interval(rate: float, photos: int) -> str:
-            low, high = wilson_interval(round(rate * photos), photos)
-            return f" ({LEVEL:.0%} interval {low:.1%}-{high:.1%})"
+            return f" ({describe(wilson_interval(round(rate * photos), photos))})"
 
         lines = [
             "# The demo model: measured numbers",

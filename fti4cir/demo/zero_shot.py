@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..evaluation.intervals import LEVEL, wilson_interval
+from ..evaluation.intervals import describe, wilson_interval
 from .world import COLOURS, PLURAL_WORDS
 
 CLASS_PROMPT = "a photo of a {word}"
@@ -52,12 +52,13 @@ class ZeroShotReport:
         return wilson_interval(int(np.trace(self.colour_confusion)), self.coloured_photos)
 
     def to_dict(self) -> dict:
+        colour_interval = self.colour_interval
         return {
             "split": self.split,
             "class_accuracy": self.class_accuracy,
             "class_interval": list(self.class_interval),
             "colour_accuracy": self.colour_accuracy,
-            "colour_interval": None if self.colour_interval is None else list(self.colour_interval),
+            "colour_interval": None if colour_interval is None else list(colour_interval),
             "photos": self.photos,
             "coloured_photos": self.coloured_photos,
             "words": self.words,
@@ -74,7 +75,7 @@ class ZeroShotReport:
             )
 
         def interval(bounds: tuple[float, float] | None) -> str:
-            return "" if bounds is None else f", {LEVEL:.0%} interval {bounds[0]:.1%}-{bounds[1]:.1%}"
+            return "" if bounds is None else f", {describe(bounds)}"
 
         return (
             f"Zero-shot on the {self.split} split: class accuracy {self.class_accuracy:.1%} ({self.photos} photos"

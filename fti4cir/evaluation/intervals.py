@@ -29,6 +29,11 @@ def wilson_interval(successes: int, trials: int, level: float = LEVEL) -> tuple[
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def describe(bounds: tuple[float, float]) -> str:
+    """An interval of a proportion as the reports write it: "95% interval 63.4%-72.8%"."""
+    return f"{LEVEL:.0%} interval {bounds[0]:.1%}-{bounds[1]:.1%}"
+
+
 @dataclass(frozen=True)
 class Difference:
     """`better - other` of a per-query metric's mean, with a paired-bootstrap interval."""

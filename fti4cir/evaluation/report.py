@@ -114,9 +114,10 @@ def to_markdown(results: Mapping[str, Any]) -> str:
     differences = results.get("differences", [])
     if differences:
         first = differences[0]
+        headers = {path: header for header, path in columns}
         lines += [
             "",
-            f"Differences in {first['metric'].replace('map', 'mAP')}, query by query, with {first['level']:.0%} "
+            f"Differences in {headers[(first['metric'],)]}, query by query, with {first['level']:.0%} "
             f"intervals (paired bootstrap over the {first['queries']} queries, {first['resamples']:,} resamples; "
             "they cover the choice of queries, not of photos):",
             "",
