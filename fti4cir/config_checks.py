@@ -151,6 +151,7 @@ INVERSION_RULES: dict[str, Rule] = {
     "dropout": FRACTION,
     "temperature": Float(0.0, 100.0, low_open=True),
     "reg_weight": Float(0.0, 1e6),
+    "subject_weight": Float(0.0, 1e6),
     "backbone": Text(),
     "pretrained": Text(),
     "version": Int(1, 1),

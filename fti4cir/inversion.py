@@ -33,6 +33,8 @@ class InversionConfig:
     dropout: float = 0.5  # in the mappers
     temperature: float = 0.2  # NT-Xent
     reg_weight: float = 1.4  # tri-wise regularisation weight
+    # weight of the subject-wise sentence inside the tri-wise regularisation (official: 1, the three sentences alike)
+    subject_weight: float = 1.0
     backbone: str = ""  # open_clip model name the network was trained with
     pretrained: str = ""  # pretrained tag / source of the backbone
     version: int = FORMAT_VERSION

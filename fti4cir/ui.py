@@ -44,7 +44,7 @@ EXAMPLES: list[tuple[str, str]] = [
     ("shorts/ee64e502-6a14-44e0-abc9-1692299b00f6.jpg", "are blue"),
     ("shoes/9b61a6bd-1456-459e-a5f9-00c4c1989b94.jpg", "is a jacket of the same colour"),
     ("pants/fefa13bc-8c4a-4613-ae84-56d379d46984.jpg", "are shorts of the same colour"),
-    ("longsleeve/d898c146-ef98-42ef-ad34-062d0a089673.jpg", "a black jacket instead of a red sweater"),
+    ("outwear/0a86d893-93f1-4a52-8c42-07bb9f439833.jpg", "is a blue tshirt instead"),
     ("longsleeve/d5bd0641-fa5e-4757-ae93-000a0439fd38.jpg", "are black shoes instead"),
 ]
 FILE_ROUTE = "/gradio_api/file="  # the server's route for files below its allowed paths (the gallery's images)

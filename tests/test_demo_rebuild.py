@@ -70,6 +70,22 @@ def test_the_report_gives_every_measured_number_with_its_interval(quick_run):
     assert len(re.findall(r"95% interval \d+\.\d%-\d+\.\d%", report)) == 4  # class, colour, two word rates
     assert "| fti4cir - text-only |" in report and "| m2c+compose - m2c |" in report
     assert list(json.loads((quick_run / "timings.json").read_text())) == list(STAGES)
+    assert all(re.search(rf"^\| {stage} \| \d+ \|$", report, re.M) for stage in STAGES)
+
+
+def test_the_report_says_which_stages_this_folder_did_not_run(quick_run, tmp_path):
+    """A run folder whose CLIP was copied in (its stage never ran there) reports it instead of leaving it out."""
+    import shutil
+
+    from fti4cir.demo.rebuild import Rebuild
+
+    copy = tmp_path / "copy"
+    shutil.copytree(quick_run, copy)
+    timings = json.loads((copy / "timings.json").read_text())
+    (copy / "timings.json").write_text(json.dumps({k: v for k, v in timings.items() if k != "clip"}))
+    report = Rebuild(copy, progress=False).report()
+    assert "| clip | not run in this folder |" in report
+    assert re.search(r"^\| fti4cir \| \d+ \|$", report, re.M)
 
 
 def test_a_rerun_skips_every_finished_stage(quick_run, capsys):

@@ -98,6 +98,28 @@ def test_regularisation_equals_official(model, images):
     assert float(cached_target) == pytest.approx(float(ours), abs=1e-6)
 
 
+def test_subject_weight_scales_only_the_subject_wise_sentence(model, images):
+    """Weight 1 is the official sum; weight w adds (w - 1) x the subject-wise term and leaves the others alone."""
+    bb = model.backbone
+    with torch.no_grad():
+        tokens = model.invert(bb.encode_visual(images))
+        reg = {
+            w: float(triwise_regularisation(bb, tokens, SUBJECTS, ATTRIBUTES, subject_weight=w))
+            for w in (0.0, 1.0, 3.5)
+        }
+        subject_wise = reg[1.0] - reg[0.0]
+    assert subject_wise > 0.01  # a random network's subject sentence is far from the caption
+    assert reg[3.5] == pytest.approx(reg[0.0] + 3.5 * subject_wise, rel=1e-5)
+    assert model.inversion.config.subject_weight == 1.0  # the official default
+    model.inversion.config.subject_weight = 3.5
+    try:
+        with torch.no_grad():
+            terms = fti4cir_loss(model, bb.encode_visual(images), SUBJECTS, ATTRIBUTES)
+    finally:
+        model.inversion.config.subject_weight = 1.0
+    assert float(terms.regularisation) == pytest.approx(reg[3.5], rel=1e-5)
+
+
 def test_total_loss_equals_official_get_loss(model, images):
     bb = model.backbone
     official_net = official_copy(model.inversion)

@@ -244,6 +244,18 @@ def test_reg_weight_sets_the_regularisation_term_and_is_recorded(no_visual_tower
     assert json.loads((run / "fti4cir.json").read_text())["reg_weight"] == 3.0
 
 
+def test_subject_weight_is_used_and_recorded(no_visual_tower, tmp_path):
+    runs = {}
+    for flags in ((), ("--subject-weight", "4.0")):
+        run = tmp_path / f"run{len(runs)}"
+        assert train_cli(no_visual_tower, "--out", str(run), "--epochs", "1", *flags) == 0
+        runs[flags] = (json.loads((run / "fti4cir.json").read_text()), json.loads((run / trainer.LOG).read_text()))
+    (plain, plain_log), (weighted, weighted_log) = runs.values()
+    assert plain["subject_weight"] == 1.0 and weighted["subject_weight"] == 4.0
+    # the same first step, a larger regularisation: the subject-wise sentence counts four times
+    assert weighted_log["regularisation"] > plain_log["regularisation"]
+
+
 def test_resume_after_one_epoch_is_bit_for_bit(straight_run, no_visual_tower, tmp_path):
     run = tmp_path / "run"
     assert train_cli(no_visual_tower, "--out", str(run), "--epochs", "1") == 0

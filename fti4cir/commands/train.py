@@ -39,6 +39,13 @@ def add_parser(subparsers) -> None:
         help="weight of the tri-wise semantic regularisation (default: the network's, officially 1.4)",
     )
     p.add_argument(
+        "--subject-weight",
+        type=float,
+        default=None,
+        help="weight of the subject-wise sentence inside that regularisation (default: the network's, officially 1; "
+        "larger makes the subject token nearer its caption's garment word)",
+    )
+    p.add_argument(
         "--checkpoint-steps", type=non_negative_int, default=0, help="also checkpoint every N steps inside an epoch"
     )
     p.add_argument(

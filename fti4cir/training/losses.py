@@ -92,8 +92,10 @@ def triwise_regularisation(
     *,
     whole_features: torch.Tensor | None = None,
     target_features: torch.Tensor | None = None,
+    subject_weight: float = 1.0,
 ) -> torch.Tensor:
-    """Sum of (1 - cos) of the subject-wise, attribute-wise and whole-wise sentences against the caption target.
+    """Sum of (1 - cos) of the subject-wise, attribute-wise and whole-wise sentences against the caption target,
+    the subject-wise one times `subject_weight` (official: 1).
 
     whole_features: the pseudo sentence's features when already computed (the contrastive term uses them too).
     target_features: precomputed `caption_features` (frozen, so they can be cached per pair)."""
@@ -108,7 +110,7 @@ def triwise_regularisation(
         backbone, prompts.ATTRIBUTE_WISE, tokens.attributes, tokens.num_kept, [{"subject": s} for s in subjects]
     )
     return (
-        cosine_distance(subject_wise, target_features)
+        subject_weight * cosine_distance(subject_wise, target_features)
         + cosine_distance(attribute_wise, target_features)
         + cosine_distance(whole_features, target_features)
     )
@@ -132,7 +134,13 @@ def fti4cir_loss(
     contrastive = nt_xent(tokens.image_features, whole, config.temperature)
     orthogonal = orthogonality_loss(tokens.selection.features)
     regularisation = triwise_regularisation(
-        model.backbone, tokens, subjects, attributes, whole_features=whole, target_features=target_features
+        model.backbone,
+        tokens,
+        subjects,
+        attributes,
+        whole_features=whole,
+        target_features=target_features,
+        subject_weight=config.subject_weight,
     )
     total = contrastive + orthogonal + config.reg_weight * regularisation
     return LossTerms(total, contrastive, orthogonal, regularisation)

@@ -65,6 +65,7 @@ class TrainConfig:
     lr_decay_epoch: int = 10  # 0-based epoch from which lr is multiplied by lr_decay
     lr_decay: float = 0.1
     reg_weight: float | None = None  # weight of the tri-wise regularisation; None: the network's (official 1.4)
+    subject_weight: float | None = None  # its subject-wise sentence's weight; None: the network's (official 1)
     seed: int = 0
     checkpoint_steps: int = 0  # also checkpoint every this many steps inside an epoch (0: at epoch ends only)
 
@@ -151,8 +152,11 @@ def _epoch_record(epoch: int, state: LoopState, steps: int, lr: float, seconds: 
 def _prepare(config: TrainConfig, record: dict | None, device, num_workers, progress: bool):
     """Model, training data (features cached, caption targets encoded) and the pairs file's digest."""
     model = create_model(config.model_spec(device))
-    if config.reg_weight is not None:  # stored in the inversion config, so the weights file records it
+    # stored in the inversion config, so the weights file records them
+    if config.reg_weight is not None:
         model.inversion.config.reg_weight = config.reg_weight
+    if config.subject_weight is not None:
+        model.inversion.config.subject_weight = config.subject_weight
     pairs_digest = file_digest(config.pairs)
     if record is not None and record["pairs_sha256"] != pairs_digest:
         raise UserError(f"{config.pairs} changed since the checkpoint in {config.out} was written; cannot resume")
