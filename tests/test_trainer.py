@@ -256,6 +256,20 @@ def test_subject_weight_is_used_and_recorded(no_visual_tower, tmp_path):
     assert weighted_log["regularisation"] > plain_log["regularisation"]
 
 
+@pytest.mark.parametrize("flag", ["--reg-weight", "--subject-weight"])
+@pytest.mark.parametrize("value", ["-1", "nan", "inf"])
+def test_loss_weights_must_be_finite_and_not_negative(no_visual_tower, tmp_path, capsys, flag, value):
+    from fti4cir.cli import main
+
+    run = tmp_path / "run"
+    argv = ["train", *run_args(no_visual_tower), "--device", "cpu", "--out", str(run), f"{flag}={value}"]
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2  # argparse's usage error, before anything is written
+    assert f"{flag}: must be a finite number >= 0, got {value}" in capsys.readouterr().err
+    assert not run.exists()
+
+
 def test_resume_after_one_epoch_is_bit_for_bit(straight_run, no_visual_tower, tmp_path):
     run = tmp_path / "run"
     assert train_cli(no_visual_tower, "--out", str(run), "--epochs", "1") == 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 
 log = logging.getLogger("fti4cir.commands")
 
@@ -16,6 +17,14 @@ def positive_int(value: str) -> int:
 def non_negative_int(value: str) -> int:
     """argparse type: an integer >= 0."""
     return _int_at_least(value, 0)
+
+
+def non_negative_float(value: str) -> float:
+    """argparse type: a finite number >= 0 (a loss weight)."""
+    number = float(value)
+    if not (math.isfinite(number) and number >= 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {value}")
+    return number
 
 
 def _int_at_least(value: str, minimum: int) -> int:

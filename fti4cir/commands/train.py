@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .common import add_model_args, non_negative_int
+from .common import add_model_args, non_negative_float, non_negative_int
 
 HELP = "train the inversion network on subject/attribute pairs"
 
@@ -34,16 +34,16 @@ def add_parser(subparsers) -> None:
     )
     p.add_argument(
         "--reg-weight",
-        type=float,
+        type=non_negative_float,
         default=None,
         help="weight of the tri-wise semantic regularisation (default: the network's, officially 1.4)",
     )
     p.add_argument(
         "--subject-weight",
-        type=float,
+        type=non_negative_float,
         default=None,
         help="weight of the subject-wise sentence inside that regularisation (default: the network's, officially 1; "
-        "larger makes the subject token nearer its caption's garment word)",
+        "larger pulls the subject token towards its caption's subject words)",
     )
     p.add_argument(
         "--checkpoint-steps", type=non_negative_int, default=0, help="also checkpoint every N steps inside an epoch"
