@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 
 log = logging.getLogger("fti4cir.commands")
 
@@ -19,12 +18,23 @@ def non_negative_int(value: str) -> int:
     return _int_at_least(value, 0)
 
 
-def non_negative_float(value: str) -> float:
-    """argparse type: a finite number >= 0 (a loss weight)."""
-    number = float(value)
-    if not (math.isfinite(number) and number >= 0):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {value}")
-    return number
+def inversion_config_value(field: str):
+    """argparse type: a number for the inversion network's config field `field`, checked by the rule its loader
+    applies (`fti4cir.config_checks.INVERSION_RULES`), so a flag that ends up in a weights file accepts exactly what
+    will load again. The rules are imported on use: building the parser stays light."""
+
+    def parse(value: str) -> float:
+        from ..config_checks import INVERSION_RULES
+
+        number = float(value)
+        try:
+            INVERSION_RULES[field].check(number, "the value")
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        return number
+
+    parse.__name__ = "number"  # argparse names the type in its message for a non-number: "invalid number value"
+    return parse
 
 
 def _int_at_least(value: str, minimum: int) -> int:

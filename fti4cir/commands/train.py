@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .common import add_model_args, non_negative_float, non_negative_int
+from .common import add_model_args, inversion_config_value, non_negative_int
 
 HELP = "train the inversion network on subject/attribute pairs"
 
@@ -34,13 +34,13 @@ def add_parser(subparsers) -> None:
     )
     p.add_argument(
         "--reg-weight",
-        type=non_negative_float,
+        type=inversion_config_value("reg_weight"),
         default=None,
         help="weight of the tri-wise semantic regularisation (default: the network's, officially 1.4)",
     )
     p.add_argument(
         "--subject-weight",
-        type=non_negative_float,
+        type=inversion_config_value("subject_weight"),
         default=None,
         help="weight of the subject-wise sentence inside that regularisation (default: the network's, officially 1; "
         "larger pulls the subject token towards its caption's subject words)",
