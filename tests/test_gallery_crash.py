@@ -222,3 +222,38 @@ def test_a_reader_never_sees_a_version_being_replaced(tmp_path, monkeypatch):
     assert sorted(d.name for d in (tmp_path / "galleries" / "g").iterdir() if d.is_dir()) == [second.version]
     with pytest.raises(UserError, match="No gallery"):
         Gallery.load(tmp_path / "galleries" / "missing")
+
+
+def test_a_build_killed_after_the_switch_leaves_nothing_behind(tmp_path, monkeypatch):
+    """A kill after CURRENT names the new version but before the replaced one is removed: the gallery is already
+    complete, so the next build finds it up to date, and it must still remove the replaced version (the random kills
+    of the test above once landed there and left 'v-000001' beside the published 'v-000002')."""
+    import fti4cir.gallery.build as gallery
+
+    photos = sorted(shared_data("photos", "clothing", "test").rglob("*.jpg"))[:6]
+    src = tmp_path / "src"
+    place_photos(photos[:4], src)
+    model = create_model(ModelSpec.from_dict(SPEC))
+    kw = {"galleries_dir": tmp_path / "galleries", "num_workers": 0, "progress": False}
+    first = build_gallery(model, str(src), "g", **kw)
+    place_photos(photos[4:], src)
+
+    clear = gallery._clear_unpublished
+
+    def clear_then_die_after_the_switch(gallery_dir, keep):
+        if keep == first.version:  # the cleanup before writing the new version runs as usual
+            return clear(gallery_dir, keep)
+        raise KeyboardInterrupt  # stands for a kill right after the switch
+
+    monkeypatch.setattr(gallery, "_clear_unpublished", clear_then_die_after_the_switch)
+    with pytest.raises(KeyboardInterrupt):
+        build_gallery(model, str(src), "g", **kw)
+    monkeypatch.undo()
+    folder = tmp_path / "galleries" / "g"
+    published = Gallery.load(folder).version
+    assert published != first.version and (folder / first.version).is_dir()  # the state the kill leaves
+
+    again = build_gallery(model, str(src), "g", **kw)
+    assert again.up_to_date and again.version == published
+    assert sorted(d.name for d in folder.iterdir() if d.is_dir()) == [published]
+    assert len(Gallery.load(folder)) == 6

@@ -214,6 +214,8 @@ def build_gallery(
             and previous.root == src.root
             and previous.manifest["index"]["kind"] == index
         ):
+            # a build killed between the switch and its cleanup left the replaced version behind
+            _clear_unpublished(gallery_dir, keep=previous.version)
             shutil.rmtree(staging, ignore_errors=True)
             return BuildReport(
                 name, gallery_dir, previous.version, len(entries), 0, len(entries), 0, failures, up_to_date=True
