@@ -192,11 +192,9 @@ def test_killed_builds_resume_to_the_clean_gallery(tmp_path, indexer):
     assert leftovers == [g.version]  # no staging area, no half-written or replaced versions
 
 
-def test_a_reader_never_sees_a_version_being_replaced(tmp_path, monkeypatch):
-    """Deterministic companion of the random kills: a build stopped right before the switch leaves the old version
-    published and intact; the next build finishes the job."""
-    import fti4cir.gallery.build as gallery
-
+def gallery_of_4_then_2_more_photos(tmp_path):
+    """A gallery built from 4 photos, then 2 more photos placed in its folder: the next build makes a new version.
+    Returns (model, source folder, build_gallery's keyword arguments, the first build's report)."""
     photos = sorted(shared_data("photos", "clothing", "test").rglob("*.jpg"))[:6]
     src = tmp_path / "src"
     place_photos(photos[:4], src)
@@ -204,6 +202,15 @@ def test_a_reader_never_sees_a_version_being_replaced(tmp_path, monkeypatch):
     kw = {"galleries_dir": tmp_path / "galleries", "num_workers": 0, "progress": False}
     first = build_gallery(model, str(src), "g", **kw)
     place_photos(photos[4:], src)
+    return model, src, kw, first
+
+
+def test_a_reader_never_sees_a_version_being_replaced(tmp_path, monkeypatch):
+    """Deterministic companion of the random kills: a build stopped right before the switch leaves the old version
+    published and intact; the next build finishes the job."""
+    import fti4cir.gallery.build as gallery
+
+    model, src, kw, first = gallery_of_4_then_2_more_photos(tmp_path)
 
     def crash(*args, **kwargs):
         raise KeyboardInterrupt  # stands for a kill between writing the new version and publishing it
@@ -230,13 +237,7 @@ def test_a_build_killed_after_the_switch_leaves_nothing_behind(tmp_path, monkeyp
     of the test above once landed there and left 'v-000001' beside the published 'v-000002')."""
     import fti4cir.gallery.build as gallery
 
-    photos = sorted(shared_data("photos", "clothing", "test").rglob("*.jpg"))[:6]
-    src = tmp_path / "src"
-    place_photos(photos[:4], src)
-    model = create_model(ModelSpec.from_dict(SPEC))
-    kw = {"galleries_dir": tmp_path / "galleries", "num_workers": 0, "progress": False}
-    first = build_gallery(model, str(src), "g", **kw)
-    place_photos(photos[4:], src)
+    model, src, kw, first = gallery_of_4_then_2_more_photos(tmp_path)
 
     clear = gallery._clear_unpublished
 
