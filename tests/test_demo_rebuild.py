@@ -119,3 +119,29 @@ def test_install_refuses_quick_runs_and_unknown_stages(capsys):
     assert main(["demo-rebuild", "--quick", "--install"]) == 2
     assert main(["demo-rebuild", "--only", "clip,nonsense"]) == 2
     assert "nonsense" in capsys.readouterr().err
+
+
+def test_install_writes_weights_that_name_the_installed_clip_and_a_gallery_of_them(quick_run, tmp_path):
+    """The installed networks' configs name the CLIP file beside them, not the run folder they were trained in (a
+    path on the machine that made them); their tensors are the run's; the gallery definition builds a gallery."""
+    from safetensors import safe_open
+
+    from fti4cir.demo.rebuild import CLIP_FILE, FTI4CIR_FILE, GALLERY, M2C_FILE, Rebuild, Settings
+    from fti4cir.gallery import Gallery
+
+    weights, galleries = tmp_path / "weights", tmp_path / "galleries"
+    Rebuild(quick_run, REPO / "data" / "clothing", settings=Settings.quick(), progress=False).install(
+        weights, galleries
+    )
+    assert (weights / CLIP_FILE).read_bytes() == (quick_run / "clip" / "clip.safetensors").read_bytes()
+    for name in (FTI4CIR_FILE, M2C_FILE):
+        config = json.loads((weights / name).with_suffix(".json").read_text())
+        run_config = json.loads((quick_run / name).with_suffix(".json").read_text())
+        assert config == {**run_config, "pretrained": CLIP_FILE} and run_config["pretrained"] != CLIP_FILE
+        with safe_open(str(weights / name), "pt") as f, safe_open(str(quick_run / name), "pt") as g:
+            assert [json.loads(v) for v in f.metadata().values()] == [config]
+            assert sorted(f.keys()) == sorted(g.keys())
+            assert all(f.get_tensor(k).equal(g.get_tensor(k)) for k in f.keys())
+    definition = json.loads((galleries / f"{GALLERY}.json").read_text())
+    assert definition["weights"] == f"../weights/{FTI4CIR_FILE}"
+    assert len(Gallery.load(galleries / GALLERY)) == sum(1 for _ in (quick_run / "photos" / "test").rglob("*.jpg"))

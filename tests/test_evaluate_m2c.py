@@ -127,7 +127,7 @@ def test_similarities_equal_m2c_compose_on_the_images(tmp_path, m2c_weights, met
     )
     model = factory.create_model(spec_from_args(args, m2c_weights=args.m2c_weights))
     cache = run.FeatureCache(model, args.cache_dir, batch_size=2, num_workers=0, progress=False)
-    side = run.make_m2c_side(model, cache, args.m2c_weights, args.m2c_preprocess)
+    side = run.make_m2c_side(model, cache, args.m2c_weights, run.m2c_preprocess(args.dataset, args.m2c_preprocess))
     templates = run.method_prompts([method], run.resolve_prompt(None, "cirr"), "cirr")
     [(name, similarity)] = list(
         run.part_similarities(model, "cirr", part, cache, templates, [method], 3, progress=False, m2c_side=side)

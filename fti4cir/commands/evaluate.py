@@ -39,14 +39,15 @@ def _m2c_config(args):
 def _model_and_cache(args, methods):
     """The FTI4CIR model (with the M2C weights on its backbone when an M2C method runs), its feature cache and the
     M2C side (None without M2C methods)."""
-    from ..evaluation.run import FeatureCache, m2c_methods, make_m2c_side
+    from ..evaluation.run import FeatureCache, m2c_methods, m2c_preprocess, make_m2c_side
     from ..factory import create_model
 
     wants_m2c = bool(m2c_methods(methods))
     model = create_model(spec_from_args(args, m2c_weights=args.m2c_weights if wants_m2c else None))
     model.eval()  # dropout off in the inversion network
     cache = FeatureCache(model, args.cache_dir, batch_size=args.batch_size, num_workers=args.num_workers)
-    side = make_m2c_side(model, cache, args.m2c_weights, args.m2c_preprocess) if wants_m2c else None
+    preprocess = m2c_preprocess(args.dataset, args.m2c_preprocess)
+    side = make_m2c_side(model, cache, args.m2c_weights, preprocess) if wants_m2c else None
     return model, cache, side
 
 
@@ -188,9 +189,10 @@ def _add_common_args(parser) -> None:
     )
     parser.add_argument(
         "--m2c-preprocess",
-        default="clip",
+        default=None,
         choices=["targetpad", "clip"],
-        help="M2C's image preprocessing (default %(default)s, as the official M2C evaluation)",
+        help="M2C's image preprocessing (default: clip, as the official M2C evaluation; on clothing-cir targetpad, "
+        "the transform the demo's M2C is trained with)",
     )
 
 

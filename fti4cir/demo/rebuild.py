@@ -151,9 +151,10 @@ def subset_photos(photos: str | os.PathLike, out: str | os.PathLike, per_class: 
     return labels
 
 
-def half_precision_copy(src: Path, dst: Path) -> None:
-    """`src` (.safetensors + .json) with its floating-point tensors in fp16 (loading casts them back to the
-    network's fp32): half the bytes in the repository."""
+def copy_weights(src: Path, dst: Path, half: bool = False, **config) -> None:
+    """Copy our weights file `src` (.safetensors + .json) to `dst`, with its floating-point tensors in fp16 if `half`
+    (loading casts them back to the network's fp32: half the bytes in the repository) and the config `fields` given
+    replaced, in the JSON beside it and in the copy of it the file's metadata holds."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -162,9 +163,10 @@ def half_precision_copy(src: Path, dst: Path) -> None:
     with safe_open(str(src), "pt") as f:
         metadata = f.metadata()
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-    tensors = {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}
-    with atomic_path(dst.with_suffix(".json")) as tmp:
-        shutil.copyfile(src.with_suffix(".json"), tmp)
+    if half:
+        tensors = {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}
+    metadata = {key: json.dumps({**json.loads(value), **config}) for key, value in metadata.items()}
+    write_json_atomic(dst.with_suffix(".json"), {**json.loads(src.with_suffix(".json").read_text()), **config})
     with atomic_path(dst) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
 
@@ -437,7 +439,7 @@ class Rebuild:
             (self.path("fti4cir/fti4cir.safetensors"), self.path(FTI4CIR_FILE)),
             (self.path("m2c-stage2.safetensors"), self.path(M2C_FILE)),
         ):
-            half_precision_copy(src, dst)
+            copy_weights(src, dst, half=True)
 
     def gallery(self) -> None:
         summary = self.index(
@@ -513,15 +515,13 @@ class Rebuild:
         if missing:
             raise UserError(f"cannot install: stages not done yet: {', '.join(missing)}")
         weights_dir, galleries_dir = Path(weights_dir), Path(galleries_dir)
-        pairs = [
-            (self.clip_weights, weights_dir / CLIP_FILE),
-            (self.path(FTI4CIR_FILE), weights_dir / FTI4CIR_FILE),
-            (self.path(M2C_FILE), weights_dir / M2C_FILE),
-        ]
-        for src, dst in pairs:
-            for a, b in ((src, dst), (src.with_suffix(".json"), dst.with_suffix(".json"))):
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(a, b)
+        weights_dir.mkdir(parents=True, exist_ok=True)
+        clip = weights_dir / CLIP_FILE
+        shutil.copyfile(self.clip_weights, clip)
+        shutil.copyfile(self.clip_weights.with_suffix(".json"), clip.with_suffix(".json"))
+        # the networks' configs name the CLIP they were trained on: the installed file beside them, not the run's
+        for name in (FTI4CIR_FILE, M2C_FILE):
+            copy_weights(self.path(name), weights_dir / name, pretrained=CLIP_FILE)
         write_text_atomic(weights_dir / REPORT, self.report())
         definition = galleries_dir / f"{GALLERY}.json"
         rel = lambda p: os.path.relpath(Path(p).resolve(), galleries_dir.resolve())  # noqa: E731

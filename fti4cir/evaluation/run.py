@@ -269,6 +269,16 @@ class M2CSide:
     weights: str
 
 
+# M2C's image preprocessing when --m2c-preprocess is not given: "clip" as the official M2C evaluation; on the demo's
+# benchmark the transform its M2C was trained with (`fti4cir demo-rebuild`), so that `fti4cir evaluate` gives the
+# model card's numbers
+M2C_PREPROCESS = {"clothing-cir": "targetpad"}
+
+
+def m2c_preprocess(dataset: str, chosen: str | None = None) -> str:
+    return chosen or M2C_PREPROCESS.get(dataset, "clip")
+
+
 def make_m2c_side(model, cache: FeatureCache, weights: str, preprocess: str = "clip") -> M2CSide:
     """The M2C side of an evaluation from a model built with M2C weights (`ModelSpec.m2c_weights`: its `.m2c` shares
     the backbone; `weights`: their file, for the report), with M2C's own `preprocess` (the official M2C evaluation:
