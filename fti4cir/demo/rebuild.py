@@ -153,8 +153,8 @@ def subset_photos(photos: str | os.PathLike, out: str | os.PathLike, per_class: 
 
 def copy_weights(src: Path, dst: Path, half: bool = False, **config) -> None:
     """Copy our weights file `src` (.safetensors + .json) to `dst`, with its floating-point tensors in fp16 if `half`
-    (loading casts them back to the network's fp32: half the bytes in the repository) and the config `fields` given
-    replaced, in the JSON beside it and in the copy of it the file's metadata holds."""
+    (loading casts them back to the network's fp32: half the bytes in the repository) and the fields of `config`
+    replaced in the network's config: in the JSON beside it and in the copy the file's metadata holds."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
