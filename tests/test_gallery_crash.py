@@ -192,6 +192,11 @@ def test_killed_builds_resume_to_the_clean_gallery(tmp_path, indexer):
     assert leftovers == [g.version]  # no staging area, no half-written or replaced versions
 
 
+def kill_before_the_switch(*args, **kwargs):
+    """Stands in for the write of CURRENT: a kill between writing the new version and publishing it."""
+    raise KeyboardInterrupt
+
+
 def gallery_of_4_then_2_more_photos(tmp_path):
     """A gallery built from 4 photos, then 2 more photos placed in its folder: the next build makes a new version.
     Returns (model, source folder, build_gallery's keyword arguments, the first build's report)."""
@@ -212,10 +217,7 @@ def test_a_reader_never_sees_a_version_being_replaced(tmp_path, monkeypatch):
 
     model, src, kw, first = gallery_of_4_then_2_more_photos(tmp_path)
 
-    def crash(*args, **kwargs):
-        raise KeyboardInterrupt  # stands for a kill between writing the new version and publishing it
-
-    monkeypatch.setattr(gallery, "write_text_atomic", crash)
+    monkeypatch.setattr(gallery, "write_text_atomic", kill_before_the_switch)
     with pytest.raises(KeyboardInterrupt):
         build_gallery(model, str(src), "g", **kw)
     monkeypatch.undo()
@@ -258,3 +260,19 @@ def test_a_build_killed_after_the_switch_leaves_nothing_behind(tmp_path, monkeyp
     assert again.up_to_date and again.version == published
     assert sorted(d.name for d in folder.iterdir() if d.is_dir()) == [published]
     assert len(Gallery.load(folder)) == 6
+
+
+def test_a_build_with_another_model_keeps_the_published_version_until_its_switch(tmp_path, monkeypatch):
+    """A build that cannot reuse the published rows (another model) still leaves them published until it switches:
+    killed before the switch, the old gallery stays complete and loadable."""
+    import fti4cir.gallery.build as gallery
+
+    _, src, kw, first = gallery_of_4_then_2_more_photos(tmp_path)
+    other = create_model(ModelSpec.from_dict({**SPEC, "seed": 1}))
+
+    monkeypatch.setattr(gallery, "write_text_atomic", kill_before_the_switch)
+    with pytest.raises(KeyboardInterrupt):
+        build_gallery(other, str(src), "g", **kw)
+    monkeypatch.undo()
+    g = Gallery.load(tmp_path / "galleries" / "g")
+    assert g.version == first.version and len(g) == 4

@@ -26,7 +26,16 @@ from ..errors import UserError
 from .identity import check_compatible, gallery_identity, identity_key
 from .shards import explain_meta, row_shapes, shard_arrays, staged_hashes, write_shard
 from .source import Source, SourceImage, folder_source
-from .store import ARRAYS, CURRENT, FORMAT_VERSION, INDEX_FILE, VERSION_NAME, Gallery, validate_name
+from .store import (
+    ARRAYS,
+    CURRENT,
+    FORMAT_VERSION,
+    INDEX_FILE,
+    VERSION_NAME,
+    Gallery,
+    published_version,
+    validate_name,
+)
 
 if TYPE_CHECKING:
     from ..spec import ModelSpec
@@ -164,6 +173,9 @@ def build_gallery(
             if old != staging:
                 shutil.rmtree(old, ignore_errors=True)
         staging.mkdir(exist_ok=True)
+        # version folders a killed build left: half-written ones, or the replaced one when it died after the switch;
+        # the published version stays until the next switch, whether or not this build can reuse its rows
+        _clear_unpublished(gallery_dir, keep=published_version(gallery_dir))
 
         hashes = _hash_all([im.path for im in src.images], progress)
         failures = [(im.rel, f"{im.rel}: cannot read the file") for im, h in zip(src.images, hashes) if h is None]
@@ -214,15 +226,12 @@ def build_gallery(
             and previous.root == src.root
             and previous.manifest["index"]["kind"] == index
         ):
-            # a build killed between the switch and its cleanup left the replaced version behind
-            _clear_unpublished(gallery_dir, keep=previous.version)
             shutil.rmtree(staging, ignore_errors=True)
             return BuildReport(
                 name, gallery_dir, previous.version, len(entries), 0, len(entries), 0, failures, up_to_date=True
             )
 
         version = _next_version(gallery_dir)
-        _clear_unpublished(gallery_dir, keep=previous.version if previous is not None else None)
         reused = sum(h in reusable for _, h in entries)
         kept_hashes = {h for _, h in entries}
         removed = sum(e["sha1"] not in kept_hashes for e in old_entries) if old_entries else 0

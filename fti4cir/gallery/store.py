@@ -358,6 +358,16 @@ def _gallery_dir(path_or_name: str | os.PathLike, galleries_dir: str | os.PathLi
     return directory
 
 
+def published_version(directory: Path) -> str | None:
+    """The version CURRENT names; None where there is no readable CURRENT."""
+    if not (directory / CURRENT).is_file():
+        return None
+    try:
+        return _read_current(directory)[0]
+    except UserError:
+        return None
+
+
 def _read_current(directory: Path) -> tuple[str, str]:
     try:
         version, manifest_sha = (directory / CURRENT).read_text().split()
