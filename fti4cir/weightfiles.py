@@ -34,8 +34,12 @@ def save_weights(net: torch.nn.Module, path: str | os.PathLike, config_key: str 
     path = Path(path)
     if path.suffix != ".safetensors":
         raise UserError(f"Weights are saved as .safetensors, got {path.name}")
-    config = net.config.to_dict()
     tensors = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    return write_weights(tensors, net.config.to_dict(), path, config_key)
+
+
+def write_weights(tensors: dict[str, torch.Tensor], config: dict, path: Path, config_key: str = CONFIG_KEY) -> Path:
+    """`path` (.safetensors of `tensors`, `config` in its metadata under `config_key`) and `<stem>.json` beside it."""
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={config_key: json.dumps(config)})
     write_json_atomic(config_path(path), config)

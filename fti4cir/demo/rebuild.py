@@ -151,24 +151,20 @@ def subset_photos(photos: str | os.PathLike, out: str | os.PathLike, per_class: 
     return labels
 
 
-def copy_weights(src: Path, dst: Path, half: bool = False, **config) -> None:
+def copy_weights(src: Path, dst: Path, half: bool = False, **fields) -> None:
     """Copy our weights file `src` (.safetensors + .json) to `dst`, with its floating-point tensors in fp16 if `half`
-    (loading casts them back to the network's fp32: half the bytes in the repository) and the fields of `config`
-    replaced in the network's config: in the JSON beside it and in the copy the file's metadata holds."""
+    (loading casts them back to the network's fp32: half the bytes in the repository) and `fields` replaced in the
+    network's config (the JSON beside it and the copy in its metadata)."""
     from safetensors import safe_open
-    from safetensors.torch import save_file
 
-    from ..atomic import atomic_path
+    from ..weightfiles import config_path, write_weights
 
     with safe_open(str(src), "pt") as f:
-        metadata = f.metadata()
+        (config_key,) = f.metadata()  # the one config our files carry
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     if half:
         tensors = {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}
-    metadata = {key: json.dumps({**json.loads(value), **config}) for key, value in metadata.items()}
-    write_json_atomic(dst.with_suffix(".json"), {**json.loads(src.with_suffix(".json").read_text()), **config})
-    with atomic_path(dst) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
+    write_weights(tensors, {**json.loads(config_path(src).read_text()), **fields}, dst, config_key)
 
 
 @dataclass(frozen=True)
