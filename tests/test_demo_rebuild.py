@@ -115,6 +115,33 @@ def test_a_retrained_network_reruns_the_stages_made_from_it(quick_run, capsys):
     assert all(f"[{stage}] done" in out for stage in STAGES), out
 
 
+def test_a_new_clip_retrains_the_networks_from_scratch(quick_run, capsys):
+    """A CLIP newer than the networks (retrained after its folder was deleted) makes every stage made from it run
+    again, and the training stages start afresh: their checkpoints of the old CLIP are removed, not resumed, also
+    where a killed run left checkpoints without a finished network."""
+    import os
+
+    later = max(p.stat().st_mtime_ns for p in quick_run.rglob("*")) + 1
+    os.utime(quick_run / "clip" / "clip.safetensors", ns=(later, later))
+    (quick_run / "fti4cir" / "fti4cir.safetensors").unlink()  # killed mid-training: checkpoints, no network
+    old_checkpoints = {quick_run / "fti4cir" / "old-checkpoint", quick_run / "m2c-stage1.run" / "old-checkpoint"}
+    for marker in old_checkpoints:
+        marker.write_text("of the old CLIP")
+        os.utime(marker, ns=(later - 1, later - 1))
+        os.utime(marker.parent, ns=(later - 1, later - 1))
+    assert main(["demo-rebuild", "--quick", "--out", str(quick_run), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    rerun = {stage for stage in STAGES if f"[{stage}] running" in out}
+    assert rerun == {"zero-shot", "fti4cir", "m2c-1", "m2c-2", "compact", "gallery", "benchmark"}, out
+    assert not any(marker.exists() for marker in old_checkpoints)
+    assert f"[m2c-2] removed {quick_run / 'm2c-stage2.done'}" in out
+    trained = (quick_run / "fti4cir" / "fti4cir.safetensors", quick_run / "m2c-stage2.safetensors")
+    assert all(path.stat().st_mtime_ns > later for path in trained)
+    assert main(["demo-rebuild", "--quick", "--out", str(quick_run), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert all(f"[{stage}] done" in out for stage in STAGES), out
+
+
 def test_install_refuses_quick_runs_and_unknown_stages(capsys):
     assert main(["demo-rebuild", "--quick", "--install"]) == 2
     assert main(["demo-rebuild", "--only", "clip,nonsense"]) == 2

@@ -1,8 +1,9 @@
 """`fti4cir demo-rebuild`: every learned file of the embedded demo, from the committed photos, in one command.
 
-Stages (each one skipped when its output exists, and for those made from earlier outputs (zero-shot, compact,
-gallery, benchmark) is newer than them; the training stages resume from their last checkpoint after a kill, so
-rerunning the command continues where it stopped; to retrain a network, delete its output and work folder):
+Stages (each one skipped when its output exists and is newer than the outputs it is made from; the training
+stages resume from their last checkpoint after a kill, so rerunning the command continues where it stopped; a
+training stage whose CLIP or data is newer than its network or checkpoints trains afresh: a new CLIP retrains
+FTI4CIR and M2C, and what follows them runs again; to retrain a network, delete its output and work folder):
 
 1. ``clip``      a small CLIP trained from scratch on the train photos (`fti4cir.demo.clip_train`)
 2. ``zero-shot`` its class and colour accuracy on the test photos, with confusion matrices
@@ -171,15 +172,30 @@ def copy_weights(src: Path, dst: Path, half: bool = False, **fields) -> None:
 class Stage:
     output: Path  # written last (atomically): the stage is done when it exists
     run: Callable[[], None]
-    # files it is made from, for the stages without a resumable work folder: an output older than one of them is
-    # stale (a retrained network makes the fp16 copies, the gallery and the benchmark run again)
+    # files it is made from: an output older than one of them is stale (a new CLIP retrains the networks; a
+    # retrained network makes the fp16 copies, the gallery and the benchmark run again)
     sources: tuple[Path, ...] = ()
+    # a training stage's checkpoints and weights: made before one of its sources changed, they are removed before
+    # the stage runs, so that it trains afresh instead of resuming a network of the old CLIP
+    work: tuple[Path, ...] = ()
+
+    def _older_than_a_source(self, path: Path) -> bool:
+        made = path.stat().st_mtime_ns
+        return any(s.exists() and s.stat().st_mtime_ns > made for s in self.sources)
 
     def done(self) -> bool:
-        if not self.output.exists():
-            return False
-        made = self.output.stat().st_mtime_ns
-        return all(not s.exists() or s.stat().st_mtime_ns <= made for s in self.sources)
+        return self.output.exists() and not self._older_than_a_source(self.output)
+
+    def clear_stale(self) -> list[Path]:
+        """Remove the output and work of a stale stage (or work left older than a source by a killed run); returns
+        what was removed. The output goes first: killed in between, the old work is still older than the source."""
+        stale = self.output.exists() and self._older_than_a_source(self.output)
+        removed = []
+        for path in (self.output, *self.work):
+            if path.exists() and (stale or self._older_than_a_source(path)):
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+                removed.append(path)
+        return removed
 
 
 class Rebuild:
@@ -240,16 +256,30 @@ class Rebuild:
 
     # ---- stages ---------------------------------------------------------------------------------------------------
     def stages(self) -> dict[str, Stage]:
+        from ..training.m2c.train import RUN_SUFFIX as M2C_RUN_SUFFIX
+
         fti4cir, m2c = self.path("fti4cir/fti4cir.safetensors"), self.path("m2c-stage2.safetensors")
+        clip, captions, pairs = self.clip_weights, self.path("captions-train.jsonl"), self.path("pairs-train.jsonl")
+        triplets = self.path("triplets-train.jsonl")
+
+        def m2c_work(stage: int) -> tuple[Path, ...]:
+            weights = self.path(f"m2c-stage{stage}.safetensors")
+            return (weights, weights.with_suffix(".json"), weights.with_suffix(M2C_RUN_SUFFIX))
+
         return {
-            "clip": Stage(self.clip_weights, self.train_clip),
-            "zero-shot": Stage(self.path("zero-shot.json"), self.zero_shot, (self.clip_weights,)),
-            "captions": Stage(self.path("captions-train.jsonl"), self.captions),
-            "pairs": Stage(self.path("pairs-train.jsonl"), self.pairs),
-            "fti4cir": Stage(fti4cir, self.train_fti4cir),
-            "m2c-1": Stage(self.path("m2c-stage1.done"), self.train_m2c1),
-            "triplets": Stage(self.path("triplets-train.jsonl"), self.triplets),
-            "m2c-2": Stage(self.path("m2c-stage2.done"), self.train_m2c2),
+            "clip": Stage(clip, self.train_clip),
+            "zero-shot": Stage(self.path("zero-shot.json"), self.zero_shot, (clip,)),
+            "captions": Stage(captions, self.captions),
+            "pairs": Stage(pairs, self.pairs, (captions,)),
+            "fti4cir": Stage(fti4cir, self.train_fti4cir, (clip, pairs), (fti4cir.parent,)),
+            "m2c-1": Stage(self.path("m2c-stage1.done"), self.train_m2c1, (clip, captions), m2c_work(1)),
+            "triplets": Stage(triplets, self.triplets),
+            "m2c-2": Stage(
+                self.path("m2c-stage2.done"),
+                self.train_m2c2,
+                (clip, self.path("m2c-stage1.safetensors"), triplets),
+                m2c_work(2),
+            ),
             # written after the FTI4CIR copy: newer than both trained files means both copies are current
             "compact": Stage(self.path(M2C_FILE), self.compact, (fti4cir, m2c)),
             "gallery": Stage(self.path("gallery.done"), self.gallery, (self.path(M2C_FILE),)),
@@ -264,6 +294,10 @@ class Rebuild:
             if stage.done():
                 self.say(f"[{name}] done ({stage.output})")
                 continue
+            for path in stage.clear_stale():
+                self.say(
+                    f"[{name}] removed {path}: older than a file it is made from ({', '.join(map(str, stage.sources))})"
+                )
             self.say(f"[{name}] running")
             started = time.monotonic()
             stage.run()
