@@ -192,9 +192,19 @@ def test_killed_builds_resume_to_the_clean_gallery(tmp_path, indexer):
     assert leftovers == [g.version]  # no staging area, no half-written or replaced versions
 
 
-def kill_before_the_switch(*args, **kwargs):
-    """Stands in for the write of CURRENT: a kill between writing the new version and publishing it."""
-    raise KeyboardInterrupt
+def build_killed_before_the_switch(monkeypatch, model, src, kw) -> Gallery:
+    """A build of gallery "g" killed between writing its new version and publishing it (the write of CURRENT raises);
+    returns the gallery as a reader then loads it."""
+    import fti4cir.gallery.build as gallery
+
+    def kill(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(gallery, "write_text_atomic", kill)
+    with pytest.raises(KeyboardInterrupt):
+        build_gallery(model, str(src), "g", **kw)
+    monkeypatch.undo()
+    return Gallery.load(kw["galleries_dir"] / "g")
 
 
 def gallery_of_4_then_2_more_photos(tmp_path):
@@ -213,15 +223,9 @@ def gallery_of_4_then_2_more_photos(tmp_path):
 def test_a_reader_never_sees_a_version_being_replaced(tmp_path, monkeypatch):
     """Deterministic companion of the random kills: a build stopped right before the switch leaves the old version
     published and intact; the next build finishes the job."""
-    import fti4cir.gallery.build as gallery
-
     model, src, kw, first = gallery_of_4_then_2_more_photos(tmp_path)
 
-    monkeypatch.setattr(gallery, "write_text_atomic", kill_before_the_switch)
-    with pytest.raises(KeyboardInterrupt):
-        build_gallery(model, str(src), "g", **kw)
-    monkeypatch.undo()
-    g = Gallery.load(tmp_path / "galleries" / "g")
+    g = build_killed_before_the_switch(monkeypatch, model, src, kw)
     assert g.version == first.version and len(g) == 4
     encoded = []
     encode = model.backbone.encode_visual
@@ -265,14 +269,8 @@ def test_a_build_killed_after_the_switch_leaves_nothing_behind(tmp_path, monkeyp
 def test_a_build_with_another_model_keeps_the_published_version_until_its_switch(tmp_path, monkeypatch):
     """A build that cannot reuse the published rows (another model) still leaves them published until it switches:
     killed before the switch, the old gallery stays complete and loadable."""
-    import fti4cir.gallery.build as gallery
-
     _, src, kw, first = gallery_of_4_then_2_more_photos(tmp_path)
     other = create_model(ModelSpec.from_dict({**SPEC, "seed": 1}))
 
-    monkeypatch.setattr(gallery, "write_text_atomic", kill_before_the_switch)
-    with pytest.raises(KeyboardInterrupt):
-        build_gallery(other, str(src), "g", **kw)
-    monkeypatch.undo()
-    g = Gallery.load(tmp_path / "galleries" / "g")
+    g = build_killed_before_the_switch(monkeypatch, other, src, kw)
     assert g.version == first.version and len(g) == 4

@@ -257,6 +257,7 @@ class Rebuild:
     # ---- stages ---------------------------------------------------------------------------------------------------
     def stages(self) -> dict[str, Stage]:
         from ..training.m2c.train import RUN_SUFFIX as M2C_RUN_SUFFIX
+        from ..weightfiles import config_path
 
         fti4cir, m2c = self.path("fti4cir/fti4cir.safetensors"), self.path("m2c-stage2.safetensors")
         clip, captions, pairs = self.clip_weights, self.path("captions-train.jsonl"), self.path("pairs-train.jsonl")
@@ -264,7 +265,7 @@ class Rebuild:
 
         def m2c_work(stage: int) -> tuple[Path, ...]:
             weights = self.path(f"m2c-stage{stage}.safetensors")
-            return (weights, weights.with_suffix(".json"), weights.with_suffix(M2C_RUN_SUFFIX))
+            return (weights, config_path(weights), weights.with_suffix(M2C_RUN_SUFFIX))
 
         return {
             "clip": Stage(clip, self.train_clip),
